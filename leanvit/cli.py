@@ -1,0 +1,67 @@
+"""The ``leanvit`` command line: ``leanvit train | eval | bench | viz | flops | demo``.
+
+Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``. User mistakes (:class:`leanvit.errors.LeanvitError`, missing files) are printed
+as one line on stderr with exit status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "train": ("leanvit.train.cli", "train or fine-tune a model with a recipe"),
+    "eval": ("leanvit.evaluate", "evaluate top-1/top-5, loss and throughput"),
+    "bench": ("leanvit.bench", "throughput, latency, peak memory and GMACs table"),
+    "viz": ("leanvit.viz", "draw which tokens EViT kept"),
+    "flops": ("leanvit.flops", "GMACs of a model in the papers' convention"),
+    "demo": ("leanvit.demo", "the main job on the embedded digits data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanvit", description="Lean vision transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:  # a sub-command whose module is not part of this build
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main(argv=None) -> int:
+    from leanvit.errors import LeanvitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        if _is_main_process():
+            print(f"leanvit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

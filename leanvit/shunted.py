@@ -1,0 +1,1 @@
+"""Shunted Transformer (Ren et al., CVPR 2022). Being written: see issue 3."""
