@@ -19,10 +19,10 @@ __all__ = ["gmacs", "count_macs"]
 
 
 def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    # q @ k^T and attn @ v, each b*h*n_q*n_k*d multiply-adds (2 flops each)
-    b, h, n_q, d = query.shape
-    n_k = key.shape[-2]
-    d_v = value.shape[-1]
+    # FlopCounterMode passes shapes. q @ k^T and attn @ v: b*h*n_q*n_k*(d + d_v) multiply-adds, 2 flops each
+    b, h, n_q, d = tuple(getattr(query, "shape", query))
+    n_k = tuple(getattr(key, "shape", key))[-2]
+    d_v = tuple(getattr(value, "shape", value))[-1]
     return 2 * b * h * n_q * n_k * (d + d_v)
 
 

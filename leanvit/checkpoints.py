@@ -1,0 +1,171 @@
+"""Loading and saving checkpoints safely.
+
+Reads plain state dicts, ``{"model": state_dict}`` (EViT/DeiT/DeiT III training files, leanvit's own)
+and ``.safetensors`` files, only with ``torch.load(weights_only=True)``: nothing is ever unpickled.
+For timm Vision Transformers (EViT models included) timm's own ``checkpoint_filter_fn`` maps the
+official layouts (DeiT III ``gamma_1/gamma_2`` -> ``ls1/ls2.gamma``) and resamples the position
+embedding to the model's grid, so a 224 px checkpoint loads into a 288 px or 256x320 model.
+Other models may define ``filter_checkpoint(state_dict) -> state_dict`` for their own mapping.
+
+Writes are atomic: a temporary file in the same folder, flushed to disk, then renamed over the
+target, so a crash never leaves a half-written checkpoint in place of a good one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from leanvit.errors import LeanvitError
+
+__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "LoadResult"]
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class LoadResult(NamedTuple):
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+    skipped_keys: List[str]  # present in both but dropped (e.g. a classifier of another size)
+
+
+def _read_file(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(2, "No such checkpoint", str(path))
+    if path.is_dir():
+        raise LeanvitError(f"checkpoint path is a directory: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise LeanvitError(f"cannot read {path} as safetensors: {e}") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LeanvitError(f"cannot read checkpoint {path} (torch.load with weights_only=True): {first}") from None
+
+
+def read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """The model state dict stored in ``path``, unwrapped and without DDP/compile prefixes."""
+    path = Path(path)
+    obj = _read_file(path)
+    for _ in range(2):
+        if isinstance(obj, dict) and not _is_state_dict(obj):
+            key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if key is None:
+                raise LeanvitError(
+                    f"{path} holds no model state dict (top-level keys: {sorted(obj)[:8]}); "
+                    f"expected a state dict or a dict with one of {list(_WRAPPER_KEYS)}")
+            obj = obj[key]
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        raise LeanvitError(f"{path} does not contain a state dict of tensors")
+    out = {}
+    for k, v in obj.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _is_state_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(k, str) for k in d) and all(torch.is_tensor(v) for v in d.values())
+
+
+def _filter_for_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    custom = getattr(model, "filter_checkpoint", None)
+    if callable(custom):
+        return custom(state_dict)
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):
+        try:
+            return checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
+        except Exception as e:
+            raise LeanvitError(f"checkpoint does not fit {type(model).__name__}: {e}") from None
+    return state_dict
+
+
+def _classifier_names(model: nn.Module) -> List[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") or "head"
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _list(keys: List[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifier: bool = False) -> LoadResult:
+    """Load the weights in ``path`` into ``model``.
+
+    Args:
+        strict: every model key must be in the checkpoint and vice versa, with equal shapes;
+            otherwise a :class:`LeanvitError` names the missing, unexpected and mismatched keys.
+            With ``strict=False`` matching entries load and the rest is reported in the result.
+        ignore_classifier: drop the checkpoint's classifier (``head``) when its shape differs from the
+            model's (fine-tuning to another number of classes); those keys stay as initialized.
+    """
+    state_dict = _filter_for_model(read_state_dict(path), model)
+    own = model.state_dict()
+    skipped = []
+    if ignore_classifier:
+        for name in _classifier_names(model):
+            for suffix in (".weight", ".bias"):
+                k = name + suffix
+                if k in state_dict and (k not in own or own[k].shape != state_dict[k].shape):
+                    state_dict.pop(k)
+                    skipped.append(k)
+    missing = [k for k in own if k not in state_dict and k not in skipped]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch: {_list(mismatched, 4)}")
+        raise LeanvitError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(parts))
+    fitting = {k: v for k, v in state_dict.items() if k in own}
+    model.load_state_dict(fitting, strict=False)
+    return LoadResult(missing, unexpected, skipped)
+
+
+def save_checkpoint(obj: Any, path) -> Path:
+    """``torch.save(obj, path)`` atomically: temp file in the same folder, fsync, then rename.
+
+    A ``.safetensors`` path stores a flat state dict of tensors (``obj`` or ``obj["model"]``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save
+
+                sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+                f.write(save({k: v.detach().contiguous().cpu() for k, v in sd.items()}))
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

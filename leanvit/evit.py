@@ -1,0 +1,327 @@
+"""EViT token reorganization for timm Vision Transformers.
+
+``apply_evit(model, keep_rate, locations, fuse)`` turns a timm ``VisionTransformer`` with a class token
+(DeiT, DeiT III, ViT, ...) into its EViT version *in place*: in the blocks at ``locations`` (0-indexed),
+between attention and MLP, only the ``ceil(keep_rate x n)`` image tokens with the highest class-token
+attention are kept and the rest are fused into one token (or dropped). No parameter is added, so the
+model's checkpoints are unchanged; ``keep_rate=1`` computes exactly what the model computed before.
+
+How it is done: the classes of the model and of the chosen blocks are swapped for subclasses that add
+the reorganization (module objects, names and weights stay the same). The attention of a reorganizing
+block runs the usual ``F.scaled_dot_product_attention`` and, beside it, computes only the class-token
+row of the attention probabilities (O(N) per head) for the scores.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from leanvit.errors import LeanvitError
+from leanvit.reorg import FUSED_TOKEN_ID, check_keep_rate, class_token_attention, num_kept, reorganize
+
+__all__ = [
+    "apply_evit", "remove_evit", "is_evit", "default_locations", "keep_rate_schedule",
+    "kept_token_masks", "FUSED_TOKEN_ID",
+]
+
+KeepRate = Union[float, Sequence[float]]
+
+
+def default_locations(depth: int) -> Tuple[int, ...]:
+    """Reorganizing blocks for a model of ``depth`` blocks (0-indexed).
+
+    The reference uses blocks 3, 6, 9 of 12 (layers 4, 7, 10), i.e. after each quarter of the depth.
+    The rule for any depth: ``floor(depth * q / 4)`` for q = 1, 2, 3 (24 blocks: 6, 12, 18; 32: 8, 16, 24).
+    """
+    if depth < 2:
+        raise LeanvitError(f"EViT needs at least 2 blocks, the model has {depth}")
+    return tuple(sorted({max(1, depth * q // 4) for q in (1, 2, 3)} - {depth}))
+
+
+def keep_rate_schedule(iteration: int, target: float, start_iter: int = 0, span_iters: int = 0) -> float:
+    """Keep rate at a training iteration (EViT reference, ``adjust_keep_rate``).
+
+    1.0 before ``start_iter``; then a cosine from 1.0 down to ``target`` over ``span_iters`` iterations;
+    ``target`` afterwards. ``span_iters=0`` switches straight to ``target`` at ``start_iter``.
+    From-scratch recipe: start = 10 epochs, span = 100 epochs (in iterations); fine-tuning: 0 and 0.
+    """
+    target = check_keep_rate(target, "target keep rate")
+    if iteration < start_iter:
+        return 1.0
+    t = iteration - start_iter
+    if span_iters <= 0 or t >= span_iters:
+        return target
+    return target + (1.0 - target) * (math.cos(math.pi * t / span_iters) + 1.0) / 2.0
+
+
+def kept_token_masks(kept_indices: Sequence[torch.Tensor], num_patches: int) -> List[torch.Tensor]:
+    """Turn per-layer kept patch indices (as returned with ``return_kept_indices=True``) into
+    boolean masks of shape (B, num_patches): True where the original patch is still a token of its own.
+    The fused token (index ``FUSED_TOKEN_ID``) is not a patch and marks nothing."""
+    masks = []
+    for ids in kept_indices:
+        mask = torch.zeros(ids.shape[0], num_patches + 1, dtype=torch.bool, device=ids.device)
+        safe = torch.where(ids == FUSED_TOKEN_ID, torch.full_like(ids, num_patches), ids)
+        mask.scatter_(1, safe, True)
+        masks.append(mask[:, :num_patches])
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Block
+class EViTBlockMixin:
+    """Added to a timm ``Block`` subclass: reorganize tokens between attention and MLP.
+
+    Attributes: ``keep_rate`` (float, the block's own rate) and ``fuse`` (bool).
+    """
+
+    keep_rate: float = 1.0
+    fuse: bool = True
+    num_prefix_tokens: int = 1
+
+    def _attention_with_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """timm ``Attention.forward`` plus the head-averaged class-token attention scores."""
+        attn = self.attn
+        B, N, C = x.shape
+        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        scores = class_token_attention(q, k, attn.scale, self.num_prefix_tokens)
+        if attn.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        else:
+            a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = attn.attn_drop(a) @ v
+        out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+        out = attn.norm(out)
+        if gate is not None:
+            out = out * gate
+        return attn.proj_drop(attn.proj(out)), scores
+
+    def forward_reorg(self, x: torch.Tensor, keep_rate: Optional[float] = None,
+                      token_ids: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Block forward that may shorten the sequence; also maps ``token_ids`` along."""
+        rate = self.keep_rate if keep_rate is None else keep_rate
+        n = x.shape[1] - self.num_prefix_tokens
+        k = num_kept(rate, n)
+        if k >= n:  # nothing to remove: the unmodified block, bit for bit
+            return super().forward(x), token_ids
+        out, scores = self._attention_with_scores(self.norm1(x))
+        x = x + self.drop_path1(self.ls1(out))
+        x, token_ids = reorganize(x, scores, k, fuse=self.fuse, num_prefix_tokens=self.num_prefix_tokens,
+                                  token_ids=token_ids)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, token_ids
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise LeanvitError("EViT blocks do not support attention masks")
+        return self.forward_reorg(x)[0]
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}, fuse={self.fuse}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+class EViTModelMixin:
+    """Added to a timm ``VisionTransformer`` subclass: per-call keep rate and kept-index bookkeeping."""
+
+    evit_locations: Tuple[int, ...] = ()
+
+    def _evit_blocks(self) -> List[nn.Module]:
+        return [self.blocks[i] for i in self.evit_locations]
+
+    @property
+    def keep_rate(self) -> Union[float, Tuple[float, ...]]:
+        """The keep rate of the reorganizing blocks: a float if they share one, else a tuple.
+
+        Assign a float (all blocks) or one value per location, e.g. from a training schedule."""
+        rates = tuple(b.keep_rate for b in self._evit_blocks())
+        return rates[0] if len(set(rates)) == 1 else rates
+
+    @keep_rate.setter
+    def keep_rate(self, value: KeepRate) -> None:
+        for blk, r in zip(self._evit_blocks(), _per_layer(value, len(self.evit_locations))):
+            blk.keep_rate = r
+
+    @property
+    def fuse(self) -> bool:
+        return all(b.fuse for b in self._evit_blocks())
+
+    def forward_features(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None,
+                         return_kept_indices: bool = False):
+        """Tokens after the final norm; with ``return_kept_indices`` also a list, per reorganizing block,
+        of (B, k) original patch indices each sample kept (``FUSED_TOKEN_ID`` = -1 for a fused token)."""
+        rates = None if keep_rate is None else _per_layer(keep_rate, len(self.evit_locations))
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        token_ids = None
+        if return_kept_indices:
+            n = x.shape[1] - self.num_prefix_tokens
+            token_ids = torch.arange(n, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        kept = []
+        reorg_pos = {loc: j for j, loc in enumerate(self.evit_locations)}
+        ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        for i, blk in enumerate(self.blocks):
+            j = reorg_pos.get(i)
+            if j is None:
+                x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+                continue
+            rate = None if rates is None else rates[j]
+            if ckpt:
+                x, token_ids = checkpoint(blk.forward_reorg, x, rate, token_ids, use_reentrant=False)
+            else:
+                x, token_ids = blk.forward_reorg(x, rate, token_ids)
+            if return_kept_indices:
+                kept.append(token_ids)
+        x = self.norm(x)
+        return (x, kept) if return_kept_indices else x
+
+    def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None, return_kept_indices: bool = False):
+        """Logits; with ``return_kept_indices=True`` a tuple (logits, kept indices per reorganizing block)."""
+        if return_kept_indices:
+            feats, kept = self.forward_features(x, keep_rate, return_kept_indices=True)
+            return self.forward_head(feats), kept
+        return self.forward_head(self.forward_features(x, keep_rate))
+
+
+def _per_layer(value: KeepRate, n: int) -> Tuple[float, ...]:
+    if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.ndim == 0):
+        return (check_keep_rate(float(value)),) * n
+    values = tuple(value)
+    if len(values) != n:
+        raise LeanvitError(f"got {len(values)} keep rates for {n} reorganizing locations")
+    return tuple(check_keep_rate(v, f"keep_rate[{i}]") for i, v in enumerate(values))
+
+
+_SUBCLASSES: dict = {}
+
+
+def _evit_class(base: type, mixin: type) -> type:
+    key = (base, mixin)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"EViT{base.__name__}", (mixin, base), {"_evit_base": base})
+    return _SUBCLASSES[key]
+
+
+def is_evit(model: nn.Module) -> bool:
+    return isinstance(model, EViTModelMixin)
+
+
+def remove_evit(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_evit` in place (the model computes as before; weights are untouched)."""
+    if not is_evit(model):
+        return model
+    for blk in model.blocks:
+        if isinstance(blk, EViTBlockMixin):
+            blk.__class__ = blk._evit_base
+            for attr in ("keep_rate", "fuse", "num_prefix_tokens"):
+                blk.__dict__.pop(attr, None)
+    model.__class__ = model._evit_base
+    model.__dict__.pop("evit_locations", None)
+    return model
+
+
+def _check_block(blk: nn.Module, i: int) -> None:
+    needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    missing = [a for a in needed if not hasattr(blk, a)]
+    attn = getattr(blk, "attn", None)
+    if missing or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "proj")):
+        raise LeanvitError(
+            f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with a fused-qkv Attention; "
+            "EViT supports timm VisionTransformer blocks (DeiT, DeiT III, ViT)")
+
+
+def apply_evit(model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[Sequence[int]] = None,
+               fuse: bool = True) -> nn.Module:
+    """Reorganize the tokens of a timm ViT, in place; returns ``model``.
+
+    Args:
+        model: a timm ``VisionTransformer`` with a class token (pre-norm blocks).
+        keep_rate: fraction of the non-class tokens kept at each location, in (0, 1]; one float or one
+            per location. Changeable later with ``model.keep_rate = r`` or ``model(x, keep_rate=r)``.
+        locations: 0-indexed blocks that reorganize; default :func:`default_locations` (3, 6, 9 for 12).
+        fuse: fuse the inattentive tokens into one (EViT) instead of dropping them.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
+        raise LeanvitError(f"apply_evit needs a timm VisionTransformer, got {type(model).__name__}")
+    if getattr(model, "cls_token", None) is None or not getattr(model, "has_class_token", True):
+        raise LeanvitError("EViT needs a class token (its attention scores the image tokens); "
+                           "this model has none (class_token=False)")
+    if is_evit(model):
+        remove_evit(model)
+    depth = len(blocks)
+    locations = default_locations(depth) if locations is None else tuple(int(i) for i in locations)
+    if not locations:
+        raise LeanvitError("locations must name at least one block")
+    bad = [i for i in locations if not 0 <= i < depth]
+    if bad:
+        raise LeanvitError(f"locations {bad} are outside the model's blocks 0..{depth - 1}")
+    if len(set(locations)) != len(locations):
+        raise LeanvitError(f"locations must be distinct, got {list(locations)}")
+    locations = tuple(sorted(locations))
+    rates = _per_layer(keep_rate, len(locations))
+    for i in locations:
+        _check_block(blocks[i], i)
+    for i, r in zip(locations, rates):
+        blk = blocks[i]
+        blk.__class__ = _evit_class(type(blk), EViTBlockMixin)
+        blk.keep_rate = r
+        blk.fuse = bool(fuse)
+        blk.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+    model.__class__ = _evit_class(type(model), EViTModelMixin)
+    model.evit_locations = locations
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered models
+def _register_evit_models() -> None:
+    from timm.models import register_model
+
+    bases = {
+        "evit_deit_tiny_patch16_224": "deit_tiny_patch16_224",
+        "evit_deit_small_patch16_224": "deit_small_patch16_224",
+        "evit_deit_base_patch16_224": "deit_base_patch16_224",
+        "evit_deit3_small_patch16_224": "deit3_small_patch16_224",
+        "evit_deit3_medium_patch16_224": "deit3_medium_patch16_224",
+        "evit_deit3_base_patch16_224": "deit3_base_patch16_224",
+        "evit_deit3_large_patch16_224": "deit3_large_patch16_224",
+    }
+
+    def make(name: str, base: str):
+        def entrypoint(pretrained: bool = False, keep_rate: KeepRate = 0.7, locations=None, fuse: bool = True,
+                       **kwargs):
+            import timm
+
+            kwargs = {k: v for k, v in kwargs.items() if not (k.startswith("pretrained_cfg") and v is None)}
+            if pretrained:
+                raise LeanvitError(
+                    f"{name}: no weights can be downloaded here; build with pretrained=False and use "
+                    "leanvit.load_checkpoint(model, 'file.pth') with a local checkpoint")
+            model = timm.create_model(base, pretrained=False, **kwargs)
+            return apply_evit(model, keep_rate=keep_rate, locations=locations, fuse=fuse)
+
+        entrypoint.__name__ = name
+        entrypoint.__qualname__ = name
+        entrypoint.__module__ = __name__
+        entrypoint.__doc__ = f"EViT on timm's ``{base}`` (keep_rate 0.7 at blocks 3/6/9, fused, by default)."
+        globals()[name] = entrypoint
+        register_model(entrypoint)
+
+    for name, base in bases.items():
+        make(name, base)
+
+
+_register_evit_models()

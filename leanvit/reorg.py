@@ -1,0 +1,82 @@
+"""The token-reorganization primitive of EViT (Liang et al., ICLR 2022).
+
+Given the residual stream after attention and each token's head-averaged class-token attention, keep
+the ``k`` most attended non-prefix tokens (in descending score order, as the reference's sorted top-k
+does) and, optionally, fuse the rest into one token: their sum weighted by the raw attention scores
+(not renormalized), appended last. Prefix tokens (class, distillation, registers) always stay in front.
+
+Everything is batched: one sort per call, gathers with fixed shapes, no per-sample Python.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from leanvit.errors import LeanvitError
+
+__all__ = ["num_kept", "class_token_attention", "reorganize", "FUSED_TOKEN_ID"]
+
+#: Patch id used in the kept-index bookkeeping for a fused token (never a real patch index).
+FUSED_TOKEN_ID = -1
+
+
+def check_keep_rate(keep_rate: float, where: str = "keep_rate") -> float:
+    try:
+        r = float(keep_rate)
+    except (TypeError, ValueError):
+        raise LeanvitError(f"{where} must be a number in (0, 1], got {keep_rate!r}") from None
+    if not (0.0 < r <= 1.0) or math.isnan(r):
+        raise LeanvitError(f"{where} must be in (0, 1], got {keep_rate!r}")
+    return r
+
+
+def num_kept(keep_rate: float, num_tokens: int) -> int:
+    """Number of tokens kept out of ``num_tokens`` non-prefix tokens: ``ceil(keep_rate * n)``, at least 1."""
+    return max(1, min(num_tokens, math.ceil(keep_rate * num_tokens)))
+
+
+def class_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1
+                          ) -> torch.Tensor:
+    """Head-averaged attention of the class query (token 0) to the non-prefix keys.
+
+    ``q``, ``k``: (B, H, N, d). Returns (B, N - num_prefix_tokens): softmax over all N keys of the class
+    token's row, then averaged over heads, then restricted to the non-prefix tokens — the score EViT
+    reads from the full attention matrix, computed here in O(N) without building it.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    probs = logits.float().softmax(dim=-1).to(q.dtype)
+    return probs[:, :, 0, num_prefix_tokens:].mean(dim=1)
+
+
+def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool = True,
+               num_prefix_tokens: int = 1, token_ids: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Keep the ``num_keep`` top-scoring non-prefix tokens of ``x`` and fuse (or drop) the others.
+
+    x: (B, N, C); scores: (B, N - P) for the non-prefix tokens; token_ids: optional (B, N - P) long
+    tensor of the original patch index of each non-prefix token (``FUSED_TOKEN_ID`` for a fused one).
+    Returns the new sequence (B, P + num_keep [+1], C) and the updated token ids (or None).
+    """
+    P = num_prefix_tokens
+    B, N, C = x.shape
+    n = N - P
+    if scores.shape != (B, n):
+        raise LeanvitError(f"scores must have shape {(B, n)}, got {tuple(scores.shape)}")
+    if not 1 <= num_keep <= n:
+        raise LeanvitError(f"num_keep must be in [1, {n}], got {num_keep}")
+    prefix, tokens = x[:, :P], x[:, P:]
+    order_scores, order = scores.sort(dim=1, descending=True)
+    keep_idx = order[:, :num_keep]
+    kept = tokens.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, C))
+    parts = [prefix, kept]
+    new_ids = None if token_ids is None else token_ids.gather(1, keep_idx)
+    if fuse and num_keep < n:
+        rest_idx = order[:, num_keep:]
+        rest = tokens.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, C))
+        weights = order_scores[:, num_keep:].unsqueeze(-1).to(rest.dtype)
+        parts.append((rest * weights).sum(dim=1, keepdim=True))
+        if new_ids is not None:
+            new_ids = torch.cat([new_ids, new_ids.new_full((B, 1), FUSED_TOKEN_ID)], dim=1)
+    return torch.cat(parts, dim=1), new_ids
