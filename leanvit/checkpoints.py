@@ -12,6 +12,7 @@ target, so a crash never leaves a half-written checkpoint in place of a good one
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -47,7 +48,10 @@ def _read_file(path: Path) -> Any:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise LeanvitError(f"cannot read {path} as safetensors: {e}") from None
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # Official DeiT/EViT/DeiT III training files also store their ``args`` (an argparse.Namespace, plain
+        # attributes): allow exactly that class, nothing else, in the weights-only unpickler.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LeanvitError(f"cannot read checkpoint {path} (torch.load with weights_only=True): {first}") from None

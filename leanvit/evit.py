@@ -196,8 +196,8 @@ class EViTModelMixin:
 
 
 def _per_layer(value: KeepRate, n: int) -> Tuple[float, ...]:
-    if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.ndim == 0):
-        return (check_keep_rate(float(value)),) * n
+    if isinstance(value, (int, float, str)) or (torch.is_tensor(value) and value.ndim == 0):
+        return (check_keep_rate(value),) * n
     values = tuple(value)
     if len(values) != n:
         raise LeanvitError(f"got {len(values)} keep rates for {n} reorganizing locations")

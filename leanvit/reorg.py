@@ -24,7 +24,7 @@ FUSED_TOKEN_ID = -1
 
 def check_keep_rate(keep_rate: float, where: str = "keep_rate") -> float:
     try:
-        r = float(keep_rate)
+        r = float(keep_rate.item() if torch.is_tensor(keep_rate) else keep_rate)
     except (TypeError, ValueError):
         raise LeanvitError(f"{where} must be a number in (0, 1], got {keep_rate!r}") from None
     if not (0.0 < r <= 1.0) or math.isnan(r):
