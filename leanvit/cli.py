@@ -21,17 +21,15 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command=None) -> argparse.ArgumentParser:
+    """All commands are listed; only ``command``'s module is imported (keeps every call fast)."""
     parser = argparse.ArgumentParser(prog="leanvit", description="Lean vision transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a sub-command whose module is not part of this build
-            if e.name != module_name:
-                raise
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
+        module = importlib.import_module(module_name)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -46,7 +44,9 @@ def _is_main_process() -> bool:
 def main(argv=None) -> int:
     from leanvit.errors import LeanvitError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
