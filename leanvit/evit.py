@@ -187,6 +187,24 @@ class EViTModelMixin:
         x = self.norm(x)
         return (x, kept) if return_kept_indices else x
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, *args, output_fmt: str = "NCHW", **kwargs):
+        """timm's ``forward_intermediates``. Blocks after a reorganization hold fewer tokens than the patch
+        grid, so their maps exist only as token lists: ask for ``output_fmt="NLC"`` for those."""
+        if output_fmt == "NCHW":
+            depth = len(self.blocks)
+            if indices is None:
+                wanted = range(depth)
+            elif isinstance(indices, int):
+                wanted = range(depth - indices, depth)
+            else:
+                wanted = [i % depth for i in indices]
+            late = [i for i in wanted if i >= self.evit_locations[0]]
+            if late:
+                raise LeanvitError(
+                    f"blocks {late} come after EViT's first reorganization (block {self.evit_locations[0]}) "
+                    "and no longer hold a full patch grid; use output_fmt='NLC' or earlier indices")
+        return super().forward_intermediates(x, indices, *args, output_fmt=output_fmt, **kwargs)
+
     def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None, return_kept_indices: bool = False):
         """Logits; with ``return_kept_indices=True`` a tuple (logits, kept indices per reorganizing block)."""
         if return_kept_indices:

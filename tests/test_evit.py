@@ -275,3 +275,14 @@ def test_torch_compile_matches_eager():
         compiled = torch.compile(model)
         got = compiled(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_intermediates_before_and_after_reorganization():
+    model = apply_evit(tiny_vit(), keep_rate=0.5, locations=(2, 4))
+    x = torch.randn(2, 3, 32, 32)
+    early = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert [t.shape for t in early] == [(2, 48, 8, 8)] * 2
+    with pytest.raises(LeanvitError, match="output_fmt='NLC'"):
+        model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    late = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
+    assert late[0].shape == (2, 64, 48) and late[1].shape == (2, 32 + 1, 48)
