@@ -268,13 +268,15 @@ def test_keep_rate_schedule():
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
+    """fullgraph=True: the reorganization compiles without graph breaks (static shapes, no .item())."""
     model = apply_evit(tiny_vit(), keep_rate=0.6)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = model(x)
-        compiled = torch.compile(model)
-        got = compiled(x)
+        want, want_kept = model(x, return_kept_indices=True)
+        got = torch.compile(model, fullgraph=True)(x)
+        _, got_kept = torch.compile(lambda t: model(t, return_kept_indices=True), fullgraph=True)(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(got_kept, want_kept))
 
 
 def test_forward_intermediates_before_and_after_reorganization():
