@@ -288,3 +288,20 @@ def test_forward_intermediates_before_and_after_reorganization():
         model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
     late = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
     assert late[0].shape == (2, 64, 48) and late[1].shape == (2, 32 + 1, 48)
+
+
+@pytest.mark.parametrize("name,kw", [("deit_small_distilled_patch16_224", {}),
+                                     ("vit_small_patch14_reg4_dinov2", {"patch_size": 8})])
+def test_extra_prefix_tokens_stay(name, kw):
+    """Distillation and register tokens are prefix tokens: always kept, never scored or fused."""
+    model = tiny_vit(name, **kw)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        apply_evit(model, keep_rate=1.0, locations=(1, 3))
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=0)
+        model.keep_rate = 0.5
+        _, kept = model(x, return_kept_indices=True)
+    n = model.patch_embed.num_patches
+    assert model.num_prefix_tokens > 1
+    assert [k.shape[1] for k in kept] == [math.ceil(n / 2) + 1, math.ceil((math.ceil(n / 2) + 1) / 2) + 1]
