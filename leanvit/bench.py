@@ -4,17 +4,31 @@ Method (as timm's and EViT's benchmarks, made robust): eval mode, ``torch.infere
 random batch, warm-up passes, then ``repeats`` timed runs of ``steps`` forward passes each (device
 synchronized around every run); the figure is the **median** run. Every result carries the device,
 dtype, batch size and thread count it was measured with.
+
+Python (models you already have)::
+
+    from leanvit.bench import benchmark_models, format_table, BENCH_COLUMNS, write_csv, plot_benchmark
+    rows = benchmark_models({"DeiT-T": deit, "EViT-T 0.7": (evit, (224, 224))}, batch_size=32)
+    print(format_table(rows, BENCH_COLUMNS)); write_csv(rows, "bench.csv"); plot_benchmark(rows, "bench.png")
+
+Command line::
+
+    leanvit bench --models deit_small_patch16_224,shunted_t --keep-rates none,0.7,0.5 --img-sizes 224
 """
 from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from leanvit.errors import LeanvitError
 
@@ -32,7 +46,7 @@ class Measurement:
     device: str
     dtype: str
     threads: int
-    peak_mem_mb: Optional[float] = None  # CUDA only (allocator peak); None on CPU
+    peak_mem_mb: Optional[float] = None  # set by measure() on CUDA; see forward_peak_memory_mb
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -109,31 +123,39 @@ def interleaved_measure(models: dict, batch_size: int = 32, img_size=224, device
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory of one forward pass
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so that RSS growth reflects new allocations."""
-    try:
-        import ctypes
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that operators create and that are still alive; keeps the peak.
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    As a ``TorchDispatchMode`` it sees every operator's outputs; each new storage is counted once (views
+    share it) and uncounted when it is freed (a weak reference's callback). Storages in ``ignore`` (the
+    model's weights and the input) are not counted."""
 
+    def __init__(self, ignore=()):
+        super().__init__()
+        self.ignore = set(ignore)
+        self.seen = WeakIdKeyDictionary()
+        self.refs = set()
+        self.current = 0
+        self.peak = 0
 
-def _rss_reader():
-    """A function returning the process's resident set size in bytes, or None where it cannot be read."""
-    import os
+    def _freed(self, nbytes: int, ref) -> None:
+        self.current -= nbytes
+        self.refs.discard(ref)
 
-    try:
-        f = open("/proc/self/statm", "rb", buffering=0)
-    except OSError:
-        return None
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def read() -> int:
-        f.seek(0)
-        return int(f.read().split()[1]) * page
-
-    return read
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            if st in self.seen or st.data_ptr() in self.ignore:
+                continue
+            n = st.nbytes()
+            self.seen[st] = n
+            self.refs.add(weakref.ref(st, lambda ref, n=n: self._freed(n, ref)))
+            self.current += n
+            self.peak = max(self.peak, self.current)
+        return out
 
 
 @torch.inference_mode()
@@ -141,47 +163,24 @@ def forward_peak_memory_mb(model: nn.Module, batch_size: int = 32, img_size=224,
                            dtype=torch.float32, in_chans: int = 3) -> Optional[float]:
     """Memory one inference forward pass needs on top of the loaded model and its input, in MiB.
 
-    CUDA: the allocator's peak during the pass minus what was allocated before it (exact).
-    CPU (Linux): the peak of the process's resident set size during the pass, sampled every ~0.2 ms by
-    a thread, minus the RSS before it (freed heap memory is first returned to the OS with
-    ``malloc_trim``). An approximation of the activations' and kernels' working memory: it can miss a
-    peak shorter than a sample and counts whatever else the process allocates meanwhile. None where
-    RSS cannot be read (not Linux)."""
-    import gc
-    import threading
-
+    CUDA: the allocator's peak during the pass minus what was allocated before it.
+    Other devices (CPU): the peak total size of the tensors the pass creates (activations, attention
+    outputs, logits) that are alive at the same time, counted operator by operator; exact and
+    repeatable, but scratch buffers a kernel allocates internally and frees before returning are not
+    seen (process RSS would be too noisy on a shared machine to compare models)."""
     model, x, device, _ = _prepare(model, batch_size, img_size, device, dtype, in_chans)
-    model(x)  # first-call allocations (kernels' caches, lazy init) are not the forward's working memory
     if device.type == "cuda":
+        model(x)  # first-call allocations (cuBLAS workspaces, lazy init) are not the forward's working memory
         _sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         model(x)
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    read = _rss_reader()
-    if read is None:
-        return None
-    gc.collect()
-    _malloc_trim()
-    base = read()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], read())
-            time.sleep(0.0002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    owned = [*model.parameters(), *model.buffers(), x]
+    with _LiveTensorBytes(ignore={t.untyped_storage().data_ptr() for t in owned}) as counter:
         model(x)
-    finally:
-        stop.set()
-        t.join()
-    peak[0] = max(peak[0], read())
-    return max(0.0, (peak[0] - base) / 2**20)
+    return counter.peak / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +414,10 @@ def write_csv(rows: List[dict], path) -> Path:
     return path
 
 
+def _short(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 1 else f"{v:.2g}"
+
+
 def plot_benchmark(rows: List[dict], path, title: str = "") -> Path:
     """Horizontal bars of img/s per configuration (speed-up annotated) and, where known, peak memory."""
     import matplotlib
@@ -435,7 +438,7 @@ def plot_benchmark(rows: List[dict], path, title: str = "") -> Path:
     ips = [r["img_per_s"] for r in rows]
     ax.barh(y, ips, color=colors)
     for yi, r in zip(y, rows):
-        ax.text(r["img_per_s"], yi, f" {r['img_per_s']:.0f} ({r['speedup']:.2f}x)", va="center", fontsize=8)
+        ax.text(r["img_per_s"], yi, f" {_short(r['img_per_s'])} ({r['speedup']:.2f}x)", va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("images / s (higher is better)")
@@ -446,7 +449,7 @@ def plot_benchmark(rows: List[dict], path, title: str = "") -> Path:
         ax.barh(y, mem, color=colors)
         for yi, r in zip(y, rows):
             v = r.get("peak_mem_mb")
-            ax.text(v or 0.0, yi, " n/a" if v is None else f" {v:.0f}", va="center", fontsize=8)
+            ax.text(v or 0.0, yi, " n/a" if v is None else f" {_short(v)}", va="center", fontsize=8)
         ax.set_xlabel("peak memory of a forward pass (MiB, lower is better)")
         ax.set_xlim(0, max(mem) * 1.25 or 1.0)
     if title:
@@ -510,6 +513,19 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _busy_note(device: torch.device) -> Optional[str]:
+    """A warning when other processes already keep the CPU cores busy (timings will not be stable)."""
+    import os
+
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < 0.75 * cores:
+        return None
+    return (f"the machine is busy (load {load:.1f} on {cores} cores): timings vary with the other work; "
+            "compare configurations from one run (they are interleaved) or use --threads 1")
+
+
 def add_arguments(p) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="M1,M2",
                    help="model names, comma- or space-separated (e.g. deit_small_patch16_224,shunted_t)")
@@ -552,7 +568,8 @@ def run(args) -> int:
     header = (f"{environment(str(device))} | dtype={dtype_name} | batch={args.batch_size} | "
               f"warmup={args.warmup}, median of {args.repeats} interleaved runs")
     print(header, flush=True)
-    for n in notes:
+    busy = _busy_note(device)
+    for n in notes + ([busy] if busy else []):
         print(f"note: {n}")
     rows = benchmark_models(configs, batch_size=args.batch_size, device=device, dtype=dtype, warmup=args.warmup,
                             repeats=args.repeats, memory=not args.no_memory)
@@ -560,8 +577,8 @@ def run(args) -> int:
     if not args.no_memory:
         print("peak mem: " + ("CUDA allocator peak of one forward pass minus what was allocated before it"
                               if device.type == "cuda" else
-                              "growth of the process's resident memory during one forward pass (sampled; "
-                              "activations and kernel buffers on top of the loaded model)"))
+                              "peak size of the tensors alive together during one forward pass "
+                              "(activations on top of the loaded model; kernel scratch buffers not counted)"))
     print("speed-up: img/s over the same model's first configuration at the same image size")
     csv_path = write_csv(rows, out / "bench.csv")
     png_path = plot_benchmark(rows, out / "bench.png", title=header)
