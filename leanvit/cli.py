@@ -47,11 +47,15 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     try:
+        if getattr(args, "_accepts_extra", False):  # `train` takes any recipe key as --key value
+            return int(args._run(args, extra) or 0)
         return int(args._run(args) or 0)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"

@@ -255,11 +255,26 @@ def build_model(name: Optional[str], checkpoint=None, keep_rate=None, img_size=N
 
 # ---------------------------------------------------------------------------------------------
 # Data
-def eval_dataset(data: str, img_size: tuple, model: Optional[nn.Module] = None, split: str = "val"):
+def eval_dataset(data: str, img_size: tuple, model: Optional[nn.Module] = None, split: str = "val",
+                 digits: Optional[dict] = None):
     """The evaluation split of ``data`` (``digits`` or an ImageFolder tree) at ``img_size``."""
     from leanvit.data import build_eval_dataset
 
-    return build_eval_dataset(data, img_size=img_size, model=model, split=split)
+    return build_eval_dataset(data, img_size=img_size, model=model, split=split, digits=digits)
+
+
+def recorded_digits(checkpoint) -> Optional[dict]:
+    """The embedded-data settings a ``leanvit train`` checkpoint was trained with (canvas size, ...)."""
+    from leanvit.checkpoints import _read_file
+
+    if checkpoint is None:
+        return None
+    try:
+        obj = _read_file(Path(checkpoint))
+    except LeanvitError:
+        return None
+    cfg = obj.get("config") if isinstance(obj, dict) else None
+    return dict(cfg.get("digits") or {}) if isinstance(cfg, dict) and cfg.get("data") == "digits" else None
 
 
 def data_classes(data: str, split: str = "val") -> Sequence[str]:
@@ -303,7 +318,8 @@ def run(args) -> int:
     if n_out is not None and n_out != len(classes):
         raise LeanvitError(f"the model has {n_out} classes but the data has {len(classes)} "
                            f"({args.data}); evaluate on data with the model's classes")
-    dataset = eval_dataset(args.data, hw, model, args.split)
+    digits = recorded_digits(args.checkpoint) if args.data == "digits" else None
+    dataset = eval_dataset(args.data, hw, model, args.split, digits=digits)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     res = evaluate(model, loader, device=device, amp=args.amp, progress=not args.no_progress,

@@ -16,11 +16,12 @@ def suggest_models(name: str, n: int = 5) -> list:
     return difflib.get_close_matches(name, names, n=n, cutoff=0.5)
 
 
-def create_model(name: str, keep_rate=None, img_size=None, num_classes=None, **kwargs) -> nn.Module:
+def create_model(name: str, keep_rate=None, img_size=None, num_classes=None, locations=None, **kwargs) -> nn.Module:
     """``timm.create_model`` for leanvit and timm names, never touching the network.
 
     ``keep_rate`` on an ``evit_*`` model sets its keep rate; on a plain timm ViT it applies EViT
-    with the default locations, so any timm ViT with a class token can be measured reorganized.
+    with ``locations`` (default: the EViT rule for its depth), so any timm ViT with a class token can
+    be measured or trained reorganized.
     """
     import leanvit  # noqa: F401  (registers the leanvit models)
 
@@ -35,6 +36,10 @@ def create_model(name: str, keep_rate=None, img_size=None, num_classes=None, **k
     is_evit = name.startswith("evit_")
     if keep_rate is not None and is_evit:
         kwargs["keep_rate"] = keep_rate
+    if locations is not None and is_evit:
+        kwargs["locations"] = locations
+    elif locations is not None and keep_rate is None:
+        raise LeanvitError("EViT locations need a keep rate")
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
@@ -42,7 +47,7 @@ def create_model(name: str, keep_rate=None, img_size=None, num_classes=None, **k
     if keep_rate is not None and not is_evit:
         from leanvit.evit import apply_evit
 
-        model = apply_evit(model, keep_rate=keep_rate)
+        model = apply_evit(model, keep_rate=keep_rate, locations=locations)
     return model
 
 

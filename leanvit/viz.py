@@ -315,7 +315,9 @@ def run(args) -> int:
     elif args.data == "digits":
         from leanvit.data.digits import DigitsDataset
 
-        ds = DigitsDataset("val")
+        from leanvit.evaluate import recorded_digits
+
+        ds = DigitsDataset("val", **(recorded_digits(args.checkpoint) or {}))
         class_names = list(ds.classes)
         idx = _spread(len(ds), args.num_images)
         items = [(f"digits val {i} (label {ds.targets[i]})", ds.image(i)) for i in idx]

@@ -1,0 +1,113 @@
+"""ImageFolder-style datasets (``root/<class>/<image>``) that fail early and clearly.
+
+torchvision's ``ImageFolder`` finds the files; this module adds what a long training run needs before
+it starts: an empty class folder, a split without images or a validation split whose classes differ
+from training are errors naming the folder, and an unreadable image is either an error naming the
+file (default) or, with ``skip_corrupt=True``, replaced by another image and counted, with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from leanvit.errors import LeanvitError
+
+__all__ = ["ImageFolderDataset", "find_split", "check_same_classes", "IMG_EXTENSIONS"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def find_split(root, split: str) -> Path:
+    """``root/split`` if it exists; ``root`` itself for the val split of a tree without splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LeanvitError(f"data folder not found: {root}")
+    if (root / split).is_dir():
+        return root / split
+    if split in ("val", "test") and not (root / "train").is_dir():
+        return root
+    raise LeanvitError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<images>)")
+
+
+class ImageFolderDataset:
+    """Images under ``root/<class>/`` as (transformed image, class index).
+
+    Args:
+        root: the split folder (e.g. ``data/train``).
+        transform: applied to the RGB PIL image.
+        classes: expected class names (e.g. those of the train split); a mismatch is an error.
+        skip_corrupt: replace unreadable images by the next readable one (counted in
+            ``num_skipped``, warned once per file) instead of raising.
+    """
+
+    def __init__(self, root, transform: Optional[Callable] = None, classes: Optional[Sequence[str]] = None,
+                 skip_corrupt: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise LeanvitError(f"data folder not found: {self.root}")
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise LeanvitError(f"{self.root} has no class folders (expected {self.root}/<class>/<images>)")
+        if classes is not None and list(classes) != found:
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise LeanvitError(f"the classes of {self.root} differ from training's: missing {missing or 'none'}, "
+                               f"unexpected {extra or 'none'}")
+        self.classes: List[str] = found
+        self.class_to_idx = {c: i for i, c in enumerate(found)}
+        self.samples = []
+        for c in found:
+            files = sorted(p for p in (self.root / c).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            if not files:
+                raise LeanvitError(f"class folder {self.root / c} holds no images "
+                                   f"({', '.join(IMG_EXTENSIONS)})")
+            self.samples += [(str(p), self.class_to_idx[c]) for p in files]
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        from PIL import Image
+
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as e:  # PIL raises many types for bad files
+            raise LeanvitError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                img = self.load(i)
+            except LeanvitError as e:
+                if not self.skip_corrupt:
+                    raise
+                if i not in self.skipped:
+                    self.skipped.add(i)
+                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}")
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, self.samples[i][1]
+        raise LeanvitError(f"no readable image in {self.root}")
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({str(self.root)!r}, classes={len(self.classes)}, images={len(self)})"
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], where: str = "") -> None:
+    if list(train_classes) != list(val_classes):
+        raise LeanvitError(f"validation classes differ from training classes{where}: "
+                           f"train has {len(train_classes)}, val has {len(val_classes)}")

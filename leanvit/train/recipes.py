@@ -1,0 +1,179 @@
+"""Training recipes: a flat dict of settings, shipped as YAML files and overridable key by key.
+
+Every key of :data:`DEFAULTS` can be set by a recipe file and overridden from the command line
+(``--key value`` or ``--set key=value``) or from Python (``train("deit3_demo", epochs=3)``).
+A recipe file may name a ``base`` recipe whose values it extends.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from leanvit.errors import LeanvitError
+
+__all__ = ["DEFAULTS", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config", "parse_value"]
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+DEFAULTS: Dict[str, Any] = {
+    # model
+    "model": "deit3_small_patch16_224",
+    "model_kwargs": {},          # extra keyword arguments of create_model (e.g. patch_size, depth)
+    "img_size": 224,
+    "num_classes": None,         # default: the number of classes of the data
+    "drop_path": 0.0,
+    "keep_rate": None,           # EViT target keep rate (applies EViT to a plain ViT)
+    "keep_rate_start_epoch": 0,  # epochs at keep rate 1 before the schedule starts
+    "keep_rate_epochs": 0,       # epochs of the cosine from 1.0 to the target (0: straight to it)
+    "evit_locations": None,      # blocks that reorganize (default: the EViT rule for the depth)
+    "finetune": None,            # checkpoint to start from (classifier and pos_embed adapted)
+    "finetune_train_mode": True, # DeiT III keeps drop-path on when fine-tuning; EViT/DeiT used eval mode
+    # data
+    "data": "digits",
+    "digits": {},                # options of leanvit.data.digits.DigitsDataset
+    "crop": "rrc",               # rrc | src | none
+    "scale": [0.08, 1.0],
+    "src_padding": 4,
+    "hflip": 0.5,
+    "three_augment": True,
+    "color_jitter": 0.3,
+    "auto_augment": None,        # a timm RandAugment policy instead of 3-Augment (e.g. rand-m9-mstd0.5-inc1)
+    "reprob": 0.0,               # random erasing probability
+    "eval_crop_ratio": 1.0,
+    "repeated_aug": False,       # timm RepeatAugSampler, 3 repeats
+    "skip_corrupt": False,
+    "workers": 0,
+    # optimization
+    "epochs": 100,
+    "batch_size": 64,            # per process
+    "opt": "lamb",
+    "lr": 4e-3,                  # for the global batch (no scaling)
+    "weight_decay": 0.05,
+    "opt_eps": 1e-8,
+    "min_lr": 1e-5,
+    "warmup_lr": 1e-6,
+    "warmup_epochs": 5,
+    "clip_grad": None,
+    "loss": "bce",               # bce (DeiT III: targets > 0 after mixup) | ce
+    "smoothing": 0.0,
+    "mixup": 0.8,
+    "cutmix": 1.0,
+    "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5,
+    "model_ema": False,
+    "model_ema_decay": 0.99996,
+    "amp": False,                # autocast (float16 on CUDA with a grad scaler, bfloat16 on CPU)
+    # run
+    "seed": 0,
+    "eval_every": 1,
+    "output": None,
+    "log_every": 20,
+    "max_train_batches": None,   # cap the iterations per epoch (quick runs and tests)
+    "time_limit": None,          # seconds; stop after the epoch that exceeds it (demo budget)
+}
+
+
+def list_recipes() -> List[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise LeanvitError(f"recipe {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LeanvitError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(name_or_path: str, _seen: Optional[set] = None) -> Dict[str, Any]:
+    """The settings of a shipped recipe (by name) or of a YAML file, ``base`` recipes resolved."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        if path.suffix in (".yaml", ".yml"):
+            raise LeanvitError(f"recipe file not found: {path}")
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            close = difflib.get_close_matches(str(name_or_path), list_recipes(), n=4, cutoff=0.4)
+            hint = f"; did you mean: {', '.join(close)}" if close else f"; shipped: {', '.join(list_recipes())}"
+            raise LeanvitError(f"unknown recipe '{name_or_path}'{hint}")
+    seen = _seen or set()
+    if path.resolve() in seen:
+        raise LeanvitError(f"recipe {path} includes itself through 'base'")
+    seen.add(path.resolve())
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    cfg = load_recipe(base, seen) if base else {}
+    cfg.update(data)
+    cfg.setdefault("recipe", path.stem)
+    return cfg
+
+
+def check_keys(cfg: Dict[str, Any], where: str) -> None:
+    for k in cfg:
+        if k not in DEFAULTS and k != "recipe":
+            close = difflib.get_close_matches(k, list(DEFAULTS), n=3)
+            hint = f"; did you mean: {', '.join(close)}" if close else ""
+            raise LeanvitError(f"unknown setting '{k}' in {where}{hint}")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (numbers, booleans, null, lists, mappings), else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def resolve_config(recipe: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """DEFAULTS, then the recipe, then the overrides (``None`` values in overrides are ignored; a mapping
+    such as ``digits`` or ``model_kwargs`` is merged key by key into the recipe's)."""
+    cfg = dict(DEFAULTS)
+    if recipe:
+        r = load_recipe(recipe)
+        check_keys(r, f"recipe '{recipe}'")
+        cfg.update(r)
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    check_keys(over, "the overrides")
+    for k, v in over.items():  # mappings (digits, model_kwargs) are merged into the recipe's
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Dict[str, Any]) -> None:
+    def positive(key, integer=False):
+        v = cfg[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        if not ok or (integer and int(v) != v):
+            raise LeanvitError(f"{key} must be a positive {'integer' if integer else 'number'}, got {v!r}")
+
+    positive("epochs", integer=True)
+    positive("batch_size", integer=True)
+    positive("lr")
+    if cfg["opt"] not in ("lamb", "adamw", "sgd"):
+        raise LeanvitError(f"opt must be lamb, adamw or sgd, got {cfg['opt']!r}")
+    if cfg["loss"] not in ("bce", "ce"):
+        raise LeanvitError(f"loss must be bce or ce, got {cfg['loss']!r}")
+    if cfg["loss"] == "bce" and cfg["smoothing"]:
+        raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
+    if cfg["keep_rate"] is not None:
+        from leanvit.reorg import check_keep_rate
+
+        check_keep_rate(cfg["keep_rate"], "keep_rate")
+    for key in ("warmup_epochs", "keep_rate_start_epoch", "keep_rate_epochs", "drop_path", "weight_decay",
+                "mixup", "cutmix", "smoothing", "workers"):
+        if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
+            raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
