@@ -428,7 +428,9 @@ def _train(cfg, env: DistEnv, progress: bool, resume: bool, tqdm) -> Dict[str, A
         row = {"epoch": epoch, "train_loss": loss_tot / max(seen_tot, 1), "lr": optimizer.param_groups[0]["lr"],
                "keep_rate": keep, "train_img_per_s": seen_tot / train_time, "epoch_seconds": train_time}
         last_epoch = epoch == epochs - 1
-        over_time = cfg["time_limit"] is not None and time.perf_counter() - t_run > cfg["time_limit"]
+        # stop when another epoch like this one would end past the time limit
+        elapsed = time.perf_counter() - t_run
+        over_time = cfg["time_limit"] is not None and elapsed + elapsed / (epoch + 1 - start_epoch) > cfg["time_limit"]
         if last_epoch or over_time or (epoch + 1) % max(1, int(cfg["eval_every"])) == 0:
             row.update(_evaluate(model, val_loader, env, amp_ctx))
             if ema is not None:
@@ -459,7 +461,8 @@ def _train(cfg, env: DistEnv, progress: bool, resume: bool, tqdm) -> Dict[str, A
         env.barrier()
         if over_time and not last_epoch:
             if env.is_main:
-                print(f"time limit of {cfg['time_limit']} s reached after epoch {epoch + 1}; stopping")
+                print(f"stopping after epoch {epoch + 1}: another epoch would pass the time limit of "
+                      f"{cfg['time_limit']} s")
             break
     skipped = getattr(train_set, "num_skipped", 0)
     if skipped and env.is_main:

@@ -72,7 +72,7 @@ DEFAULTS: Dict[str, Any] = {
     "output": None,
     "log_every": 20,
     "max_train_batches": None,   # cap the iterations per epoch (quick runs and tests)
-    "time_limit": None,          # seconds; stop after the epoch that exceeds it (demo budget)
+    "time_limit": None,          # seconds; stop before an epoch that would end past it (demo budget)
 }
 
 

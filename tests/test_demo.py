@@ -1,0 +1,30 @@
+"""`leanvit demo --quick` end to end (subprocess): report, table, plots."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_report_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "leanvit.cli", "demo", "--quick", "--output", str(out), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for label in ("DeiT III (deit3_demo)", "fine-tuned (evit_demo)", "off the shelf", "Shunted (shunted_demo)"):
+        assert label in report
+    table = [line for line in report.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(table) == 4
+    for name in ("accuracy_vs_throughput.png", "kept_tokens.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in ("deit3_demo", "evit_demo", "shunted_demo"):
+        assert (out / run / "best.pth").exists() and (out / run / "metrics.csv").exists()
+
+
+def test_demo_bad_arguments_fail_cleanly(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "leanvit.cli", "demo", "--threads", "0", "--output", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--threads" in r.stderr and "Traceback" not in r.stderr
