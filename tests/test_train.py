@@ -242,3 +242,14 @@ def test_torchrun_two_processes_gloo(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[-1]["val_top1"] >= 0
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_deit3_pieces_together_lamb_bce_mixup_ema_repeated_aug_clip(tmp_path):
+    res = _run(tmp_path, "full", opt="lamb", loss="bce", smoothing=0.0, mixup=0.8, cutmix=1.0, model_ema=True,
+               model_ema_decay=0.9, repeated_aug=True, clip_grad=1.0, drop_path=0.1, three_augment=True,
+               crop="src", epochs=1)
+    row = res["history"][-1]
+    assert np.isfinite(row["train_loss"]) and "ema_val_top1" in row
+    state = torch.load(res["last"], weights_only=True)
+    assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
+    assert not torch.equal(state["ema"]["head.weight"], state["model"]["head.weight"])
