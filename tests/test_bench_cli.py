@@ -1,7 +1,5 @@
 """`leanvit bench` end to end on tiny settings, its parsing helpers, and its user errors."""
 import csv
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,19 +7,7 @@ import torch
 from leanvit.bench import (build_configurations, format_table, forward_peak_memory_mb, parse_img_sizes,
                            parse_keep_rates)
 from leanvit.errors import LeanvitError
-
-
-def leanvit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "leanvit.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
+from cli_helpers import leanvit, one_line_error
 
 
 def test_bench_cli_table_csv_plot(tmp_path):
@@ -50,7 +36,7 @@ def test_bench_cli_table_csv_plot(tmp_path):
 
 def test_bench_cli_user_errors_subprocess(tmp_path):
     r = leanvit("bench", "--models", "deit_tiny_patch16_22", "--output", str(tmp_path))
-    one_line_error(r, "unknown model 'deit_tiny_patch16_22'", "deit_tiny_patch16_224")
+    one_line_error(r.returncode, r.stderr, "unknown model 'deit_tiny_patch16_22'", "deit_tiny_patch16_224")
 
 
 def test_bench_cli_user_errors(tmp_path, capsys):
@@ -59,7 +45,7 @@ def test_bench_cli_user_errors(tmp_path, capsys):
     def bench(*args, needles=()):
         rc = main(["bench", "--output", str(tmp_path), *args])
         err = capsys.readouterr().err
-        one_line_error(subprocess.CompletedProcess(args, rc, "", err), *needles)
+        one_line_error(rc, err, *needles)
 
     bench("--models", "deit_tiny_patch16_224", "--keep-rates", "0.7,1.5", needles=["must be in (0, 1]"])
     bench("--models", "deit_tiny_patch16_224", "--keep-rates", "0", needles=["must be in (0, 1]"])
@@ -72,7 +58,7 @@ def test_bench_cli_user_errors(tmp_path, capsys):
     bench("--models", "deit_tiny_patch16_224", "--repeats", "0", needles=["--repeats"])
     (tmp_path / "f").write_text("x")
     rc = main(["bench", "--models", "deit_tiny_patch16_224", "--output", str(tmp_path / "f")])
-    one_line_error(subprocess.CompletedProcess([], rc, "", capsys.readouterr().err), "not a folder")
+    one_line_error(rc, capsys.readouterr().err, "not a folder")
 
 
 def test_parsers():

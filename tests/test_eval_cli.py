@@ -1,35 +1,13 @@
 """`leanvit eval` end to end on tiny settings (timm's 6-block `test_vit` at 48-64 px), and its user errors."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
-from leanvit.cli import main
+from cli_helpers import cli, leanvit, one_line_error
 from leanvit.factory import create_model
-
-
-def leanvit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "leanvit.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
-def cli(capsys, *args):
-    """The CLI in this process (fast): exit status, stdout, stderr."""
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err, *needles):
-    assert rc == 2, (rc, err)
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture(scope="module")

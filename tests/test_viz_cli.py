@@ -1,35 +1,14 @@
 """`leanvit viz` end to end on tiny settings, its Python API (masks, titles, one PNG grid), and its user errors."""
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
-from leanvit.cli import main
+from cli_helpers import cli_error, leanvit, one_line_error
 from leanvit.evit import apply_evit
 from leanvit.factory import create_model
 from leanvit.viz import kept_masks, mask_patches, render_kept_tokens, visualize
-
-
-def leanvit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "leanvit.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, err
-
-
-def one_line_error(rc, err, *needles):
-    assert rc == 2, (rc, err)
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture(scope="module")
@@ -119,22 +98,22 @@ def test_viz_user_errors_subprocess(files, tmp_path):
 def test_viz_user_errors(files, tmp_path, capsys):
     out = tmp_path / "o"
     ok = ("--images", files / "a.png", "--output", out)
-    one_line_error(*cli(capsys, "viz", "--model", "evit_deit_tiny_patch16_224", "--images", files / "broken.png",
+    one_line_error(*cli_error(capsys, "viz", "--model", "evit_deit_tiny_patch16_224", "--images", files / "broken.png",
                         "--output", out), "cannot read image", "broken.png")
-    one_line_error(*cli(capsys, "viz", "--model", "evit_deit_tiny_patch16_224", "--images", files,
+    one_line_error(*cli_error(capsys, "viz", "--model", "evit_deit_tiny_patch16_224", "--images", files,
                         "--output", out), "folder")
-    one_line_error(*cli(capsys, "viz", "--model", "evit_deit_tiny_patch16_22", *ok),
+    one_line_error(*cli_error(capsys, "viz", "--model", "evit_deit_tiny_patch16_22", *ok),
                    "unknown model", "evit_deit_tiny_patch16_224")
-    one_line_error(*cli(capsys, "viz", "--model", "test_vit", *ok), "does not reorganize tokens", "--keep-rate")
-    one_line_error(*cli(capsys, "viz", "--model", "test_vit", "--keep-rate", "1.01", *ok), "(0, 1]")
-    one_line_error(*cli(capsys, "viz", "--model", "test_vit", "--keep-rate", "0", *ok), "(0, 1]")
-    one_line_error(*cli(capsys, "viz", "--checkpoint", files / "evit.pth", "--img-size", "-3", *ok), "--img-size")
-    one_line_error(*cli(capsys, "viz", "--checkpoint", files / "evit.pth", "--batch-size", "0", *ok),
+    one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", *ok), "does not reorganize tokens", "--keep-rate")
+    one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", "--keep-rate", "1.01", *ok), "(0, 1]")
+    one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", "--keep-rate", "0", *ok), "(0, 1]")
+    one_line_error(*cli_error(capsys, "viz", "--checkpoint", files / "evit.pth", "--img-size", "-3", *ok), "--img-size")
+    one_line_error(*cli_error(capsys, "viz", "--checkpoint", files / "evit.pth", "--batch-size", "0", *ok),
                    "--batch-size")
-    one_line_error(*cli(capsys, "viz", "--model", "evit_deit_tiny_patch16_224", "--checkpoint",
+    one_line_error(*cli_error(capsys, "viz", "--model", "evit_deit_tiny_patch16_224", "--checkpoint",
                         files / "evit.pth", *ok), "does not fit")
     (tmp_path / "file").write_text("x")
-    one_line_error(*cli(capsys, "viz", "--checkpoint", files / "evit.pth", "--images", files / "a.png",
+    one_line_error(*cli_error(capsys, "viz", "--checkpoint", files / "evit.pth", "--images", files / "a.png",
                         "--output", tmp_path / "file"), "not a folder")
-    one_line_error(*cli(capsys, "viz", "--checkpoint", files / "evit.pth", "--data", tmp_path / "nothing",
+    one_line_error(*cli_error(capsys, "viz", "--checkpoint", files / "evit.pth", "--data", tmp_path / "nothing",
                         "--output", out), "no such folder")
