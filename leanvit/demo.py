@@ -73,6 +73,7 @@ def _accuracy_plot(rows: List[dict], path: Path) -> Path:
     for r in rows:
         ax.scatter(r["img_per_s"], r["top1"], s=60)
         ax.annotate(r["label"], (r["img_per_s"], r["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.12)  # room for the labels right of the points
     ax.set_xlabel("throughput (images/s, CPU, fp32)")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("digits: accuracy vs throughput")
