@@ -63,7 +63,7 @@ def test_recipe_errors_are_clear(tmp_path):
         resolve_config("deit3_s_in1k", {"smoothing": 0.1})
     with pytest.raises(LeanvitError, match="keep_rate"):
         resolve_config("evit_demo", {"keep_rate": 1.5})
-    with pytest.raises(LeanvitError, match="needs data"):
+    with pytest.raises(LeanvitError, match="recipe .deit3_s_in1k. needs data"):
         train("deit3_s_in1k", progress=False)
 
 

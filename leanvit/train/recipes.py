@@ -111,7 +111,7 @@ def load_recipe(name_or_path: str, _seen: Optional[set] = None) -> Dict[str, Any
     base = data.pop("base", None)
     cfg = load_recipe(base, seen) if base else {}
     cfg.update(data)
-    cfg.setdefault("recipe", path.stem)
+    cfg["recipe"] = path.stem  # this file's name, not its base's
     return cfg
 
 
