@@ -58,7 +58,7 @@ def environment(device: str = "cpu") -> str:
     return f"device={dev} ({name}), torch {torch.__version__}, threads={torch.get_num_threads()}"
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -72,11 +72,11 @@ def _prepare(model: nn.Module, batch_size: int, img_size, device, dtype, in_chan
 
 
 def _timed_run(model, x, steps, device) -> float:
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         model(x)
-    _sync(device)
+    sync_device(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -171,11 +171,11 @@ def forward_peak_memory_mb(model: nn.Module, batch_size: int = 32, img_size=224,
     model, x, device, _ = _prepare(model, batch_size, img_size, device, dtype, in_chans)
     if device.type == "cuda":
         model(x)  # first-call allocations (cuBLAS workspaces, lazy init) are not the forward's working memory
-        _sync(device)
+        sync_device(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         model(x)
-        _sync(device)
+        sync_device(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     owned = [*model.parameters(), *model.buffers(), x]
     with _LiveTensorBytes(ignore={t.untyped_storage().data_ptr() for t in owned}) as counter:

@@ -16,14 +16,16 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from leanvit.errors import LeanvitError
 
-__all__ = ["read_state_dict", "load_checkpoint", "save_checkpoint", "LoadResult"]
+__all__ = ["read_checkpoint", "read_state_dict", "state_dict_from", "load_checkpoint", "save_checkpoint",
+           "LoadResult"]
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -35,7 +37,9 @@ class LoadResult(NamedTuple):
     skipped_keys: List[str]  # present in both but dropped (e.g. a classifier of another size)
 
 
-def _read_file(path: Path) -> Any:
+def read_checkpoint(path) -> Any:
+    """What a checkpoint file holds (``torch.load(weights_only=True)`` or safetensors), clear errors otherwise."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(2, "No such checkpoint", str(path))
     if path.is_dir():
@@ -59,8 +63,11 @@ def _read_file(path: Path) -> Any:
 
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
     """The model state dict stored in ``path``, unwrapped and without DDP/compile prefixes."""
-    path = Path(path)
-    obj = _read_file(path)
+    return state_dict_from(read_checkpoint(path), path)
+
+
+def state_dict_from(obj: Any, path="the checkpoint") -> Dict[str, torch.Tensor]:
+    """The model state dict inside an already-read checkpoint ``obj`` (``path`` names it in errors)."""
     for _ in range(2):
         if isinstance(obj, dict) and not _is_state_dict(obj):
             key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
@@ -109,17 +116,26 @@ def _list(keys: List[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifier: bool = False) -> LoadResult:
+def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifier: bool = False,
+                    name: Optional[str] = None) -> LoadResult:
     """Load the weights in ``path`` into ``model``.
 
     Args:
+        path: a checkpoint file, or a checkpoint already read (e.g. by :func:`read_checkpoint`), so that
+            callers that also need its other entries read the file once.
+        name: how errors name the checkpoint (default: ``path``, or "the checkpoint" for a read one).
         strict: every model key must be in the checkpoint and vice versa, with equal shapes;
             otherwise a :class:`LeanvitError` names the missing, unexpected and mismatched keys.
             With ``strict=False`` matching entries load and the rest is reported in the result.
         ignore_classifier: drop the checkpoint's classifier (``head``) when its shape differs from the
             model's (fine-tuning to another number of classes); those keys stay as initialized.
     """
-    state_dict = _filter_for_model(read_state_dict(path), model)
+    if isinstance(path, Mapping):
+        name = name or "the checkpoint"
+        state_dict = _filter_for_model(state_dict_from(path, name), model)
+    else:
+        name = name or path
+        state_dict = _filter_for_model(read_state_dict(path), model)
     own = model.state_dict()
     skipped = []
     if ignore_classifier:
@@ -141,7 +157,7 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifi
             parts.append(f"unexpected keys: {_list(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatch: {_list(mismatched, 4)}")
-        raise LeanvitError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(parts))
+        raise LeanvitError(f"checkpoint {name} does not fit {type(model).__name__}: " + "; ".join(parts))
     fitting = {k: v for k, v in state_dict.items() if k in own}
     model.load_state_dict(fitting, strict=False)
     return LoadResult(missing, unexpected, skipped)

@@ -56,11 +56,10 @@ def _val_loader(cfg: dict, hw, model, batch_size: int = 128):
 
 
 def _load(ckpt: str):
-    from leanvit.checkpoints import _read_file
-    from leanvit.evaluate import build_model
+    from leanvit.evaluate import build
 
-    cfg = _read_file(Path(ckpt))["config"]
-    return build_model(None, ckpt), cfg
+    built = build(None, ckpt)
+    return built.model, built.config
 
 
 def _accuracy_plot(rows: List[dict], path: Path) -> Path:

@@ -20,7 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,42 +28,29 @@ import torch.nn.functional as F
 
 from leanvit.errors import LeanvitError
 
-__all__ = ["evaluate", "build_model", "checkpoint_num_classes", "add_model_arguments"]
+__all__ = ["evaluate", "accumulate", "build", "build_model", "Built", "checkpoint_num_classes",
+           "add_model_arguments", "recorded_digits"]
 
 _CLASSIFIER_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "head.l.weight")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool = False, progress: bool = True,
-             max_batches: Optional[int] = None, desc: str = "eval") -> Dict[str, float]:
-    """Evaluate a classifier on ``loader`` (batches of (images, integer labels)).
-
-    Args:
-        keep_rate: for EViT models, the keep rate of this evaluation (default: the model's own).
-        amp: autocast (bfloat16 on CPU, float16 on CUDA).
-        max_batches: stop after this many batches (a quick estimate).
-
-    Returns a dict: ``top1``, ``top5`` (percent; top-k with k capped at the number of classes), ``loss``
-    (mean cross-entropy), ``images``, ``img_per_s`` (forward passes only) and ``seconds`` (wall time).
-    """
+def accumulate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool = False, progress: bool = False,
+               max_batches: Optional[int] = None, desc: str = "eval") -> Dict[str, float]:
+    """Sums over ``loader`` in the model's current mode: ``images``, ``correct1``, ``correct5``, ``loss_sum``
+    (cross-entropy) and ``forward_seconds``. Sums add up across processes (the training engine's sharded
+    validation); :func:`evaluate` turns them into rates."""
     from tqdm import tqdm
 
+    from leanvit.bench import sync_device
     from leanvit.evit import is_evit
 
     device = torch.device(device)
-    model = model.to(device).eval()
     kwargs = {"keep_rate": keep_rate} if keep_rate is not None and is_evit(model) else {}
     if keep_rate is not None and not kwargs:
         raise LeanvitError(f"keep_rate is for EViT models; {type(model).__name__} does not reorganize tokens")
     n = correct1 = correct5 = 0
-    loss_sum = 0.0
-    fwd_time = 0.0
-    t_start = time.perf_counter()
+    loss_sum = fwd_time = 0.0
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_batches is not None:
         total = min(total, max_batches)
@@ -74,13 +61,13 @@ def evaluate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool =
             break
         x = x.to(device, non_blocking=True)
         y = torch.as_tensor(y).to(device, non_blocking=True)
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(x, **kwargs)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        _sync(device)
+        sync_device(device)
         fwd_time += time.perf_counter() - t0
         logits = logits.float()
         num_classes = logits.shape[-1]
@@ -94,14 +81,36 @@ def evaluate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool =
         n += x.shape[0]
         bar.set_postfix(top1=f"{100.0 * correct1 / n:.1f}")
     bar.close()
+    return {"images": n, "correct1": correct1, "correct5": correct5, "loss_sum": loss_sum,
+            "forward_seconds": fwd_time}
+
+
+def evaluate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool = False, progress: bool = True,
+             max_batches: Optional[int] = None, desc: str = "eval") -> Dict[str, float]:
+    """Evaluate a classifier on ``loader`` (batches of (images, integer labels)); the model is moved to
+    ``device`` and put in eval mode.
+
+    Args:
+        keep_rate: for EViT models, the keep rate of this evaluation (default: the model's own).
+        amp: autocast (bfloat16 on CPU, float16 on CUDA).
+        max_batches: stop after this many batches (a quick estimate).
+
+    Returns a dict: ``top1``, ``top5`` (percent; top-k with k capped at the number of classes), ``loss``
+    (mean cross-entropy), ``images``, ``img_per_s`` (forward passes only) and ``seconds`` (wall time).
+    """
+    t_start = time.perf_counter()
+    model = model.to(torch.device(device)).eval()
+    s = accumulate(model, loader, device, keep_rate, amp, progress, max_batches, desc)
+    n = s["images"]
     if n == 0:
         raise LeanvitError("the evaluation data is empty")
+    fwd = s["forward_seconds"]
     return {
-        "top1": 100.0 * correct1 / n,
-        "top5": 100.0 * correct5 / n,
-        "loss": loss_sum / n,
+        "top1": 100.0 * s["correct1"] / n,
+        "top5": 100.0 * s["correct5"] / n,
+        "loss": s["loss_sum"] / n,
         "images": n,
-        "img_per_s": n / fwd_time if fwd_time > 0 else math.inf,
+        "img_per_s": n / fwd if fwd > 0 else math.inf,
         "seconds": time.perf_counter() - t_start,
     }
 
@@ -138,14 +147,8 @@ def _img_size_arg(values) -> Optional[tuple]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
-def _recorded_model(path) -> Optional[dict]:
-    """The model spec a leanvit training checkpoint records (``{"name", "kwargs"}``), if any."""
-    from leanvit.checkpoints import _read_file
-
-    try:
-        obj = _read_file(Path(path))
-    except LeanvitError:
-        return None
+def _recorded_model(obj) -> Optional[dict]:
+    """The model spec a leanvit training checkpoint (already read) records (``{"name", "kwargs"}``), if any."""
     if isinstance(obj, dict):
         spec = obj.get("model_spec") or obj.get("model_cfg")
         if isinstance(spec, dict) and isinstance(spec.get("name"), str):
@@ -183,10 +186,18 @@ def _create(name: str, **kwargs) -> nn.Module:
         raise LeanvitError(f"cannot build {name} ({opts}): {e}") from None
 
 
-def _build(name: Optional[str], checkpoint=None, keep_rate=None, img_size=None, num_classes=None,
-           data_classes: Optional[int] = None):
+class Built(NamedTuple):
+    model: nn.Module
+    name: str
+    img_size: tuple          # (H, W) to evaluate at
+    config: Optional[dict]   # the training settings a ``leanvit train`` checkpoint records
+
+
+def build(name: Optional[str], checkpoint=None, keep_rate=None, img_size=None, num_classes=None,
+          data_classes: Optional[int] = None) -> Built:
+    """:func:`build_model`, also returning the model's name, input size and recorded training settings."""
     from leanvit.bench import check_input_size
-    from leanvit.checkpoints import load_checkpoint, read_state_dict
+    from leanvit.checkpoints import load_checkpoint, read_checkpoint, state_dict_from
     from leanvit.factory import model_input_size
     from leanvit.reorg import check_keep_rate
 
@@ -197,16 +208,17 @@ def _build(name: Optional[str], checkpoint=None, keep_rate=None, img_size=None, 
     if num_classes is not None and num_classes < 1:
         raise LeanvitError(f"--num-classes must be >= 1, got {num_classes}")
     opts: dict = {}
-    sd = None
+    sd = obj = None
     if checkpoint is not None:
-        spec = _recorded_model(checkpoint)
+        obj = read_checkpoint(checkpoint)  # read once: spec, config and weights all come from it
+        spec = _recorded_model(obj)
         if name is None:
             if spec is None:
                 raise LeanvitError(f"{checkpoint} does not record its model; name it with --model")
             name = spec["name"]
         if spec is not None and spec["name"] == name:
             opts = {k: v for k, v in dict(spec.get("kwargs") or {}).items() if k != "pretrained"}
-        sd = read_state_dict(checkpoint)
+        sd = state_dict_from(obj, checkpoint)
         if num_classes is None:
             num_classes = checkpoint_num_classes(sd)
     elif name is None:
@@ -232,9 +244,11 @@ def _build(name: Optional[str], checkpoint=None, keep_rate=None, img_size=None, 
             model = _create(name, **opts)
     hw = model_input_size(model, opts.get("img_size"))
     check_input_size(model, hw)
+    config = None
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=True)
-    return model.eval(), name, hw
+        load_checkpoint(model, sd, strict=True, name=str(checkpoint))
+        config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
+    return Built(model.eval(), name, hw, config)
 
 
 def build_model(name: Optional[str], checkpoint=None, keep_rate=None, img_size=None, num_classes=None,
@@ -250,7 +264,7 @@ def build_model(name: Optional[str], checkpoint=None, keep_rate=None, img_size=N
             embedding, else the model's own.
         num_classes: default: the checkpoint's classifier, else the recorded one, else ``data_classes``.
     """
-    return _build(name, checkpoint, keep_rate, img_size, num_classes, data_classes)[0]
+    return build(name, checkpoint, keep_rate, img_size, num_classes, data_classes).model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,18 +277,11 @@ def eval_dataset(data: str, img_size: tuple, model: Optional[nn.Module] = None, 
     return build_eval_dataset(data, img_size=img_size, model=model, split=split, digits=digits)
 
 
-def recorded_digits(checkpoint) -> Optional[dict]:
-    """The embedded-data settings a ``leanvit train`` checkpoint was trained with (canvas size, ...)."""
-    from leanvit.checkpoints import _read_file
-
-    if checkpoint is None:
-        return None
-    try:
-        obj = _read_file(Path(checkpoint))
-    except LeanvitError:
-        return None
-    cfg = obj.get("config") if isinstance(obj, dict) else None
-    return dict(cfg.get("digits") or {}) if isinstance(cfg, dict) and cfg.get("data") == "digits" else None
+def recorded_digits(config: Optional[dict]) -> Optional[dict]:
+    """The embedded-data settings (canvas size, ...) of a recorded training ``config`` (see :class:`Built`)."""
+    if isinstance(config, dict) and config.get("data") == "digits":
+        return dict(config.get("digits") or {})
+    return None
 
 
 def data_classes(data: str, split: str = "val") -> Sequence[str]:
@@ -312,13 +319,13 @@ def run(args) -> int:
         raise LeanvitError(f"--workers must be >= 0, got {args.workers}")
     device = resolve_device(args.device)
     classes = data_classes(args.data, args.split)
-    model, name, hw = _build(args.model, args.checkpoint, args.keep_rate, _img_size_arg(args.img_size),
-                         args.num_classes, data_classes=len(classes))
+    model, name, hw, config = build(args.model, args.checkpoint, args.keep_rate, _img_size_arg(args.img_size),
+                                    args.num_classes, data_classes=len(classes))
     n_out = getattr(model, "num_classes", None)
     if n_out is not None and n_out != len(classes):
         raise LeanvitError(f"the model has {n_out} classes but the data has {len(classes)} "
                            f"({args.data}); evaluate on data with the model's classes")
-    digits = recorded_digits(args.checkpoint) if args.data == "digits" else None
+    digits = recorded_digits(config) if args.data == "digits" else None
     dataset = eval_dataset(args.data, hw, model, args.split, digits=digits)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")

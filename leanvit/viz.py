@@ -300,7 +300,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from leanvit.bench import resolve_device
-    from leanvit.evaluate import _img_size_arg, build_model
+    from leanvit.evaluate import _img_size_arg, build, recorded_digits
 
     if args.num_images < 1 or args.batch_size < 1:
         raise LeanvitError("--num-images and --batch-size must be >= 1")
@@ -310,17 +310,13 @@ def run(args) -> int:
     device = resolve_device(args.device)
     img_size = _img_size_arg(args.img_size)
     class_names = None
+    items = None  # digits: drawn once the model (and the data settings it records) is known
     if args.images:
         items = [(Path(f).name, load_image(f)) for f in args.images]  # fail early, before building the model
     elif args.data == "digits":
-        from leanvit.data.digits import DigitsDataset
+        from leanvit.data.digits import CLASSES
 
-        from leanvit.evaluate import recorded_digits
-
-        ds = DigitsDataset("val", **(recorded_digits(args.checkpoint) or {}))
-        class_names = list(ds.classes)
-        idx = _spread(len(ds), args.num_images)
-        items = [(f"digits val {i} (label {ds.targets[i]})", ds.image(i)) for i in idx]
+        class_names = list(CLASSES)
     else:
         root = Path(args.data)
         if not root.is_dir():
@@ -328,8 +324,13 @@ def run(args) -> int:
         picked, classes = _folder_images(root, args.num_images)
         items = [(name, load_image(path)) for name, path in picked]
         class_names = classes or None
-    model = build_model(args.model, args.checkpoint, args.keep_rate, img_size, args.num_classes,
-                        data_classes=len(class_names) if class_names else None)
+    model, _, _, config = build(args.model, args.checkpoint, args.keep_rate, img_size, args.num_classes,
+                                data_classes=len(class_names) if class_names else None)
+    if items is None:
+        from leanvit.data.digits import DigitsDataset
+
+        ds = DigitsDataset("val", **(recorded_digits(config) or {}))
+        items = [(f"digits val {i} (label {ds.targets[i]})", ds.image(i)) for i in _spread(len(ds), args.num_images)]
     from leanvit.evit import is_evit
 
     if not is_evit(model):

@@ -191,34 +191,24 @@ class _MetricsLog:
             w.writerows(rows)
 
 
-def _evaluate(model, loader, env: DistEnv, amp_ctx) -> Dict[str, float]:
+def _evaluate(model, loader, env: DistEnv, amp: bool) -> Dict[str, float]:
     """Top-1/top-5/loss over the whole validation set, each process taking its own shard."""
+    from leanvit.evaluate import accumulate
+
     was_training = model.training
     model.eval()
-    n = c1 = c5 = loss = 0.0
-    with torch.inference_mode():
-        for x, y in loader:
-            x, y = x.to(env.device), torch.as_tensor(y).to(env.device)
-            with amp_ctx():
-                logits = model(x)
-            logits = logits.float()
-            loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hit = top == y[:, None]
-            c1 += hit[:, 0].sum().item()
-            c5 += hit.any(-1).sum().item()
-            n += x.shape[0]
+    s = accumulate(model, loader, env.device, amp=amp)
     model.train(was_training)
-    n, c1, c5, loss = env.all_sum([n, c1, c5, loss])
+    n, c1, c5, loss = env.all_sum([s["images"], s["correct1"], s["correct5"], s["loss_sum"]])
     if n == 0:
         raise LeanvitError("the validation set is empty")
     return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_loss": loss / n}
 
 
 def _read_resume(path: Path) -> Dict[str, Any]:
-    from leanvit.checkpoints import _read_file
+    from leanvit.checkpoints import read_checkpoint
 
-    obj = _read_file(path)
+    obj = read_checkpoint(path)
     if not isinstance(obj, dict) or "optimizer" not in obj or "epoch" not in obj:
         raise LeanvitError(f"{path} is not a leanvit training checkpoint (no optimizer/epoch state) "
                            "and cannot be resumed; use --finetune to start from its weights")
@@ -432,9 +422,9 @@ def _train(cfg, env: DistEnv, progress: bool, resume: bool, tqdm) -> Dict[str, A
         elapsed = time.perf_counter() - t_run
         over_time = cfg["time_limit"] is not None and elapsed + elapsed / (epoch + 1 - start_epoch) > cfg["time_limit"]
         if last_epoch or over_time or (epoch + 1) % max(1, int(cfg["eval_every"])) == 0:
-            row.update(_evaluate(model, val_loader, env, amp_ctx))
+            row.update(_evaluate(model, val_loader, env, use_amp))
             if ema is not None:
-                ema_m = _evaluate(ema.module, val_loader, env, amp_ctx)
+                ema_m = _evaluate(ema.module, val_loader, env, use_amp)
                 row.update({f"ema_{k}": v for k, v in ema_m.items()})
         history.append(row)
         is_best = row.get("val_top1", -1.0) > best
