@@ -18,7 +18,8 @@ import timm
 import torch
 
 import leanvit
-from leanvit.bench import environment, interleaved_measure
+from leanvit.measure import interleaved_measure
+from leanvit.runtime import environment
 
 TARGETS = {1.0: 0.97, 0.7: 1.45}
 

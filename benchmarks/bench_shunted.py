@@ -4,8 +4,8 @@ leanvit's ``shunted_t`` / ``shunted_s`` with attention through ``F.scaled_dot_pr
 and through the explicit ``softmax(q k^T) v`` of the official code, on the *same weights*, at 224 and
 512x512; timm's ``pvt_v2_b1`` / ``pvt_v2_b2`` (the closest peers in size) at 224. Inference mode, fp32,
 batch 16 on CPU by default. Throughput is the median of interleaved timed runs after warm-up
-(``leanvit.bench.interleaved_measure``); peak memory is the extra memory one forward pass needs
-(``leanvit.bench.forward_peak_memory_mb``, which says how it counts on CPU), measured first, so that its
+(``leanvit.measure.interleaved_measure``); peak memory is the extra memory one forward pass needs
+(``leanvit.measure.forward_peak_memory_mb``, which says how it counts on CPU), measured first, so that its
 untimed pass also warms the models up.
 
 Targets (issue 3): SDPA path no slower than the explicit path at 224 (img/s ratio >= 1.00);
@@ -25,8 +25,9 @@ import timm
 import torch
 
 import leanvit
-from leanvit.bench import environment, forward_peak_memory_mb, interleaved_measure
-from leanvit.shunted import set_fused_attn
+from leanvit.measure import forward_peak_memory_mb, interleaved_measure
+from leanvit.runtime import environment
+from leanvit.models.shunted import set_fused_attn
 
 SPEED_TARGET = 1.00  # SDPA img/s / explicit img/s at 224, at least
 MEMORY_TARGET = 1.00  # SDPA peak / explicit peak at 512, below

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "train": ("leanvit.train.cli", "train or fine-tune a model with a recipe"),
-    "eval": ("leanvit.evaluate", "evaluate top-1/top-5, loss and throughput"),
-    "bench": ("leanvit.bench", "throughput, latency, peak memory and GMACs table"),
-    "viz": ("leanvit.viz", "draw which tokens EViT kept"),
-    "flops": ("leanvit.flops", "GMACs of a model in the papers' convention"),
-    "demo": ("leanvit.demo", "the main job on the embedded digits data"),
+    "train": ("leanvit.tools.train", "train or fine-tune a model with a recipe"),
+    "eval": ("leanvit.tools.eval", "evaluate top-1/top-5, loss and throughput"),
+    "bench": ("leanvit.tools.bench", "throughput, latency, peak memory and GMACs table"),
+    "viz": ("leanvit.tools.viz", "draw which tokens EViT kept"),
+    "flops": ("leanvit.tools.flops", "GMACs of a model in the papers' convention"),
+    "demo": ("leanvit.tools.demo", "the main job on the embedded digits data"),
 }
 
 
@@ -36,14 +38,36 @@ def build_parser(command=None) -> argparse.ArgumentParser:
 
 
 def _is_main_process() -> bool:
-    import os
-
     return int(os.environ.get("RANK", "0")) == 0
+
+
+class _StdoutHandler(logging.Handler):
+    """Writes to whatever ``sys.stdout`` is at the time (so captured or redirected output gets it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001  (logging must never raise)
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """Library modules log through ``logging``; the command line prints their messages as plain lines on
+    stdout (what the library used to print), from the main process only."""
+    root = logging.getLogger("leanvit")
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if _is_main_process() else logging.WARNING)
+    root.propagate = False
 
 
 def main(argv=None) -> int:
     from leanvit.errors import LeanvitError
 
+    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)

@@ -22,49 +22,31 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from torchvision import transforms as T
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from leanvit.data import build_eval_transform, normalization
+from leanvit.data.folder import IMG_EXTENSIONS, load_image
 from leanvit.errors import LeanvitError
+from leanvit.reduction.evit import is_evit, kept_token_masks, per_layer_keep_rates
+from leanvit.reduction.reorg import num_kept
+from leanvit.runtime import model_input_size, to_2tuple
 
-__all__ = ["kept_masks", "mask_patches", "visualize", "render_kept_tokens", "draw_rows", "load_image",
+__all__ = ["kept_masks", "mask_patches", "visualize", "render_kept_tokens", "draw_rows", "token_counts",
            "viz_transform"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def load_image(path) -> "Image.Image":
-    """An RGB PIL image from any file PIL reads; a clear error for a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.exists():
-        raise LeanvitError(f"image not found: {path}")
-    if path.is_dir():
-        raise LeanvitError(f"not an image file but a folder: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except UnidentifiedImageError:
-        raise LeanvitError(f"cannot read image {path}: not an image format PIL recognizes") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, unreadable file
-        raise LeanvitError(f"cannot read image {path}: {e}") from None
-
 
 def _patch_grid(model: nn.Module) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     pe = model.patch_embed
-    ps = tuple(pe.patch_size) if not isinstance(pe.patch_size, int) else (pe.patch_size,) * 2
-    return ps, tuple(pe.grid_size)
+    return to_2tuple(pe.patch_size), tuple(pe.grid_size)
 
 
 @torch.inference_mode()
 def kept_masks(model: nn.Module, x: torch.Tensor, keep_rate=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Logits and, per reorganizing block, a (B, grid_h, grid_w) bool mask of the patches still kept."""
-    from leanvit.evit import is_evit, kept_token_masks
-
     if not is_evit(model):
         raise LeanvitError(f"{type(model).__name__} does not reorganize tokens: use an EViT model "
                            "(evit_*) or give a keep rate to apply EViT to a plain ViT")
@@ -86,12 +68,10 @@ def mask_patches(images: torch.Tensor, mask: torch.Tensor, patch_size: Tuple[int
 
 def _normalize_params(transform) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the Normalize step inside ``transform`` (identity if there is none)."""
-    from torchvision import transforms as T
-
     steps = getattr(transform, "transforms", [transform])
     for t in steps:
         if isinstance(t, T.Normalize):
-            return torch.tensor(t.mean).view(-1, 1, 1), torch.tensor(t.std).view(-1, 1, 1)
+            return torch.as_tensor(t.mean).view(-1, 1, 1), torch.as_tensor(t.std).view(-1, 1, 1)
     return torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
 
 
@@ -123,7 +103,7 @@ def draw_rows(rows: Sequence[dict], column_titles: Sequence[str], path, panel_in
 
 
 def _safe_name(name: str) -> str:
-    stem = re.sub(r"\.(" + "|".join(s[1:] for s in IMAGE_SUFFIXES) + r")$", "", name, flags=re.IGNORECASE)
+    stem = re.sub(r"\.(" + "|".join(s[1:] for s in IMG_EXTENSIONS) + r")$", "", name, flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_")[:60] or "image"
 
 
@@ -154,9 +134,6 @@ def _default_names(images, names) -> List[str]:
 @torch.inference_mode()
 def _rows(model: nn.Module, images, names, transform, keep_rate, class_names, batch_size, device):
     """The panels of every image and the column titles."""
-    from leanvit.evit import is_evit
-    from leanvit.factory import model_input_size
-
     if not is_evit(model):
         raise LeanvitError(f"{type(model).__name__} does not reorganize tokens: use an EViT model "
                            "(evit_*) or apply_evit(model) / a keep rate to a plain ViT")
@@ -194,11 +171,8 @@ def token_counts(model: nn.Module, keep_rate=None) -> List[Tuple[int, int]]:
 
     The fused token of one block takes part in the next block's selection like any token, so how many
     *patches* stay visible can differ by one between images; the token counts cannot."""
-    from leanvit.evit import _per_layer
-    from leanvit.reorg import num_kept
-
     locs = list(model.evit_locations)
-    rates = (_per_layer(keep_rate, len(locs)) if keep_rate is not None
+    rates = (per_layer_keep_rates(keep_rate, len(locs)) if keep_rate is not None
              else [model.blocks[i].keep_rate for i in locs])
     _, (gh, gw) = _patch_grid(model)
     n, out = gh * gw, []
@@ -266,92 +240,7 @@ def visualize(model: nn.Module, images: Sequence, output_dir, names: Optional[Se
     return paths
 
 
-# ---------------------------------------------------------------------------------------------
-# Images from the command line
-def _folder_images(root: Path, n: int) -> Tuple[List[Tuple[str, Path]], List[str]]:
-    """Up to ``n`` images of an ImageFolder tree, taken round-robin over its classes, and the class
-    names (the sorted sub-folders of ``val/``, or of the root)."""
-    base = root / "val" if (root / "val").is_dir() else root
-    classes = sorted(p for p in base.iterdir() if p.is_dir())
-    groups = [sorted(f for f in c.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes] or [
-        sorted(f for f in base.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)]
-    picked = []
-    for i in range(max((len(g) for g in groups), default=0)):
-        for g in groups:
-            if i < len(g) and len(picked) < n:
-                picked.append((f"{g[i].parent.name}/{g[i].name}" if classes else g[i].name, g[i]))
-    if not picked:
-        raise LeanvitError(f"no image files found in {base}")
-    return picked, [c.name for c in classes]
-
-
-def add_arguments(p) -> None:
-    from leanvit.evaluate import add_model_arguments
-
-    add_model_arguments(p, keep_rate_help="EViT keep rate in (0, 1] (applies EViT to a plain ViT; default: "
-                                          "the model's own)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", metavar="FILE", help="image files (any format PIL reads)")
-    src.add_argument("--data", metavar="DIR|digits", help="take images from 'digits' or an ImageFolder tree")
-    p.add_argument("--num-images", type=int, default=8, help="images taken from --data (default 8)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNGs")
-
-
-def run(args) -> int:
-    from leanvit.bench import resolve_device
-    from leanvit.evaluate import _img_size_arg, build, recorded_digits
-
-    if args.num_images < 1 or args.batch_size < 1:
-        raise LeanvitError("--num-images and --batch-size must be >= 1")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise LeanvitError(f"--output {out} exists and is not a folder")
-    device = resolve_device(args.device)
-    img_size = _img_size_arg(args.img_size)
-    class_names = None
-    items = None  # digits: drawn once the model (and the data settings it records) is known
-    if args.images:
-        items = [(Path(f).name, load_image(f)) for f in args.images]  # fail early, before building the model
-    elif args.data == "digits":
-        from leanvit.data.digits import CLASSES
-
-        class_names = list(CLASSES)
-    else:
-        root = Path(args.data)
-        if not root.is_dir():
-            raise LeanvitError(f"--data: no such folder: {root}")
-        picked, classes = _folder_images(root, args.num_images)
-        items = [(name, load_image(path)) for name, path in picked]
-        class_names = classes or None
-    model, _, _, config = build(args.model, args.checkpoint, args.keep_rate, img_size, args.num_classes,
-                                data_classes=len(class_names) if class_names else None)
-    if items is None:
-        from leanvit.data.digits import DigitsDataset
-
-        ds = DigitsDataset("val", **(recorded_digits(config) or {}))
-        items = [(f"digits val {i} (label {ds.targets[i]})", ds.image(i)) for i in _spread(len(ds), args.num_images)]
-    from leanvit.evit import is_evit
-
-    if not is_evit(model):
-        raise LeanvitError(f"{args.model or 'the model'} does not reorganize tokens: use an EViT model "
-                           "(evit_*) or pass --keep-rate to apply EViT to a plain ViT")
-    model = model.to(device)
-    paths = visualize(model, [im for _, im in items], out, names=[n for n, _ in items], class_names=class_names,
-                      batch_size=args.batch_size)
-    print(f"wrote {len(paths) - 1} image rows and the grid {paths[-1]}")
-    return 0
-
-
-def _spread(n: int, k: int) -> List[int]:
-    """``k`` indices spread evenly over ``range(n)``."""
-    k = min(k, n)
-    return [int(i * n / k) for i in range(k)]
-
-
 def viz_transform(hw, model=None):
     """The evaluation transform (resize, centre crop, normalize) at the model's input size ``hw``."""
-    from leanvit.data import build_eval_transform, normalization
-
     mean, std = normalization(model)
     return build_eval_transform(hw, mean=mean, std=std)

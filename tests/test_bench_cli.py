@@ -4,8 +4,8 @@ import csv
 import pytest
 import torch
 
-from leanvit.bench import (build_configurations, format_table, forward_peak_memory_mb, parse_img_sizes,
-                           parse_keep_rates)
+from leanvit.measure import build_configurations, format_table, forward_peak_memory_mb
+from leanvit.tools.bench import parse_img_sizes, parse_keep_rates
 from leanvit.errors import LeanvitError
 from cli_helpers import leanvit, one_line_error
 
@@ -77,7 +77,7 @@ def test_configurations_share_weights_and_keep_vanilla():
     cfg = build_configurations(["deit_tiny_patch16_224"], [None, 1.0, 0.5], [(32, 32)], notes=notes)
     (vanilla, hw, extra), (one, _, _), (half, _, _) = cfg.values()
     assert hw == (32, 32) and extra["keep_rate"] == "-" and not notes
-    from leanvit.evit import is_evit
+    from leanvit.reduction.evit import is_evit
 
     assert not is_evit(vanilla)  # the "none" row is the unmodified timm model
     x = torch.randn(2, 3, 32, 32)
@@ -95,7 +95,7 @@ def test_format_table_and_memory():
                             torch.nn.Linear(1024, 4))
     assert forward_peak_memory_mb(m, batch_size=256, img_size=8) == pytest.approx(2.0, abs=0.01)
     # a reorganizing ViT needs less, repeatably
-    from leanvit.factory import create_model
+    from leanvit.models.factory import create_model
 
     vit = create_model("test_vit", img_size=64)
     evit = create_model("test_vit", img_size=64, keep_rate=0.25)
@@ -105,9 +105,9 @@ def test_format_table_and_memory():
 
 def test_benchmark_models_api_on_built_models():
     """What a demo calls: ready models (plain, or with a size and extra fields), rows back."""
-    from leanvit.bench import benchmark_models
-    from leanvit.evit import apply_evit
-    from leanvit.factory import create_model
+    from leanvit.measure import benchmark_models
+    from leanvit.reduction.evit import apply_evit
+    from leanvit.models.factory import create_model
 
     vit = create_model("test_vit", img_size=32, num_classes=10)
     evit = apply_evit(create_model("test_vit", img_size=32, num_classes=10), keep_rate=0.5)

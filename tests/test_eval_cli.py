@@ -7,7 +7,7 @@ from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
 from cli_helpers import cli, leanvit, one_line_error
-from leanvit.factory import create_model
+from leanvit.models.factory import create_model
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,11 @@ def test_eval_recorded_checkpoint_json(ckpts, tmp_path):
     from torch.utils.data import DataLoader, Subset
 
     from leanvit.data import build_eval_dataset
-    from leanvit.evaluate import build_model, evaluate
+    from leanvit.evaluate import evaluate
+    from leanvit.runtime import build_model
 
-    model = build_model(None, ckpts / "recorded.pth")
-    ds = Subset(build_eval_dataset("digits", (64, 64), model), range(32))
+    model = build_model(None, ckpts / "recorded.pth").model
+    ds = Subset(build_eval_dataset("digits", model, (64, 64)), range(32))
     ref = evaluate(model, DataLoader(ds, batch_size=16), progress=False)
     assert res["top1"] == pytest.approx(ref["top1"]) and res["top5"] == pytest.approx(ref["top5"])
     assert res["loss"] == pytest.approx(ref["loss"], rel=1e-4)

@@ -7,7 +7,7 @@ import torch
 
 import leanvit
 from leanvit import LeanvitError, apply_evit
-from leanvit.evit import default_locations, is_evit, remove_evit
+from leanvit.reduction.evit import default_locations, is_evit, remove_evit
 
 
 def tiny_vit(name="deit_small_patch16_224", **kw):
@@ -129,7 +129,7 @@ def test_kept_indices_are_patches_and_fused_is_not_patch_zero():
 
 
 def test_fused_token_weighted_sum():
-    from leanvit.reorg import reorganize
+    from leanvit.reduction.reorg import reorganize
 
     x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
     scores = torch.tensor([[0.1, 0.4, 0.2, 0.05], [0.3, 0.0, 0.25, 0.2]])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import leanvit
 from leanvit import LeanvitError
-from leanvit.shunted import ShuntedAttention, ShuntedTransformer, min_input_size, set_fused_attn, stage_grids
+from leanvit.models.shunted import ShuntedAttention, ShuntedTransformer, min_input_size, set_fused_attn, stage_grids
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "shunted_layout.json").read_text())
 NAMES = ["shunted_t", "shunted_s", "shunted_b"]
@@ -279,7 +279,7 @@ def test_grad_checkpointing_same_gradients(monkeypatch):
     m = randomize_norms(timm.create_model("shunted_t", num_classes=10)).train()
     m2 = copy.deepcopy(m)
     m2.set_grad_checkpointing(True)
-    import leanvit.shunted as mod
+    import leanvit.models.shunted as mod
 
     calls = []
     real = mod.checkpoint

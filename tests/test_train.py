@@ -112,7 +112,7 @@ def test_simple_random_crop_and_eval_transform():
 def test_bce_targets_follow_deit3_threshold_rule():
     from timm.data import Mixup
 
-    from leanvit.train.engine import _build_loss
+    from leanvit.train.setup import build_loss as _build_loss
 
     torch.manual_seed(0)
     np.random.seed(0)
@@ -157,13 +157,13 @@ def test_keep_rate_schedule_in_training(tmp_path):
     res = _run(tmp_path, "evit", keep_rate=0.5, keep_rate_start_epoch=1, keep_rate_epochs=1, epochs=3,
                eval_every=3)
     keeps = [r["keep_rate"] for r in res["history"]]
-    from leanvit.evit import keep_rate_schedule
+    from leanvit.reduction.evit import keep_rate_schedule
 
     assert keeps[0] == 1.0
     assert keeps[1] == pytest.approx(keep_rate_schedule(5, 0.5, 3, 3))  # last iteration of epoch 2
     assert keeps[2] == 0.5
     spec = res["model_spec"]
-    assert spec["kwargs"]["keep_rate"] == 0.5
+    assert spec["reduction"] == {"method": "evit", "keep_rate": 0.5}  # the target, not the schedule
 
 
 def test_finetune_to_higher_resolution_resamples_pos_embed(tmp_path):

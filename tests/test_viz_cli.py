@@ -6,8 +6,8 @@ from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
 from cli_helpers import cli_error, leanvit, one_line_error
-from leanvit.evit import apply_evit
-from leanvit.factory import create_model
+from leanvit.reduction.evit import apply_evit
+from leanvit.models.factory import create_model
 from leanvit.viz import kept_masks, mask_patches, render_kept_tokens, visualize
 
 

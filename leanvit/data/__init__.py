@@ -1,68 +1,81 @@
-"""Datasets for training and evaluation: the embedded ``digits`` or an ImageFolder tree.
+"""Data: a registry of dataset kinds (``create_dataset``), the embedded ``digits``, ImageFolder trees,
+the training transforms and the one evaluation-data builder.
 
-``data`` is either the string ``"digits"`` (:mod:`leanvit.data.digits`, needs nothing on disk) or a
-folder holding ``train/<class>/*`` and ``val/<class>/*`` (a folder with only ``<class>/*`` is taken as
-a validation set).
+``data`` is a registered name (``digits``: :mod:`leanvit.data.digits`, needs nothing on disk) or a folder
+(``train/<class>/*`` and ``val/<class>/*``; a folder with only ``<class>/*`` is taken as a validation set).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import timm.data
+import torch.nn as nn
+
+from leanvit.data.registry import (DatasetKind, create_dataset, dataset_classes, dataset_options,
+                                   list_dataset_kinds, register_dataset, resolve_dataset_kind)
 from leanvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
-from leanvit.errors import LeanvitError
+from leanvit.data import digits as _digits  # noqa: F401,E402  (registers "digits")
+from leanvit.data import folder as _folder  # noqa: F401,E402  (registers ImageFolder trees)
+from leanvit.runtime import to_2tuple
 
-__all__ = ["DIGITS", "is_digits", "dataset_classes", "build_train_dataset", "build_eval_dataset",
-           "normalization", "build_train_transform", "build_eval_transform"]
-
-DIGITS = "digits"
-
-
-def is_digits(data) -> bool:
-    return str(data) == DIGITS
+__all__ = ["create_dataset", "dataset_classes", "dataset_options", "register_dataset", "DatasetKind",
+           "resolve_dataset_kind", "list_dataset_kinds", "normalization", "build_train_dataset",
+           "eval_data_config", "build_eval_dataset", "build_train_transform", "build_eval_transform"]
 
 
-def normalization(model=None) -> Tuple[Sequence[float], Sequence[float]]:
+def normalization(model: Optional[nn.Module] = None) -> Tuple[Sequence[float], Sequence[float]]:
     """(mean, std) from the model's pretrained config when it has one, else ImageNet's."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
-def dataset_classes(data, split: str = "val") -> Sequence[str]:
-    if is_digits(data):
-        from leanvit.data.digits import CLASSES
+def eval_data_config(model: Optional[nn.Module], img_size, config: Optional[Dict[str, Any]] = None,
+                     crop_pct: Optional[float] = None, interpolation: Optional[str] = None) -> Dict[str, Any]:
+    """How evaluation images are prepared: ``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``.
 
-        return list(CLASSES)
-    from leanvit.data.folder import ImageFolderDataset, find_split
-
-    return ImageFolderDataset(find_split(data, split)).classes
-
-
-def build_eval_dataset(data, img_size, model=None, split: str = "val", crop_ratio: float = 1.0,
-                       digits: Optional[dict] = None, classes: Optional[Sequence[str]] = None):
-    """The evaluation split at ``img_size`` (resize + centre crop, normalized for ``model``)."""
-    mean, std = normalization(model)
-    tf = build_eval_transform(img_size, crop_ratio=crop_ratio, mean=mean, std=std)
-    if is_digits(data):
-        from leanvit.data.digits import DigitsDataset
-
-        if split not in ("val", "train"):
-            raise LeanvitError(f"digits has the splits train and val, not '{split}'")
-        return DigitsDataset(split=split, transform=tf, **(digits or {}))
-    from leanvit.data.folder import ImageFolderDataset, find_split
-
-    return ImageFolderDataset(find_split(data, split), transform=tf, classes=classes)
+    For a leanvit run (``config``: the training settings its checkpoint records) the settings its
+    validation used (``eval_crop_ratio``, bicubic); for any other model timm's own data config
+    (``timm.data.resolve_model_data_config``: the model's ``pretrained_cfg`` crop_pct, interpolation,
+    mean/std), as timm's ``validate.py`` does. ``crop_pct`` / ``interpolation`` override either."""
+    h, w = to_2tuple(img_size)
+    if isinstance(config, dict) and "eval_crop_ratio" in config:
+        mean, std = normalization(model)
+        cfg = dict(crop_pct=float(config["eval_crop_ratio"]), interpolation="bicubic", mean=mean, std=std)
+    else:
+        cfg = dict(timm.data.resolve_model_data_config(model)) if model is not None else dict(
+            crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        cfg = {k: cfg[k] for k in ("crop_pct", "interpolation", "mean", "std") if k in cfg}
+    if crop_pct is not None:
+        cfg["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        cfg["interpolation"] = interpolation
+    cfg["input_size"] = (3, h, w)
+    return cfg
 
 
-def build_train_dataset(data, img_size, model=None, transform: Optional[dict] = None,
-                        digits: Optional[dict] = None, skip_corrupt: bool = False):
+def build_eval_dataset(data, model: Optional[nn.Module] = None, img_size=None, config: Optional[Dict] = None,
+                       split: str = "val", crop_pct: Optional[float] = None, interpolation: Optional[str] = None,
+                       classes: Optional[Sequence[str]] = None, options: Optional[Dict] = None):
+    """The evaluation split of ``data``, prepared as :func:`eval_data_config` says. Used by training's
+    validation, ``leanvit eval``, ``viz`` and the demo, so they all see the same images.
+
+    ``options``: the data kind's options (default: those ``config`` records, e.g. its ``digits:``)."""
+    if img_size is None:
+        from leanvit.runtime import model_input_size
+
+        img_size = model_input_size(model)
+    cfg = eval_data_config(model, img_size, config, crop_pct, interpolation)
+    tf = build_eval_transform(cfg["input_size"][1:], crop_ratio=cfg["crop_pct"],
+                              interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"])
+    if options is None:
+        options = dataset_options(data, config)
+    return create_dataset(data, split, transform=tf, options=options, classes=classes)
+
+
+def build_train_dataset(data, img_size, model: Optional[nn.Module] = None, transform: Optional[dict] = None,
+                        options: Optional[dict] = None, skip_corrupt: bool = False):
     """The training split with the training transform (``transform``: kwargs of
     :func:`build_train_transform`, e.g. ``crop``, ``three_augment``, ``color_jitter``)."""
     mean, std = normalization(model)
     tf = build_train_transform(img_size, mean=mean, std=std, **(transform or {}))
-    if is_digits(data):
-        from leanvit.data.digits import DigitsDataset
-
-        return DigitsDataset(split="train", transform=tf, **(digits or {}))
-    from leanvit.data.folder import ImageFolderDataset, find_split
-
-    return ImageFolderDataset(find_split(data, "train"), transform=tf, skip_corrupt=skip_corrupt)
+    return create_dataset(data, "train", transform=tf, options=options, skip_corrupt=skip_corrupt)

@@ -37,9 +37,10 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["DigitsDataset", "load_scans", "split_indices", "render", "CLASSES"]
+__all__ = ["DigitsDataset", "DigitsKind", "load_scans", "split_indices", "render", "CLASSES"]
 
 CLASSES = tuple(str(i) for i in range(10))
 _SPLIT_CODE = {"train": 1, "val": 2}
@@ -182,3 +183,28 @@ class DigitsDataset:
     def __repr__(self) -> str:
         return (f"DigitsDataset(split={self.split!r}, scans={len(self.scans)}, renders={self.renders}, "
                 f"{', '.join(f'{k}={v}' for k, v in self.render_kwargs.items())}, seed={self.seed})")
+
+
+class DigitsKind(DatasetKind):
+    """``--data digits``: the embedded data; its options are the recipe's ``digits:`` mapping."""
+
+    name = "digits"
+    embedded = True
+    options_key = "digits"
+
+    def matches(self, data: str) -> bool:
+        return data == self.name
+
+    def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
+        if split not in _SPLIT_CODE:
+            raise LeanvitError(f"digits has the splits train and val, not '{split}'")
+        ds = DigitsDataset(split=split, transform=transform, **(options or {}))
+        if classes is not None and list(classes) != list(CLASSES):
+            raise LeanvitError(f"the digits classes {list(CLASSES)} differ from the expected {list(classes)}")
+        return ds
+
+    def classes(self, data, split="val", options=None):
+        return list(CLASSES)
+
+
+register_dataset(DigitsKind())

@@ -11,9 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from PIL import Image, UnidentifiedImageError
+
+from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["ImageFolderDataset", "find_split", "check_same_classes", "IMG_EXTENSIONS"]
+__all__ = ["ImageFolderDataset", "find_split", "check_same_classes", "IMG_EXTENSIONS", "ImageFolderKind", "load_image"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -28,6 +31,23 @@ def find_split(root, split: str) -> Path:
     if split in ("val", "test") and not (root / "train").is_dir():
         return root
     raise LeanvitError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<images>)")
+
+
+def load_image(path) -> "Image.Image":
+    """An RGB PIL image from any file PIL reads; a clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.exists():
+        raise LeanvitError(f"image not found: {path}")
+    if path.is_dir():
+        raise LeanvitError(f"not an image file but a folder: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise LeanvitError(f"cannot read image {path}: not an image format PIL recognizes") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, unreadable file
+        raise LeanvitError(f"cannot read image {path}: {e}") from None
 
 
 class ImageFolderDataset:
@@ -77,14 +97,10 @@ class ImageFolderDataset:
         return len(self.samples)
 
     def load(self, index: int):
-        from PIL import Image
+        """The untransformed RGB image ``index`` (a clear error for an unreadable file)."""
+        return load_image(self.samples[index][0])
 
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as e:  # PIL raises many types for bad files
-            raise LeanvitError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    image = load
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
@@ -111,3 +127,24 @@ def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str],
     if list(train_classes) != list(val_classes):
         raise LeanvitError(f"validation classes differ from training classes{where}: "
                            f"train has {len(train_classes)}, val has {len(val_classes)}")
+
+
+class ImageFolderKind(DatasetKind):
+    """``--data DIR``: an ImageFolder tree (``DIR/train/<class>/*``, ``DIR/val/<class>/*``, or only
+    ``DIR/<class>/*`` as a validation set)."""
+
+    name = "imagefolder"
+
+    def matches(self, data: str) -> bool:
+        return Path(data).is_dir()
+
+    def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
+        return ImageFolderDataset(find_split(data, split), transform=transform, classes=classes,
+                                  skip_corrupt=skip_corrupt)
+
+    def classes(self, data, split="val", options=None):
+        root = find_split(data, split)
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+register_dataset(ImageFolderKind())

@@ -29,6 +29,7 @@ import torch
 from torchvision import transforms as T
 
 from leanvit.errors import LeanvitError
+from leanvit.runtime import to_2tuple
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "three_augment_ops", "SimpleRandomCrop", "build_train_transform",
@@ -66,7 +67,7 @@ class SimpleRandomCrop(torch.nn.Module):
 
     def __init__(self, size: Size, padding: int = 4, interpolation: str = "bicubic"):
         super().__init__()
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = to_2tuple(size)
         self.padding = int(padding)
         self.resize = T.Resize(min(self.size), interpolation=_interp(interpolation), antialias=True)
         self.crop = T.RandomCrop(self.size, padding=self.padding or None, padding_mode="reflect",
@@ -92,7 +93,7 @@ def build_train_transform(img_size: Size, crop: str = "rrc", scale: Sequence[flo
     ``auto_augment``: a timm RandAugment/AutoAugment policy (e.g. ``"rand-m9-mstd0.5-inc1"``, the DeiT /
     EViT / Shunted and DeiT III fine-tune recipes) used *instead of* 3-Augment and colour jitter, as in
     timm's ``create_transform``; ``reprob``: timm RandomErasing probability (pixel mode) after normalizing."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = to_2tuple(img_size)
     ops = []
     if crop == "rrc":
         from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -133,15 +134,13 @@ def build_train_transform(img_size: Size, crop: str = "rrc", scale: Sequence[flo
 
 
 def build_eval_transform(img_size: Size, crop_ratio: float = 1.0, interpolation: str = "bicubic",
-                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> T.Compose:
-    """Resize the shorter side to ``size / crop_ratio``, centre-crop ``size`` (DeiT III: ratio 1.0)."""
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """timm's evaluation transform: resize to ``floor(size / crop_ratio)``, centre-crop ``size``, normalize
+    (DeiT III: ratio 1.0; DeiT: 0.875)."""
     if not 0 < crop_ratio <= 1:
         raise LeanvitError(f"eval crop ratio must be in (0, 1], got {crop_ratio}")
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    resize = int(round(min(size) / crop_ratio))
-    return T.Compose([
-        T.Resize(resize, interpolation=_interp(interpolation), antialias=True),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(mean=tuple(mean), std=tuple(std)),
-    ])
+    _interp(interpolation)  # a clear error for an unknown name
+    from timm.data import create_transform
+
+    return create_transform(input_size=tuple(to_2tuple(img_size)), is_training=False, crop_pct=crop_ratio,
+                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))

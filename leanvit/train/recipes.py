@@ -13,8 +13,10 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from leanvit.errors import LeanvitError
+from leanvit.reduction import get_reduction, parse_reduction_spec
 
-__all__ = ["DEFAULTS", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config", "parse_value"]
+__all__ = ["DEFAULTS", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config", "parse_value",
+           "reduction_settings"]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -25,9 +27,12 @@ DEFAULTS: Dict[str, Any] = {
     "img_size": 224,
     "num_classes": None,         # default: the number of classes of the data
     "drop_path": 0.0,
+    "reduction": None,           # token reduction: {method: evit, keep_rate: 0.7, locations: [...],
+                                 #   start_epoch: 0, epochs: 0} (any registered method and its knob)
+    # aliases of reduction's EViT settings (older recipes and flags keep working):
     "keep_rate": None,           # EViT target keep rate (applies EViT to a plain ViT)
-    "keep_rate_start_epoch": 0,  # epochs at keep rate 1 before the schedule starts
-    "keep_rate_epochs": 0,       # epochs of the cosine from 1.0 to the target (0: straight to it)
+    "keep_rate_start_epoch": 0,  # epochs at no reduction before the schedule starts
+    "keep_rate_epochs": 0,       # epochs of the cosine from no reduction to the target (0: straight to it)
     "evit_locations": None,      # blocks that reorganize (default: the EViT rule for the depth)
     "finetune": None,            # checkpoint to start from (classifier and pos_embed adapted)
     "finetune_train_mode": True, # DeiT III keeps drop-path on when fine-tuning; EViT/DeiT used eval mode
@@ -169,11 +174,48 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise LeanvitError(f"loss must be bce or ce, got {cfg['loss']!r}")
     if cfg["loss"] == "bce" and cfg["smoothing"]:
         raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
-    if cfg["keep_rate"] is not None:
-        from leanvit.reorg import check_keep_rate
-
-        check_keep_rate(cfg["keep_rate"], "keep_rate")
+    reduction_settings(cfg)  # a clear error for a bad method or strength
     for key in ("warmup_epochs", "keep_rate_start_epoch", "keep_rate_epochs", "drop_path", "weight_decay",
                 "mixup", "cutmix", "smoothing", "workers"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
             raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
+
+
+_SCHEDULE_KEYS = ("start_epoch", "epochs")
+
+
+def reduction_settings(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The run's token reduction as one mapping ``{method, <knob>, ..., start_epoch, epochs}``, from the
+    ``reduction`` key and/or its EViT aliases (``keep_rate``, ``evit_locations``, ``keep_rate_start_epoch``,
+    ``keep_rate_epochs``); None without one."""
+    red = cfg.get("reduction")
+    if isinstance(red, str):  # "evit:0.7" from the command line
+        method, values = parse_reduction_spec(red)
+        if len(values) > 1:
+            raise LeanvitError(f"reduction for training takes one strength, got {red!r}")
+        red = {"method": method.name, **({method.knob: values[0]} if values else {})}
+    if red is not None and not isinstance(red, dict):
+        raise LeanvitError(f"reduction must be a mapping such as {{method: evit, keep_rate: 0.7}}, got {red!r}")
+    red = dict(red or {})
+    if cfg.get("keep_rate") is not None or cfg.get("evit_locations") is not None:
+        if red.get("method", "evit") not in ("evit", "evit-drop"):
+            raise LeanvitError(f"keep_rate/evit_locations are EViT settings, but reduction.method is "
+                               f"'{red['method']}'")
+        red.setdefault("method", "evit")
+        if cfg.get("keep_rate") is not None:
+            red["keep_rate"] = cfg["keep_rate"]
+        if cfg.get("evit_locations") is not None:
+            red["locations"] = list(cfg["evit_locations"])
+    if not red:
+        return None
+    if "method" not in red:
+        raise LeanvitError(f"reduction needs a method (e.g. evit), got {red}")
+    method = get_reduction(red["method"])
+    red.setdefault("start_epoch", cfg.get("keep_rate_start_epoch") or 0)
+    red.setdefault("epochs", cfg.get("keep_rate_epochs") or 0)
+    if method.knob in red:
+        red[method.knob] = method.check_strength(red[method.knob])
+    for key in _SCHEDULE_KEYS:
+        if not isinstance(red[key], (int, float)) or red[key] < 0:
+            raise LeanvitError(f"reduction.{key} must be a number >= 0, got {red[key]!r}")
+    return red

@@ -13,7 +13,6 @@ row of the attention probabilities (O(N) per head) for the scores.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,11 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from leanvit.errors import LeanvitError
-from leanvit.reorg import FUSED_TOKEN_ID, check_keep_rate, class_token_attention, num_kept, reorganize
+from leanvit.reduction.registry import ReductionMethod, cosine_schedule, register_reduction
+from leanvit.reduction.reorg import FUSED_TOKEN_ID, check_keep_rate, class_token_attention, num_kept, reorganize
 
 __all__ = [
     "apply_evit", "remove_evit", "is_evit", "default_locations", "keep_rate_schedule",
-    "kept_token_masks", "FUSED_TOKEN_ID",
+    "kept_token_masks", "FUSED_TOKEN_ID", "per_layer_keep_rates", "EViTMethod",
 ]
 
 KeepRate = Union[float, Sequence[float]]
@@ -51,12 +51,7 @@ def keep_rate_schedule(iteration: int, target: float, start_iter: int = 0, span_
     From-scratch recipe: start = 10 epochs, span = 100 epochs (in iterations); fine-tuning: 0 and 0.
     """
     target = check_keep_rate(target, "target keep rate")
-    if iteration < start_iter:
-        return 1.0
-    t = iteration - start_iter
-    if span_iters <= 0 or t >= span_iters:
-        return target
-    return target + (1.0 - target) * (math.cos(math.pi * t / span_iters) + 1.0) / 2.0
+    return cosine_schedule(iteration, target, 1.0, start_iter, span_iters)
 
 
 def kept_token_masks(kept_indices: Sequence[torch.Tensor], num_patches: int) -> List[torch.Tensor]:
@@ -149,7 +144,7 @@ class EViTModelMixin:
 
     @keep_rate.setter
     def keep_rate(self, value: KeepRate) -> None:
-        for blk, r in zip(self._evit_blocks(), _per_layer(value, len(self.evit_locations))):
+        for blk, r in zip(self._evit_blocks(), per_layer_keep_rates(value, len(self.evit_locations))):
             blk.keep_rate = r
 
     @property
@@ -160,7 +155,7 @@ class EViTModelMixin:
                          return_kept_indices: bool = False):
         """Tokens after the final norm; with ``return_kept_indices`` also a list, per reorganizing block,
         of (B, k) original patch indices each sample kept (``FUSED_TOKEN_ID`` = -1 for a fused token)."""
-        rates = None if keep_rate is None else _per_layer(keep_rate, len(self.evit_locations))
+        rates = None if keep_rate is None else per_layer_keep_rates(keep_rate, len(self.evit_locations))
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -213,7 +208,7 @@ class EViTModelMixin:
         return self.forward_head(self.forward_features(x, keep_rate))
 
 
-def _per_layer(value: KeepRate, n: int) -> Tuple[float, ...]:
+def per_layer_keep_rates(value: KeepRate, n: int) -> Tuple[float, ...]:
     if isinstance(value, (int, float, str)) or (torch.is_tensor(value) and value.ndim == 0):
         return (check_keep_rate(value),) * n
     values = tuple(value)
@@ -289,7 +284,7 @@ def apply_evit(model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[
     if len(set(locations)) != len(locations):
         raise LeanvitError(f"locations must be distinct, got {list(locations)}")
     locations = tuple(sorted(locations))
-    rates = _per_layer(keep_rate, len(locations))
+    rates = per_layer_keep_rates(keep_rate, len(locations))
     for i in locations:
         _check_block(blocks[i], i)
     for i, r in zip(locations, rates):
@@ -304,42 +299,52 @@ def apply_evit(model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered models
-def _register_evit_models() -> None:
-    from timm.models import register_model
+# The registry entry
+class EViTMethod(ReductionMethod):
+    """EViT in the reduction registry: knob ``keep_rate`` (1.0 = no reduction); ``fuse`` picks fusing
+    (``"evit"``) or dropping (``"evit-drop"``) the inattentive tokens."""
 
-    bases = {
-        "evit_deit_tiny_patch16_224": "deit_tiny_patch16_224",
-        "evit_deit_small_patch16_224": "deit_small_patch16_224",
-        "evit_deit_base_patch16_224": "deit_base_patch16_224",
-        "evit_deit3_small_patch16_224": "deit3_small_patch16_224",
-        "evit_deit3_medium_patch16_224": "deit3_medium_patch16_224",
-        "evit_deit3_base_patch16_224": "deit3_base_patch16_224",
-        "evit_deit3_large_patch16_224": "deit3_large_patch16_224",
-    }
+    knob = "keep_rate"
+    none_value = 1.0
 
-    def make(name: str, base: str):
-        def entrypoint(pretrained: bool = False, keep_rate: KeepRate = 0.7, locations=None, fuse: bool = True,
-                       **kwargs):
-            import timm
+    def __init__(self, name: str = "evit", fuse: bool = True):
+        self.name = name
+        self.fuse = fuse
+        self.description = ("keep the most class-attended tokens, " +
+                            ("fuse the rest into one token" if fuse else "drop the rest"))
 
-            kwargs = {k: v for k, v in kwargs.items() if not (k.startswith("pretrained_cfg") and v is None)}
-            if pretrained:
-                raise LeanvitError(
-                    f"{name}: no weights can be downloaded here; build with pretrained=False and use "
-                    "leanvit.load_checkpoint(model, 'file.pth') with a local checkpoint")
-            model = timm.create_model(base, pretrained=False, **kwargs)
-            return apply_evit(model, keep_rate=keep_rate, locations=locations, fuse=fuse)
+    def apply(self, model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[Sequence[int]] = None,
+              fuse: Optional[bool] = None) -> nn.Module:
+        return apply_evit(model, keep_rate=keep_rate, locations=locations,
+                          fuse=self.fuse if fuse is None else fuse)
 
-        entrypoint.__name__ = name
-        entrypoint.__qualname__ = name
-        entrypoint.__module__ = __name__
-        entrypoint.__doc__ = f"EViT on timm's ``{base}`` (keep_rate 0.7 at blocks 3/6/9, fused, by default)."
-        globals()[name] = entrypoint
-        register_model(entrypoint)
+    def remove(self, model: nn.Module) -> nn.Module:
+        return remove_evit(model)
 
-    for name, base in bases.items():
-        make(name, base)
+    def is_applied(self, model: nn.Module) -> bool:
+        return is_evit(model) and model.fuse == self.fuse
+
+    def get_strength(self, model: nn.Module):
+        return model.keep_rate
+
+    def set_strength(self, model: nn.Module, value) -> None:
+        model.keep_rate = value
+
+    def check_strength(self, value):
+        if isinstance(value, (list, tuple)):
+            return tuple(check_keep_rate(v) for v in value)
+        return check_keep_rate(value)
+
+    def schedule(self, step: int, target, start_step: int = 0, span_steps: int = 0):
+        if isinstance(target, (list, tuple)):
+            return target
+        return keep_rate_schedule(step, target, start_step, span_steps)
+
+    def options(self, model: nn.Module) -> dict:
+        rate = model.keep_rate
+        return {"keep_rate": list(rate) if isinstance(rate, tuple) else rate,
+                "locations": list(model.evit_locations)}
 
 
-_register_evit_models()
+register_reduction(EViTMethod("evit", fuse=True))
+register_reduction(EViTMethod("evit-drop", fuse=False))

@@ -11,6 +11,8 @@ import argparse
 from typing import Any, Dict, List
 
 from leanvit.errors import LeanvitError
+from leanvit.train.engine import train
+from leanvit.train.recipes import DEFAULTS, RECIPE_DIR, list_recipes, parse_value
 
 # flags shown in --help; every other recipe key is accepted as --key value (dashes or underscores)
 _COMMON = {
@@ -23,7 +25,8 @@ _COMMON = {
     "finetune": ("CKPT", "start from these weights (classifier re-initialized if it differs; "
                          "position embedding resampled to --img-size)"),
     "lr": ("LR", "peak learning rate for the global batch"),
-    "keep_rate": ("R", "EViT target keep rate (applies EViT to a plain ViT)"),
+    "keep_rate": ("R", "EViT target keep rate (applies EViT to a plain ViT); alias of reduction.keep_rate"),
+    "reduction": ("SPEC", "token reduction, e.g. evit:0.7 or a mapping {method: evit, keep_rate: 0.7}"),
     "seed": ("N", "random seed"),
     "device": ("D", "cpu or cuda (default: cuda when available)"),
 }
@@ -43,8 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _set(cfg: Dict[str, Any], key: str, value: Any) -> None:
-    from leanvit.train.recipes import DEFAULTS
-
     head, _, rest = key.partition(".")
     head = head.replace("-", "_")
     if rest:  # merged into the recipe's mapping by resolve_config
@@ -58,8 +59,6 @@ def _set(cfg: Dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
-    from leanvit.train.recipes import parse_value
-
     over: Dict[str, Any] = {}
     for key in _COMMON:
         if key == "device":
@@ -89,8 +88,6 @@ def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
 
 
 def run(args, extra: List[str] = ()) -> int:
-    from leanvit.train.recipes import RECIPE_DIR, list_recipes
-
     if args.list_recipes:
         for name in list_recipes():
             print(name)
@@ -99,8 +96,6 @@ def run(args, extra: List[str] = ()) -> int:
     over = parse_overrides(args, list(extra))
     if args.recipe is None and "model" not in over:
         raise LeanvitError("give --recipe NAME (see --list-recipes) or at least --model")
-    from leanvit.train.engine import train
-
     res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=args.resume, **over)
     if res["best_top1"] is not None and res["best_top1"] >= 0:
         print(f"done in {res['seconds']:.0f} s: best val top-1 {res['best_top1']:.2f}%, "

@@ -17,13 +17,20 @@ from typing import Dict, List
 
 import torch
 
+from leanvit.data import build_eval_dataset
 from leanvit.errors import LeanvitError
+from leanvit.evaluate import evaluate
+from leanvit.measure import benchmark_models
+from leanvit.reduction.evit import apply_evit
+from leanvit.runtime import build_model, environment, model_input_size
+from leanvit.train import train
+from leanvit.viz import render_kept_tokens
 
 # per stage: recipe overrides for the full run and for --quick
 _STAGES = {
-    "deit3": {"recipe": "deit3_demo", "full": {}, "quick": {"epochs": 2, "time_limit": 25, "max_train_batches": 15}},
-    "evit": {"recipe": "evit_demo", "full": {}, "quick": {"epochs": 1, "time_limit": 10, "max_train_batches": 8}},
-    "shunted": {"recipe": "shunted_demo", "full": {}, "quick": {"epochs": 1, "time_limit": 20, "max_train_batches": 8}},
+    "deit3": {"recipe": "deit3_demo", "quick": {"epochs": 2, "time_limit": 25, "max_train_batches": 15}},
+    "evit": {"recipe": "evit_demo", "quick": {"epochs": 1, "time_limit": 10, "max_train_batches": 8}},
+    "shunted": {"recipe": "shunted_demo", "quick": {"epochs": 1, "time_limit": 20, "max_train_batches": 8}},
 }
 
 
@@ -38,27 +45,20 @@ def add_arguments(p) -> None:
 
 
 def _train_stage(name: str, out: Path, quick: bool, progress: bool, **extra) -> dict:
-    from leanvit.train import train
-
     st = _STAGES[name]
-    over = dict(st["quick"] if quick else st["full"])
+    over = dict(st["quick"]) if quick else {}
     over.update(extra)
     print(f"\n== {name}: recipe {st['recipe']}{' (quick)' if quick else ''}", flush=True)
     return train(st["recipe"], device="cpu", progress=progress, output=str(out / st["recipe"]), **over)
 
 
 def _val_loader(cfg: dict, hw, model, batch_size: int = 128):
-    from leanvit.data import build_eval_dataset
-
-    ds = build_eval_dataset(cfg["data"], hw, model=model, split="val", crop_ratio=cfg["eval_crop_ratio"],
-                            digits=cfg["digits"])
+    ds = build_eval_dataset(cfg["data"], model, hw, config=cfg, split="val")
     return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
 def _load(ckpt: str):
-    from leanvit.evaluate import build
-
-    built = build(None, ckpt)
+    built = build_model(None, ckpt)
     return built.model, built.config
 
 
@@ -84,12 +84,6 @@ def _accuracy_plot(rows: List[dict], path: Path) -> Path:
 
 
 def run(args) -> int:
-    from leanvit.bench import benchmark_models, environment
-    from leanvit.evaluate import evaluate
-    from leanvit.evit import apply_evit
-    from leanvit.factory import model_input_size
-    from leanvit.viz import render_kept_tokens
-
     if args.threads is not None:
         if args.threads < 1:
             raise LeanvitError(f"--threads must be >= 1, got {args.threads}")

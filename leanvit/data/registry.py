@@ -1,0 +1,96 @@
+"""The dataset registry: ``create_dataset(name_or_path, split, ...)`` resolves a name (``digits``) or a
+folder (an ImageFolder tree, ...) to a dataset kind and builds it.
+
+A kind is a :class:`DatasetKind` registered with :func:`register_dataset`: it says which ``--data``
+values it recognizes (a fixed name, or a folder layout), builds a split, and names its recipe options
+key (``digits:`` for the embedded data). Kinds are tried newest first, so a specific layout (e.g. COCO)
+registered after the generic ImageFolder wins over it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from leanvit.errors import LeanvitError
+
+__all__ = ["DatasetKind", "register_dataset", "resolve_dataset_kind", "create_dataset", "dataset_classes",
+           "list_dataset_kinds", "dataset_options"]
+
+
+class DatasetKind:
+    """One kind of data. Subclasses set ``name`` and implement :meth:`matches`, :meth:`create`, :meth:`classes`.
+
+    ``options_key``: the recipe mapping that holds this kind's options (e.g. ``digits``), or None.
+    ``task``: ``classification`` (batches of (image, label)), or a dense task name."""
+
+    name: str = ""
+    embedded: bool = False  # built in (a name, not a folder)
+    options_key: Optional[str] = None
+    task: str = "classification"
+
+    def matches(self, data: str) -> bool:
+        raise NotImplementedError
+
+    def create(self, data: str, split: str, transform: Optional[Callable] = None,
+               options: Optional[Dict[str, Any]] = None, classes: Optional[Sequence[str]] = None,
+               skip_corrupt: bool = False):
+        raise NotImplementedError
+
+    def classes(self, data: str, split: str = "val", options: Optional[Dict[str, Any]] = None) -> List[str]:
+        raise NotImplementedError
+
+
+_KINDS: List[DatasetKind] = []
+
+
+def register_dataset(kind: DatasetKind) -> DatasetKind:
+    global _KINDS
+    _KINDS = [k for k in _KINDS if k.name != kind.name]
+    _KINDS.insert(0, kind)
+    return kind
+
+
+def list_dataset_kinds() -> List[str]:
+    return [k.name for k in _KINDS]
+
+
+def resolve_dataset_kind(data) -> DatasetKind:
+    if data is None or str(data) == "":
+        raise LeanvitError("no data given: name an ImageFolder tree (train/, val/) or 'digits'")
+    for kind in _KINDS:
+        if kind.matches(str(data)):
+            return kind
+    if not Path(str(data)).exists():
+        names = [k.name for k in _KINDS if k.embedded]
+        raise LeanvitError(f"--data: no such folder: {data} (or use one of the embedded datasets: "
+                           f"{', '.join(names)})")
+    raise LeanvitError(f"cannot tell what kind of data {data} is (expected an ImageFolder tree "
+                       f"DIR/train/<class>/*, DIR/val/<class>/*)")
+
+
+def dataset_options(data, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The options a recorded training config (or recipe) holds for ``data``'s kind (e.g. ``digits:``)."""
+    kind = resolve_dataset_kind(data)
+    if not kind.options_key or not isinstance(config, dict):
+        return {}
+    return dict(config.get(kind.options_key) or {})
+
+
+def create_dataset(data, split: str = "train", transform: Optional[Callable] = None,
+                   options: Optional[Dict[str, Any]] = None, classes: Optional[Sequence[str]] = None,
+                   skip_corrupt: bool = False):
+    """The ``split`` of ``data`` (a registered name such as ``digits``, or a folder).
+
+    Args:
+        transform: applied to each image.
+        options: the kind's options (e.g. ``canvas_size`` for ``digits``).
+        classes: expected class names (e.g. training's); a mismatch is an error naming the folder.
+        skip_corrupt: replace unreadable images by readable ones (counted) instead of failing.
+    """
+    kind = resolve_dataset_kind(data)
+    return kind.create(str(data), split, transform=transform, options=options, classes=classes,
+                       skip_corrupt=skip_corrupt)
+
+
+def dataset_classes(data, split: str = "val", options: Optional[Dict[str, Any]] = None) -> List[str]:
+    return list(resolve_dataset_kind(data).classes(str(data), split, options))

@@ -1,0 +1,19 @@
+"""Token-reduction methods for timm Vision Transformers, behind one registry.
+
+    import leanvit
+    leanvit.apply_reduction(model, "evit", keep_rate=0.7)        # same as leanvit.apply_evit(model, 0.7)
+    method = leanvit.reduction.applied_reduction(model)           # the EViT method
+    method.set_strength(model, 0.5)                               # its knob (keep_rate)
+
+Registered: ``evit`` (EViT, fused inattentive token) and ``evit-drop`` (EViT dropping them).
+A new method is one module here plus :func:`register_reduction` (see CONTRIBUTING.md).
+"""
+from leanvit.reduction.registry import (
+    ReductionMethod, applied_reduction, apply_reduction, apply_reduction_spec, cosine_schedule, get_reduction,
+    list_reductions, parse_reduction_spec, reduction_spec, register_reduction, remove_reduction,
+)
+from leanvit.reduction import evit  # noqa: F401,E402  (registers "evit" and "evit-drop")
+
+__all__ = ["ReductionMethod", "register_reduction", "get_reduction", "list_reductions", "apply_reduction",
+           "remove_reduction", "applied_reduction", "reduction_spec", "apply_reduction_spec",
+           "parse_reduction_spec", "cosine_schedule"]

@@ -1,0 +1,171 @@
+"""The registry of token-reduction methods and the protocol each one implements.
+
+A method is a :class:`ReductionMethod` registered under a name (``"evit"``, ``"evit-drop"``, ...). Tools,
+the training engine and checkpoints speak only this protocol, so a new method is one module in
+``leanvit/reduction/`` that subclasses :class:`ReductionMethod` and calls :func:`register_reduction`.
+
+Every method has one *strength knob* (EViT: ``keep_rate`` in (0, 1], 1 = no reduction), which can be read
+and set on an applied model, scheduled during training and overridden per forward call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from leanvit.errors import LeanvitError
+
+__all__ = ["ReductionMethod", "register_reduction", "get_reduction", "list_reductions", "apply_reduction",
+           "remove_reduction", "applied_reduction", "parse_reduction_spec", "reduction_spec",
+           "apply_reduction_spec", "cosine_schedule"]
+
+_REGISTRY: Dict[str, "ReductionMethod"] = {}
+
+
+def cosine_schedule(step: int, target: float, none_value: float, start_step: int = 0, span_steps: int = 0) -> float:
+    """``none_value`` (no reduction) before ``start_step``, then a half cosine to ``target`` over
+    ``span_steps`` steps, ``target`` afterwards (``span_steps=0``: straight to ``target``)."""
+    if step < start_step:
+        return none_value
+    t = step - start_step
+    if span_steps <= 0 or t >= span_steps:
+        return target
+    return target + (none_value - target) * (math.cos(math.pi * t / span_steps) + 1.0) / 2.0
+
+
+class ReductionMethod:
+    """What a token-reduction method provides. Subclasses set ``name``, ``knob`` and ``none_value`` and
+    implement :meth:`apply`, :meth:`remove`, :meth:`is_applied`, :meth:`get_strength`, :meth:`set_strength`
+    and :meth:`options` (the rest has working defaults)."""
+
+    name: str = ""
+    knob: str = ""            # the strength knob's keyword, e.g. "keep_rate"
+    none_value: Any = None    # the knob value that computes exactly the unmodified model
+    description: str = ""
+
+    # -- applying -------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, **options) -> nn.Module:
+        """Patch ``model`` in place (``options`` include the knob); returns it."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`apply` in place; returns ``model``."""
+        raise NotImplementedError
+
+    def is_applied(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    # -- the strength knob ----------------------------------------------------------------------
+    def get_strength(self, model: nn.Module):
+        raise NotImplementedError
+
+    def set_strength(self, model: nn.Module, value) -> None:
+        raise NotImplementedError
+
+    def check_strength(self, value):
+        """``value`` validated (a clear :class:`LeanvitError` otherwise)."""
+        return value
+
+    def parse_strength(self, text: str):
+        """A knob value from command-line text (e.g. ``"0.7"``)."""
+        return self.check_strength(float(text))
+
+    def format_strength(self, value) -> str:
+        if isinstance(value, (list, tuple)):
+            return "/".join(f"{v:g}" for v in value)
+        return f"{value:g}"
+
+    def forward_kwargs(self, value) -> Dict[str, Any]:
+        """Keyword arguments that make one forward call run at strength ``value``."""
+        return {self.knob: value}
+
+    def schedule(self, step: int, target, start_step: int = 0, span_steps: int = 0):
+        """The knob at a training step: no reduction, then a cosine to ``target`` (EViT's schedule)."""
+        if isinstance(target, (list, tuple)):  # per-layer values are used as they are
+            return target
+        return cosine_schedule(step, float(target), float(self.none_value), start_step, span_steps)
+
+    # -- what checkpoints record ----------------------------------------------------------------
+    def options(self, model: nn.Module) -> Dict[str, Any]:
+        """The options that rebuild the applied state (the knob included), JSON/YAML friendly."""
+        raise NotImplementedError
+
+    def spec(self, model: nn.Module) -> Dict[str, Any]:
+        return {"method": self.name, **self.options(model)}
+
+    def __repr__(self) -> str:
+        return f"<reduction {self.name!r} ({self.knob})>"
+
+
+def register_reduction(method: ReductionMethod) -> ReductionMethod:
+    if not method.name:
+        raise ValueError("a reduction method needs a name")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def list_reductions() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_reduction(name: str) -> ReductionMethod:
+    method = _REGISTRY.get(str(name).lower())
+    if method is None:
+        raise LeanvitError(f"unknown reduction method '{name}' (known: {', '.join(list_reductions())})")
+    return method
+
+
+def applied_reduction(model: nn.Module) -> Optional[ReductionMethod]:
+    """The registered method applied to ``model``, or None."""
+    for method in _REGISTRY.values():
+        if method.is_applied(model):
+            return method
+    return None
+
+
+def apply_reduction(model: nn.Module, method: str, **options) -> nn.Module:
+    """Apply the registered reduction ``method`` to ``model`` in place, e.g.
+    ``apply_reduction(model, "evit", keep_rate=0.7)``; a method applied before is removed first."""
+    m = get_reduction(method)
+    current = applied_reduction(model)
+    if current is not None and current is not m:
+        current.remove(model)
+    return m.apply(model, **options)
+
+
+def remove_reduction(model: nn.Module) -> nn.Module:
+    current = applied_reduction(model)
+    return current.remove(model) if current is not None else model
+
+
+def reduction_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """``{"method": name, **options}`` of the reduction applied to ``model`` (None if none)."""
+    current = applied_reduction(model)
+    return current.spec(model) if current is not None else None
+
+
+def apply_reduction_spec(model: nn.Module, spec: Optional[Dict[str, Any]]) -> nn.Module:
+    if not spec:
+        return model
+    spec = dict(spec)
+    name = spec.pop("method", None)
+    if name is None:
+        raise LeanvitError(f"a reduction spec needs 'method', got {spec}")
+    return apply_reduction(model, name, **spec)
+
+
+def parse_reduction_spec(text: str) -> Tuple[ReductionMethod, List[Any]]:
+    """``"evit:1.0,0.7,0.5"`` -> (the EViT method, [1.0, 0.7, 0.5]); ``"evit"`` -> (method, [])."""
+    name, _, values = str(text).partition(":")
+    method = get_reduction(name.strip())
+    out = []
+    for v in (s.strip() for s in values.split(",")):
+        if not v:
+            continue
+        try:
+            out.append(method.parse_strength(v))
+        except (TypeError, ValueError):
+            raise LeanvitError(f"{method.name}: cannot read '{v}' as a {method.knob}") from None
+    return method, out
+

@@ -1,0 +1,56 @@
+"""Argument helpers several commands share (model, checkpoint, token reduction, sizes, device)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from leanvit.errors import LeanvitError
+from leanvit.models.factory import reduction_from_options
+from leanvit.reduction import parse_reduction_spec
+from leanvit.reduction.reorg import check_keep_rate
+from leanvit.runtime import BuiltModel, build_model, img_size_arg
+
+__all__ = ["add_model_arguments", "reduction_from_args", "build_from_args", "check_output_folder"]
+
+
+def add_model_arguments(p, keep_rate_help: str = "EViT keep rate in (0, 1] (alias of --reduction evit:R)") -> None:
+    p.add_argument("--model", default=None, metavar="M",
+                   help="model name, e.g. evit_deit_small_patch16_224 (optional with a checkpoint written by "
+                        "leanvit train, which records its model)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="local weights: .pth/.pt (state dict or {'model': ...}) or .safetensors")
+    p.add_argument("--reduction", default=None, metavar="METHOD:VALUE",
+                   help="token reduction to apply, e.g. evit:0.7 or evit-drop:0.5 (default: the model's own)")
+    p.add_argument("--keep-rate", type=float, default=None, metavar="R", help=keep_rate_help)
+    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="S", help="input size: S or H W")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the model (default: from the checkpoint, else from the data)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def reduction_from_args(args) -> Optional[dict]:
+    """``--reduction METHOD:VALUE`` and/or its EViT alias ``--keep-rate R`` as one spec (or None)."""
+    spec = None
+    if getattr(args, "reduction", None):
+        method, values = parse_reduction_spec(args.reduction)
+        if len(values) > 1:
+            raise LeanvitError(f"--reduction takes one value here, got {args.reduction}")
+        spec = {"method": method.name, **({method.knob: values[0]} if values else {})}
+    if getattr(args, "keep_rate", None) is not None:
+        try:
+            check_keep_rate(args.keep_rate)
+        except LeanvitError as e:
+            raise LeanvitError(f"--keep-rate: {e}") from None
+    return reduction_from_options(spec, getattr(args, "keep_rate", None))
+
+
+def build_from_args(args, data_classes: Optional[int] = None) -> BuiltModel:
+    return build_model(args.model, args.checkpoint, reduction_from_args(args), img_size_arg(args.img_size),
+                       args.num_classes, data_classes=data_classes)
+
+
+def check_output_folder(path, flag: str = "--output") -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LeanvitError(f"{flag} {out} exists and is not a folder")
+    return out

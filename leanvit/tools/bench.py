@@ -1,0 +1,127 @@
+"""``leanvit bench``: throughput, latency, peak memory and GMACs of models side by side
+(library: :mod:`leanvit.measure`).
+
+    leanvit bench --models deit_small_patch16_224,shunted_t --reduction evit:1.0,0.7,0.5 --img-sizes 224
+    leanvit bench --models deit_small_patch16_224 --keep-rates none,0.7      # --keep-rates R = evit:R
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from leanvit.errors import LeanvitError
+from leanvit.measure import BENCH_COLUMNS, benchmark_models, build_configurations, format_table, plot_benchmark, write_csv
+from leanvit.reduction import parse_reduction_spec
+from leanvit.reduction.reorg import check_keep_rate
+from leanvit.runtime import busy_note, environment, resolve_device
+from leanvit.tools._common import check_output_folder
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def split_list(values: Optional[Sequence[str]]) -> List[str]:
+    return [v.strip() for s in (values or []) for v in s.split(",") if v.strip()]
+
+
+def parse_keep_rates(values: Optional[Sequence[str]]) -> List[Optional[float]]:
+    out = []
+    for v in split_list(values):
+        out.append(None if v.lower() in ("none", "-", "off") else check_keep_rate(v, "--keep-rates value"))
+    return out or [None]
+
+
+def parse_reductions(values: Optional[Sequence[str]]) -> list:
+    """``["evit:1.0,0.7", "evit-drop:0.5", "none"]`` -> [("evit", 1.0), ("evit", 0.7), ("evit-drop", 0.5), (None, None)]."""
+    out = []
+    for text in values or []:
+        if text.strip().lower() in ("none", "-", "off"):
+            out.append((None, None))
+            continue
+        method, strengths = parse_reduction_spec(text)
+        out += [(method.name, s) for s in (strengths or [method.none_value])]
+    return out
+
+
+def parse_img_sizes(values: Optional[Sequence[str]]) -> List[Optional[tuple]]:
+    out = []
+    for v in split_list(values):
+        parts = v.lower().split("x")
+        try:
+            hw = tuple(int(p) for p in parts)
+        except ValueError:
+            hw = ()
+        if len(hw) == 1:
+            hw = hw * 2
+        if len(hw) != 2 or min(hw) < 1:
+            raise LeanvitError(f"--img-sizes: expected S or HxW (e.g. 224 or 256x320), got '{v}'")
+        out.append(hw)
+    return out or [None]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--models", nargs="+", required=True, metavar="M1,M2",
+                   help="model names, comma- or space-separated (e.g. deit_small_patch16_224,shunted_t)")
+    p.add_argument("--reduction", nargs="+", default=None, metavar="METHOD:V1,V2",
+                   help="token reductions, e.g. evit:1.0,0.7,0.5 evit-drop:0.7 none ('none' = the model as built); "
+                        "applied to class-token ViTs only")
+    p.add_argument("--keep-rates", nargs="+", default=None, metavar="R",
+                   help="EViT keep rates, e.g. none,1.0,0.7 (alias of --reduction none evit:1.0,0.7)")
+    p.add_argument("--img-sizes", nargs="+", default=None, metavar="S",
+                   help="input sizes, e.g. 224,288 or 256x320 (default: each model's own)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default float32")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forward passes before timing (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--output", default="leanvit_bench", metavar="DIR",
+                   help="folder for bench.csv and bench.png (default ./leanvit_bench)")
+
+
+def _check_numbers(args) -> None:
+    for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--warmup", args.warmup, 0),
+                        ("--repeats", args.repeats, 1), ("--threads", args.threads or 1, 1)):
+        if v < lo:
+            raise LeanvitError(f"{flag} must be >= {lo}, got {v}")
+
+
+def run(args) -> int:
+    models = split_list(args.models)
+    if not models:
+        raise LeanvitError("--models: name at least one model")
+    reductions = parse_reductions(args.reduction) if args.reduction else []
+    if args.keep_rates or not reductions:
+        reductions += [("evit", r) if r is not None else (None, None) for r in parse_keep_rates(args.keep_rates)]
+    img_sizes = parse_img_sizes(args.img_sizes)
+    _check_numbers(args)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = check_output_folder(args.output)
+    notes: list = []
+    configs = build_configurations(models, reductions, img_sizes, args.num_classes, notes)
+    header = (f"{environment(str(device))} | dtype={str(dtype).replace('torch.', '')} | batch={args.batch_size} | "
+              f"warmup={args.warmup}, median of {args.repeats} interleaved runs")
+    print(header, flush=True)
+    busy = busy_note(device)
+    for n in notes + ([busy] if busy else []):
+        print(f"note: {n}")
+    rows = benchmark_models(configs, batch_size=args.batch_size, device=device, dtype=dtype, warmup=args.warmup,
+                            repeats=args.repeats, memory=not args.no_memory, progress=not args.no_progress)
+    print(format_table(rows, BENCH_COLUMNS))
+    if not args.no_memory:
+        print("peak mem: " + ("CUDA allocator peak of one forward pass minus what was allocated before it"
+                              if device.type == "cuda" else
+                              "peak size of the tensors alive together during one forward pass "
+                              "(activations on top of the loaded model; kernel scratch buffers not counted)"))
+    print("speed-up: img/s over the same model's first configuration at the same image size")
+    csv_path = write_csv(rows, out / "bench.csv")
+    png_path = plot_benchmark(rows, out / "bench.png", title=header)
+    print(f"wrote {csv_path} and {png_path}")
+    return 0

@@ -1,0 +1,87 @@
+"""``leanvit eval``: top-1 / top-5, loss and forward throughput of a model on labelled data
+(library: :func:`leanvit.evaluate.evaluate`, :func:`leanvit.data.build_eval_dataset`).
+
+    leanvit eval --model evit_deit_small_patch16_224 --checkpoint evit-0.7.pth --data /data/imagenet
+    leanvit eval --checkpoint runs/evit_demo/best.pth --data digits
+
+A checkpoint written by ``leanvit train`` is evaluated on exactly the images its validation used (its
+recorded crop ratio and data options); any other model as timm's ``validate.py`` would (its
+``pretrained_cfg``: crop_pct, interpolation, mean/std). ``--crop-pct`` / ``--interpolation`` override.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from leanvit.data import build_eval_dataset, dataset_classes, dataset_options
+from leanvit.errors import LeanvitError
+from leanvit.evaluate import evaluate
+from leanvit.reduction import applied_reduction
+from leanvit.runtime import resolve_device
+from leanvit.tools._common import add_model_arguments, build_from_args
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p, keep_rate_help="EViT keep rate in (0, 1] (applies EViT to a plain ViT)")
+    p.add_argument("--data", required=True, metavar="DIR|digits",
+                   help="'digits' (the embedded data) or an ImageFolder tree (DIR/val/<class>/*.jpg, or "
+                        "DIR/<class>/*.jpg)")
+    p.add_argument("--split", default="val", help="split folder inside DIR (default val)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="centre-crop fraction (default: the checkpoint's recorded one, else the model's "
+                        "pretrained_cfg crop_pct as timm uses it)")
+    p.add_argument("--interpolation", default=None, choices=("bicubic", "bilinear", "nearest"),
+                   help="resize interpolation (default: as recorded / the model's pretrained_cfg)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
+    p.add_argument("--output", default=None, metavar="FILE.json", help="also write the result as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _check_args(args) -> None:
+    for flag, v, lo in (("--max-batches", args.max_batches, 1), ("--batch-size", args.batch_size, 1),
+                        ("--workers", args.workers, 0)):
+        if v is not None and v < lo:
+            raise LeanvitError(f"{flag} must be >= {lo}, got {v}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise LeanvitError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+
+
+def run(args) -> int:
+    _check_args(args)
+    device = resolve_device(args.device)
+    classes = dataset_classes(args.data, args.split)
+    model, name, hw, config, _ = build_from_args(args, data_classes=len(classes))
+    n_out = getattr(model, "num_classes", None)
+    if n_out is not None and n_out != len(classes):
+        raise LeanvitError(f"the model has {n_out} classes but the data has {len(classes)} "
+                           f"({args.data}); evaluate on data with the model's classes")
+    dataset = build_eval_dataset(args.data, model, hw, config=config, split=args.split, crop_pct=args.crop_pct,
+                                 interpolation=args.interpolation, options=dataset_options(args.data, config))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    res = evaluate(model, loader, device=device, amp=args.amp, progress=not args.no_progress,
+                   max_batches=args.max_batches)
+    method = applied_reduction(model)
+    keep = getattr(model, "keep_rate", None)
+    res.update(model=name, checkpoint=args.checkpoint, data=args.data, img_size=f"{hw[0]}x{hw[1]}",
+               reduction=method.spec(model) if method else None, keep_rate=keep, batch_size=args.batch_size,
+               device=str(device), threads=torch.get_num_threads())
+    shown = f" {method.knob}={method.format_strength(method.get_strength(model))}" if method else ""
+    print(f"{name}{shown} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): "
+          f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
+          f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
+          f"{torch.get_num_threads()} threads)")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
+        out.write_text(json.dumps(safe, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0

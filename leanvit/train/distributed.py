@@ -1,0 +1,61 @@
+"""The process group of a run: one process, or many under ``torchrun`` (DistributedDataParallel)."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "seed_everything"]
+
+
+class DistEnv:
+    """Rank, world size and device of this process (torchrun's environment variables, else one process)."""
+
+    def __init__(self, device: Optional[str] = None):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            device = f"cuda:{self.local_rank}"
+        self.device = torch.device(device)
+        self._owns_group = False
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+            self._owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values) -> list:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.distributed:
+            if dist.get_backend() == "nccl":
+                t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    s = (int(seed) * 1_000_003 + int(epoch) * 7919 + int(rank) * 104_729) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)

@@ -1,0 +1,131 @@
+"""One epoch of training and one validation pass: the two steps the engine repeats."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from leanvit.errors import LeanvitError
+from leanvit.evaluate import accumulate
+from leanvit.reduction import ReductionMethod
+from leanvit.train.distributed import DistEnv
+from leanvit.train.state import TrainState
+
+__all__ = ["StepContext", "train_one_epoch", "validate", "reduction_at"]
+
+
+class StepContext:
+    """What every training step needs besides the state: the (DDP-wrapped) model to call, the loss,
+    mixup, autocast, gradient clipping and the token-reduction schedule."""
+
+    def __init__(self, cfg: Dict[str, Any], env: DistEnv, forward_model: nn.Module, criterion: nn.Module,
+                 mixup=None, reduction: Optional[Dict[str, Any]] = None,
+                 method: Optional[ReductionMethod] = None, iters: int = 1):
+        self.cfg, self.env, self.forward_model, self.criterion, self.mixup = cfg, env, forward_model, criterion, mixup
+        self.iters = iters
+        self.method = method
+        self.reduction = reduction
+        self.use_amp = bool(cfg["amp"])
+        self.amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
+        self.clip_grad = cfg["clip_grad"]
+
+    def autocast(self):
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
+
+
+def reduction_at(ctx: StepContext, step: int):
+    """The reduction strength at ``step`` (None without a scheduled reduction)."""
+    if ctx.method is None or ctx.reduction is None or ctx.method.knob not in ctx.reduction:
+        return None
+    start = int(round(ctx.reduction["start_epoch"] * ctx.iters))
+    span = int(round(ctx.reduction["epochs"] * ctx.iters))
+    return ctx.method.schedule(step, ctx.reduction[ctx.method.knob], start, span)
+
+
+def _backward_and_step(state: TrainState, loss: torch.Tensor, clip_grad) -> None:
+    state.optimizer.zero_grad(set_to_none=True)
+    params = state.model.parameters()
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        if clip_grad:
+            state.scaler.unscale_(state.optimizer)
+            nn.utils.clip_grad_norm_(params, clip_grad)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(params, clip_grad)
+        state.optimizer.step()
+
+
+def _check_finite(loss: torch.Tensor, ctx: StepContext, epoch: int, i: int, last_path) -> None:
+    finite = bool(torch.isfinite(loss))
+    if ctx.env.distributed:
+        finite = ctx.env.all_sum([float(finite)])[0] == ctx.env.world_size
+    if not finite:
+        kept = f"; the last good checkpoint, {last_path}, is intact" if last_path and last_path.exists() else ""
+        raise LeanvitError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, iteration {i + 1}: "
+                           f"training stopped (lower the learning rate or enable clip_grad){kept}")
+
+
+def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool = False, last_path=None,
+                    on_step: Optional[Callable[[TrainState], None]] = None) -> Dict[str, Any]:
+    """Train ``state.model`` for one epoch (``ctx.iters`` steps); returns the epoch's training metrics."""
+    env, epoch = ctx.env, state.epoch
+    loss_sum, seen, t0, keep = 0.0, 0, time.perf_counter(), None
+    bar = tqdm(total=ctx.iters, desc=f"epoch {epoch + 1}/{ctx.cfg['epochs']}", unit="it", leave=False,
+               disable=not (progress and env.is_main))
+    try:
+        for i, (x, y) in enumerate(loader):
+            if i >= ctx.iters:
+                break
+            state.scheduler.step_update(state.step)
+            keep = reduction_at(ctx, state.step)
+            if keep is not None:
+                ctx.method.set_strength(state.model, keep)
+            x, y = x.to(env.device, non_blocking=True), torch.as_tensor(y).to(env.device, non_blocking=True)
+            if ctx.mixup is not None:
+                x, y = ctx.mixup(x, y)
+            with ctx.autocast():
+                loss = ctx.criterion(ctx.forward_model(x).float(), y)
+            _check_finite(loss, ctx, epoch, i, last_path)
+            _backward_and_step(state, loss, ctx.clip_grad)
+            if state.ema is not None:
+                state.ema.update(state.model, step=state.step)
+            state.step += 1
+            loss_sum += loss.item() * x.shape[0]
+            seen += x.shape[0]
+            if env.is_main and (i % max(1, ctx.cfg["log_every"]) == 0 or i == ctx.iters - 1):
+                post = dict(loss=f"{loss.item():.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen * env.world_size / (time.perf_counter() - t0):.0f}")
+                if keep is not None:
+                    post["keep"] = ctx.method.format_strength(keep)
+                bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(state)
+    finally:
+        bar.close()
+    train_time = time.perf_counter() - t0
+    loss_tot, seen_tot = env.all_sum([loss_sum, seen])
+    return {"epoch": epoch, "train_loss": loss_tot / max(seen_tot, 1), "lr": state.optimizer.param_groups[0]["lr"],
+            "keep_rate": keep, "train_img_per_s": seen_tot / train_time, "epoch_seconds": train_time}
+
+
+def validate(model: nn.Module, loader, env: DistEnv, amp: bool) -> Dict[str, float]:
+    """Top-1/top-5/loss over the whole validation set, each process taking its own shard."""
+    was_training = model.training
+    model.eval()
+    try:
+        s = accumulate(model, loader, env.device, amp=amp)
+    finally:
+        model.train(was_training)
+    n, c1, c5, loss = env.all_sum([s["images"], s["correct1"], s["correct5"], s["loss_sum"]])
+    if n == 0:
+        raise LeanvitError("the validation set is empty")
+    return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_loss": loss / n}

@@ -1,0 +1,160 @@
+"""Building a run from its resolved config: the data, and the model with what trains it."""
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from leanvit.checkpoints import load_checkpoint
+from leanvit.data import build_eval_dataset, build_train_dataset, dataset_options
+from leanvit.data.folder import check_same_classes
+from leanvit.errors import LeanvitError
+from leanvit.models.factory import create_model
+from leanvit.runtime import to_2tuple
+from leanvit.train.distributed import DistEnv
+from leanvit.train.recipes import reduction_settings
+from leanvit.train.state import TrainState
+
+__all__ = ["TrainData", "build_data", "build_state", "model_spec_from_config", "build_training_model",
+           "build_mixup", "build_loss", "finetune_from"]
+
+
+class TrainData(NamedTuple):
+    train_set: Any
+    val_set: Any
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    sampler: Any
+    classes: list
+    iters: int  # optimizer steps per epoch
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A random order that depends only on (seed, epoch): reproducible across resumption."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7_777 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _train_sampler(dataset, cfg, env: DistEnv):
+    if cfg["repeated_aug"]:
+        return RepeatAugSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, num_repeats=3)
+    if env.distributed:
+        return torch.utils.data.DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
+                                                   shuffle=True, seed=cfg["seed"], drop_last=True)
+    return EpochShuffleSampler(len(dataset), cfg["seed"])
+
+
+def build_data(cfg: Dict[str, Any], env: DistEnv, model: nn.Module) -> TrainData:
+    """Training and validation data, normalized for ``model``. Validation is built by the same
+    :func:`leanvit.data.build_eval_dataset` that ``leanvit eval`` uses, so both see the same images."""
+    img_size = to_2tuple(cfg["img_size"])
+    tf = {k: cfg[k] for k in ("crop", "hflip", "three_augment", "color_jitter", "auto_augment", "reprob")}
+    tf.update(scale=tuple(cfg["scale"]), src_padding=cfg["src_padding"])
+    options = dataset_options(cfg["data"], cfg)
+    train_set = build_train_dataset(cfg["data"], img_size, model, transform=tf, options=options,
+                                    skip_corrupt=cfg["skip_corrupt"])
+    classes = list(getattr(train_set, "classes"))
+    val_set = build_eval_dataset(cfg["data"], model, img_size, config=cfg, split="val", classes=classes,
+                                 options=options)
+    check_same_classes(classes, val_set.classes, f" ({cfg['data']})")
+    bs = int(cfg["batch_size"])
+    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and bs % 2:
+        raise LeanvitError(f"mixup/cutmix need an even batch size, got {bs}")
+    sampler = _train_sampler(train_set, cfg, env)
+    loader_kw = dict(num_workers=int(cfg["workers"]), pin_memory=env.device.type == "cuda",
+                     persistent_workers=False)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
+                                               **loader_kw)
+    if len(train_loader) == 0:
+        raise LeanvitError(f"the training set ({len(train_set)} images per process) is smaller than one "
+                           f"batch of {bs}")
+    val_shard = torch.utils.data.Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=bs, shuffle=False, **loader_kw)
+    iters = len(train_loader)
+    if cfg["max_train_batches"]:
+        iters = min(iters, int(cfg["max_train_batches"]))
+    return TrainData(train_set, val_set, train_loader, val_loader, sampler, classes, iters)
+
+
+def model_spec_from_config(cfg: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
+    """What :func:`leanvit.create_model` needs to rebuild the trained model (stored in checkpoints):
+    ``{"name", "kwargs", "reduction"}``; the reduction at its target strength, without its schedule."""
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    img = cfg["img_size"]
+    kwargs["img_size"] = list(img) if isinstance(img, (list, tuple)) else img
+    kwargs["num_classes"] = num_classes
+    red = reduction_settings(cfg)
+    if red is not None:
+        red = {k: (list(v) if isinstance(v, tuple) else v) for k, v in red.items()
+               if k not in ("start_epoch", "epochs")}
+    return {"name": cfg["model"], "kwargs": kwargs, "reduction": red}
+
+
+def build_training_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
+    spec = model_spec_from_config(cfg, num_classes)
+    kwargs = dict(spec["kwargs"])
+    if cfg.get("drop_path"):
+        kwargs["drop_path_rate"] = cfg["drop_path"]
+    img = kwargs.pop("img_size")
+    return create_model(spec["name"], reduction=spec["reduction"], img_size=to_2tuple(img), **kwargs)
+
+
+def finetune_from(model: nn.Module, path) -> str:
+    """Load ``path``'s weights for fine-tuning (classifier re-initialized if it differs); returns a note."""
+    res = load_checkpoint(model, path, strict=False, ignore_classifier=True)
+    notes = []
+    if res.skipped_keys:
+        notes.append(f"re-initialized {', '.join(res.skipped_keys)}")
+    if res.missing_keys:
+        notes.append(f"not in the checkpoint: {', '.join(res.missing_keys[:6])}")
+    if res.unexpected_keys:
+        notes.append(f"unused: {', '.join(res.unexpected_keys[:6])}")
+    return f"fine-tuning from {path}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def build_mixup(cfg: Dict[str, Any], num_classes: int) -> Optional[Mixup]:
+    if not (cfg["mixup"] > 0 or cfg["cutmix"] > 0):
+        return None
+    return Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], prob=cfg["mixup_prob"],
+                 switch_prob=cfg["mixup_switch_prob"], mode="batch", label_smoothing=cfg["smoothing"],
+                 num_classes=num_classes)
+
+
+def build_loss(cfg: Dict[str, Any], mixing: bool) -> nn.Module:
+    if cfg["loss"] == "bce":
+        # DeiT III: after mixup/cutmix every class with a non-zero weight is a positive (targets.gt(0))
+        return BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0 if mixing else None)
+    if mixing:
+        return SoftTargetCrossEntropy()  # smoothing is applied inside Mixup
+    return nn.CrossEntropyLoss(label_smoothing=float(cfg["smoothing"]))
+
+
+def build_state(cfg: Dict[str, Any], model: nn.Module, iters: int, env: DistEnv) -> TrainState:
+    """Optimizer, per-iteration cosine schedule, grad scaler (AMP on CUDA) and EMA around ``model``."""
+    opt_kwargs = {"eps": cfg["opt_eps"]} if cfg["opt"] in ("lamb", "adamw") else {}
+    optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                    **opt_kwargs)
+    scheduler = CosineLRScheduler(optimizer, t_initial=int(cfg["epochs"]) * iters, lr_min=cfg["min_lr"],
+                                  warmup_t=int(round(cfg["warmup_epochs"] * iters)),
+                                  warmup_lr_init=cfg["warmup_lr"], t_in_epochs=False)
+    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] and env.device.type == "cuda" else None
+    ema = ModelEmaV3(model, decay=cfg["model_ema_decay"]) if cfg["model_ema"] else None
+    return TrainState(model, optimizer, scheduler, scaler, ema)
