@@ -21,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from leanvit.errors import LeanvitError
 
@@ -95,8 +96,6 @@ def _filter_for_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
     custom = getattr(model, "filter_checkpoint", None)
     if callable(custom):
         return custom(state_dict)
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
     if isinstance(model, VisionTransformer):
         try:
             return checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)

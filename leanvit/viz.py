@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from torchvision import transforms as T
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from PIL import Image
+from torchvision import transforms as T
 
 from leanvit.data import build_eval_transform, normalization
 from leanvit.data.folder import IMG_EXTENSIONS, load_image
@@ -108,8 +108,6 @@ def _safe_name(name: str) -> str:
 
 
 def _as_images(images) -> list:
-    from PIL import Image
-
     out = []
     for im in images:
         if isinstance(im, Image.Image):

@@ -16,7 +16,7 @@ from leanvit.data.registry import (DatasetKind, create_dataset, dataset_classes,
 from leanvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 from leanvit.data import digits as _digits  # noqa: F401,E402  (registers "digits")
 from leanvit.data import folder as _folder  # noqa: F401,E402  (registers ImageFolder trees)
-from leanvit.runtime import to_2tuple
+from leanvit.runtime import model_input_size, to_2tuple
 
 __all__ = ["create_dataset", "dataset_classes", "dataset_options", "register_dataset", "DatasetKind",
            "resolve_dataset_kind", "list_dataset_kinds", "normalization", "build_train_dataset",
@@ -61,8 +61,6 @@ def build_eval_dataset(data, model: Optional[nn.Module] = None, img_size=None, c
 
     ``options``: the data kind's options (default: those ``config`` records, e.g. its ``digits:``)."""
     if img_size is None:
-        from leanvit.runtime import model_input_size
-
         img_size = model_input_size(model)
     cfg = eval_data_config(model, img_size, config, crop_pct, interpolation)
     tf = build_eval_transform(cfg["input_size"][1:], crop_ratio=cfg["crop_pct"],

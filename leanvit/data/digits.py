@@ -13,15 +13,16 @@ How an image is made (:func:`render`)
       its centre at a random offset of at most ``max_offset`` px (default 6) from the canvas centre,
       drawn over the distractors; ink and distractors get a random colour each.
 
-Why these sizes (the demo must reach >= 90 % in minutes on 2 CPU cores)
+Sizes
     ViTs learn translation slowly from 1,500 scans: a tiny ViT trained on digits placed *anywhere* on a
-    48-64 px canvas stays at chance for 500+ steps, while digits that fill the canvas train at once. The
-    defaults sit between the two: on the 32 px canvas a patch-4 ViT sees an 8x8 grid of 64 patches, of
-    which the 16 px digit covers 16-25 (its scan's ink usually fewer); at least 60 % of the patches are
-    background, so EViT has tokens to remove. The offset of at most 6 px keeps the digit
-    clear of the border yet moves it over up to 4 patch positions in each direction; and training draws
-    a fresh placement and fresh clutter every epoch and every render (``renders_per_epoch`` renders of
-    each scan per epoch), so the model sees the same scan at many positions instead of memorizing one.
+    48-64 px canvas stays at chance for hundreds of steps, while digits that fill the canvas train at once.
+    The demo recipes (``leanvit/train/recipes/*_demo.yaml``, which set these options through their
+    ``digits:`` mapping) use a 48 px canvas, 22 px digits at most 3 px off-centre and 8 px patches: a 6x6
+    grid of 36 tokens of which the digit covers 9-16, so at least 55 % of the patches are background for
+    token reduction to remove. Training draws a fresh placement and fresh clutter every epoch and every
+    render (``renders_per_epoch`` renders of each scan per epoch), so the model sees each scan at many
+    positions instead of memorizing one. The class defaults (32 px canvas, 16 px digits, offset 6) are a
+    smaller variant for quick experiments and tests.
 
 Determinism and split
     The split is by *source scan* (stratified per class, ``val_fraction`` of each class to val), from

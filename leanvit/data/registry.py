@@ -44,8 +44,8 @@ _KINDS: List[DatasetKind] = []
 
 
 def register_dataset(kind: DatasetKind) -> DatasetKind:
-    global _KINDS
-    _KINDS = [k for k in _KINDS if k.name != kind.name]
+    """Add (or replace) a kind; it is tried before the kinds registered earlier."""
+    _KINDS[:] = [k for k in _KINDS if k.name != kind.name]
     _KINDS.insert(0, kind)
     return kind
 

@@ -26,6 +26,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from timm.data import create_transform
+from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 from leanvit.errors import LeanvitError
@@ -54,8 +58,6 @@ def three_augment_ops():
     """Exactly one of grayscale / solarize(128) / Gaussian blur (radius U(0.1, 2)), chosen uniformly.
 
     timm's AutoAugment policy ``'3a'`` (see the module docstring for the check against the reference)."""
-    from timm.data.auto_augment import auto_augment_transform
-
     return auto_augment_transform("3a", {"img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)})
 
 
@@ -96,8 +98,6 @@ def build_train_transform(img_size: Size, crop: str = "rrc", scale: Sequence[flo
     size = to_2tuple(img_size)
     ops = []
     if crop == "rrc":
-        from timm.data.transforms import RandomResizedCropAndInterpolation
-
         ops.append(RandomResizedCropAndInterpolation(size, scale=tuple(scale), ratio=tuple(ratio),
                                                      interpolation=interpolation))
     elif crop == "src":
@@ -109,8 +109,6 @@ def build_train_transform(img_size: Size, crop: str = "rrc", scale: Sequence[flo
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(p=hflip))
     if auto_augment:
-        from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
-
         hparams = {"img_mean": tuple(round(255 * m) for m in mean), "translate_const": int(min(size) * 0.45)}
         try:
             if auto_augment.startswith("rand"):
@@ -127,8 +125,6 @@ def build_train_transform(img_size: Size, crop: str = "rrc", scale: Sequence[flo
             ops.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
     ops += [T.ToTensor(), T.Normalize(mean=tuple(mean), std=tuple(std))]
     if reprob:
-        from timm.data.random_erasing import RandomErasing
-
         ops.append(RandomErasing(float(reprob), mode="pixel", device="cpu"))
     return T.Compose(ops)
 
@@ -140,7 +136,5 @@ def build_eval_transform(img_size: Size, crop_ratio: float = 1.0, interpolation:
     if not 0 < crop_ratio <= 1:
         raise LeanvitError(f"eval crop ratio must be in (0, 1], got {crop_ratio}")
     _interp(interpolation)  # a clear error for an unknown name
-    from timm.data import create_transform
-
     return create_transform(input_size=tuple(to_2tuple(img_size)), is_training=False, crop_pct=crop_ratio,
                             interpolation=interpolation, mean=tuple(mean), std=tuple(std))

@@ -128,6 +128,8 @@ def apply_reduction(model: nn.Module, method: str, **options) -> nn.Module:
     """Apply the registered reduction ``method`` to ``model`` in place, e.g.
     ``apply_reduction(model, "evit", keep_rate=0.7)``; a method applied before is removed first."""
     m = get_reduction(method)
+    if m.knob in options:
+        options[m.knob] = m.check_strength(options[m.knob])
     current = applied_reduction(model)
     if current is not None and current is not m:
         current.remove(model)
