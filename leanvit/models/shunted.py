@@ -492,21 +492,58 @@ _ARCHS = {
 }
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> ShuntedTransformer:
-    if pretrained:
+#: where the official checkpoints are (OliverRensu/Shunted-Transformer README and issue #1)
+OFFICIAL_WEIGHTS = ("the official ckpt_T.pth / ckpt_S.pth / ckpt_B.pth from the Google Drive folder "
+                    "https://drive.google.com/drive/folders/15iZKXFT7apjUSoN2WUMAbb0tvJgyh3YP or Baidu Pan "
+                    "(code hazr), linked from https://github.com/OliverRensu/Shunted-Transformer")
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
+    """timm ``pretrained_filter_fn`` for the official Shunted checkpoints: unwraps ``{"model": ...}``,
+    strips DDP/compile prefixes and maps towhee-style ``mlp.dwconv.<w>`` back to ``mlp.dwconv.dwconv.<w>``."""
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if ".mlp.dwconv." in k and ".mlp.dwconv.dwconv." not in k:
+            k = k.replace(".mlp.dwconv.", ".mlp.dwconv.dwconv.")
+        out[k] = v
+    return out
+
+
+def _check_weights_source(variant: str, pretrained_cfg, overlay) -> None:
+    """``pretrained=True`` needs a file (or another source) given by the user: the official weights are
+    on Google Drive / Baidu Pan, which timm cannot download."""
+    from timm.models import resolve_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    load_from, _ = _resolve_pretrained_source(cfg.to_dict())
+    if not load_from:
         raise LeanvitError(
-            f"{variant}: pretrained weights cannot be downloaded here; build with pretrained=False and pass a "
-            "local file (the official ckpt_*.pth) to leanvit.load_checkpoint(model, path)")
+            f"{variant}: pretrained=True needs the weights file; download {OFFICIAL_WEIGHTS}, then "
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='ckpt.pth')) "
+            "or leanvit.load_checkpoint(model, 'ckpt.pth')")
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> ShuntedTransformer:
     img_size = kwargs.get("img_size")
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if img_size is not None:
         h, w = _pair(img_size)
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        overlay = dict(overlay or {})
         overlay.setdefault("input_size", (kwargs.get("in_chans", 3), h, w))
-        kwargs["pretrained_cfg_overlay"] = overlay
+    if pretrained:
+        _check_weights_source(variant, kwargs.get("pretrained_cfg"), overlay)
     arch = dict(_ARCHS[variant])
     arch.update(kwargs)
     return build_model_with_cfg(
-        ShuntedTransformer, variant, pretrained=False,
+        ShuntedTransformer, variant, pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **arch,
     )
