@@ -57,6 +57,11 @@ def stage_grids(img_size: SizeLike, num_stages: int = 4) -> List[Tuple[int, int]
     The stem halves the size twice (conv 7x7/s2/p3: ceil(n/2), conv 2x2/s2: floor(n/2)); each later
     patch embedding is a conv 3x3/s2/p1: ceil(n/2)."""
     h, w = _pair(img_size)
+    return _grids(h, w, num_stages)
+
+
+def _grids(h, w, num_stages: int):
+    """:func:`stage_grids` on sizes that may be symbolic (torch.export): integer arithmetic only."""
     h, w = ((h + 1) // 2) // 2, ((w + 1) // 2) // 2
     grids = [(h, w)]
     for _ in range(num_stages - 1):
@@ -401,7 +406,18 @@ class ShuntedTransformer(nn.Module):
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise LeanvitError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        _check_input(int(x.shape[-2]), int(x.shape[-1]), self.sr_ratios[:self.num_stages])
+        rates = self.sr_ratios[:self.num_stages]
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # torch.export / torch.compile / ONNX: the sizes may be symbolic. torch._check records the
+            # condition (a runtime assertion, a range on a dynamic dim) instead of specializing the graph
+            # to the example's size, as reading int(x.shape[-2]) would.
+            h, w = x.shape[-2], x.shape[-1]
+            m = min_input_size(rates)
+            for (gh, gw), r in zip(_grids(h, w, len(rates)), rates):
+                torch._check(gh >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
+                torch._check(gw >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
+            return
+        _check_input(int(x.shape[-2]), int(x.shape[-1]), rates)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's normalized map, (B, C, H/32, W/32)."""
