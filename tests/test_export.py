@@ -94,3 +94,33 @@ def test_onnxruntime_runtime_wrapper(tmp_path):
         torch.testing.assert_close(rt.model(x), model(x), atol=1e-4, rtol=0)
     with pytest.raises(LeanvitError, match="unknown runtime"):
         prepare_runtime(model, "tensorrt", x)
+
+
+@pytest.mark.slow
+def test_benchmark_models_runtimes_and_batch1_latency(tmp_path):
+    from leanvit.measure import benchmark_models
+
+    model = _tiny_evit(0.5)
+    rows = benchmark_models({"evit": model}, batch_size=2, warmup=1, repeats=2, memory=False, progress=False,
+                            runtimes=("eager", "onnxruntime"), latency_repeats=4, workdir=tmp_path)
+    assert [(r["label"], r["runtime"]) for r in rows] == [("evit", "eager"), ("evit [onnxruntime]", "onnxruntime")]
+    assert all(r["keep_rate"] == "0.5" and r["model"] == "evit" for r in rows)
+    assert rows[0]["setup_s"] == 0.0 and rows[1]["setup_s"] > 0
+    assert all(0 < r["lat1_ms"] <= r["lat1_p90_ms"] for r in rows)
+    assert rows[0]["gmacs"] == rows[1]["gmacs"]
+
+
+def test_bench_runtime_flag_errors(tmp_path, capsys):
+    rc, _, err = cli(capsys, "bench", "--models", "deit_tiny_patch16_224", "--runtime", "eager,tensorrt",
+                     "--output", tmp_path)
+    one_line_error(rc, err, "--runtime", "tensorrt")
+
+
+@pytest.mark.slow
+def test_compile_runtime_reports_compile_time():
+    model = _tiny_evit(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    rt = prepare_runtime(model, "compile", x)
+    assert rt.setup_s > 0
+    with torch.no_grad():
+        torch.testing.assert_close(rt.model(x), model(x), atol=1e-5, rtol=1e-4)
