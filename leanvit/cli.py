@@ -1,4 +1,4 @@
-"""The ``leanvit`` command line: ``leanvit train | eval | bench | viz | flops | demo``.
+"""The ``leanvit`` command line: ``leanvit train | eval | bench | viz | flops | demo | export``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. User mistakes (:class:`leanvit.errors.LeanvitError`, missing files) are printed
@@ -20,6 +20,7 @@ COMMANDS = {
     "viz": ("leanvit.tools.viz", "draw which tokens EViT kept"),
     "flops": ("leanvit.tools.flops", "GMACs of a model in the papers' convention"),
     "demo": ("leanvit.tools.demo", "the main job on the embedded digits data"),
+    "export": ("leanvit.tools.export", "export to ONNX or torch.export (.pt2) and verify against PyTorch"),
 }
 
 

@@ -249,8 +249,6 @@ def test_bad_locations_and_models():
         apply_evit(no_cls)
     with pytest.raises(LeanvitError, match="VisionTransformer"):
         apply_evit(torch.nn.Linear(3, 3))
-    with pytest.raises(LeanvitError, match="no weights can be downloaded"):
-        timm.create_model("evit_deit_small_patch16_224", pretrained=True)
 
 
 def test_keep_rate_schedule():
@@ -286,8 +284,8 @@ def test_forward_intermediates_before_and_after_reorganization():
     x = torch.randn(2, 3, 32, 32)
     early = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
     assert [t.shape for t in early] == [(2, 48, 8, 8)] * 2
-    with pytest.raises(LeanvitError, match="output_fmt='NLC'"):
-        model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    late_maps = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)  # scattered to the grid
+    assert [t.shape for t in late_maps] == [(2, 48, 8, 8)] * 2
     late = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
     assert late[0].shape == (2, 64, 48) and late[1].shape == (2, 32 + 1, 48)
 

@@ -79,7 +79,8 @@ def _as_config(label: str, value, img_size) -> Tuple[nn.Module, tuple, dict]:
 
 def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cpu", dtype=torch.float32,
                      warmup: int = 2, repeats: int = 5, memory: bool = True, progress: bool = True,
-                     img_size=None) -> List[dict]:
+                     img_size=None, runtimes: Sequence[str] = ("eager",), latency_repeats: int = 0,
+                     workdir=None) -> List[dict]:
     """Measure several ready-made models; returns one row (a dict) per model, in order.
 
     Args:
@@ -93,13 +94,24 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
     Each row has ``label, model, reduction, strength, keep_rate, img_size ("HxW"), batch_size, params_m,
     gmacs, img_per_s, latency_ms, p90_ms, peak_mem_mb, speedup, device, dtype, threads``; ``speedup`` is
     img/s over the first configuration of the same ``model`` and input size. Models are left in eval mode
-    on ``device`` in ``dtype``."""
+    on ``device`` in ``dtype``.
+
+    ``runtimes``: measure every model under each of ``eager``, ``compile``, ``onnxruntime``
+    (:mod:`leanvit.measure.runtimes`; labels of non-eager entries get `` [runtime]``); rows then also have
+    ``runtime`` and ``setup_s`` (compile time, or ONNX export + session creation). ``latency_repeats > 0``
+    adds a batch-1 latency pass, interleaved over all entries of a size: ``lat1_ms`` (median) and
+    ``lat1_p90_ms`` (90th percentile) over ``latency_repeats`` runs."""
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise LeanvitError(f"benchmark_models: need batch_size >= 1, repeats >= 1, warmup >= 0 "
                            f"(got {batch_size}, {repeats}, {warmup})")
     if not models:
         raise LeanvitError("benchmark_models: no models given")
     configs = {label: _as_config(label, v, img_size) for label, v in models.items()}
+    sources = {label: c[0] for label, c in configs.items()}  # the eager module: params, GMACs, memory
+    # --- runtimes (leanvit.measure.runtimes) -------------------------------------------------------------
+    if tuple(runtimes) != ("eager",):
+        configs, sources = _with_runtimes(configs, runtimes, batch_size, device, dtype, workdir)
+    # -------------------------------------------------------------------------------------------------------
     by_size: Dict[tuple, List[str]] = {}
     for label, (_, hw, _) in configs.items():
         by_size.setdefault(hw, []).append(label)
@@ -107,8 +119,11 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
                  disable=not progress, leave=False)
     info = {}
     for label, (model, hw, extra) in configs.items():
-        model.eval()
-        info[label] = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, gmacs=gmacs(model, hw))
+        src = sources[label].eval()
+        key = id(src), hw
+        if key not in info:
+            info[key] = dict(params_m=sum(p.numel() for p in src.parameters()) / 1e6, gmacs=gmacs(src, hw))
+        info[label] = info[key]
         steps.update()
     results = {}
     for hw, labels in by_size.items():
@@ -116,13 +131,22 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
                                            img_size=hw, device=device, dtype=dtype, warmup=warmup,
                                            repeats=repeats))
         steps.update()
+    latency = {}
+    if latency_repeats > 0:  # batch-1 latency: median and p90 over interleaved runs
+        for hw, labels in by_size.items():
+            latency.update(interleaved_measure({k: configs[k][0] for k in labels}, batch_size=1, img_size=hw,
+                                               device=device, dtype=dtype, warmup=max(warmup, 2),
+                                               repeats=latency_repeats))
     rows, base = [], {}
     for label, (model, hw, extra) in configs.items():
         m = results[label]
         if memory:
-            m.peak_mem_mb = forward_peak_memory_mb(model, batch_size, hw, device, dtype)
+            if extra.get("runtime", "eager") == "eager":
+                m.peak_mem_mb = forward_peak_memory_mb(model, batch_size, hw, device, dtype)
             steps.update()
-        row = {"label": label, **_row_fields(model), **extra}
+        if label in latency:
+            extra = dict(extra, lat1_ms=latency[label].latency_ms, lat1_p90_ms=latency[label].p90_ms)
+        row = {"label": label, **_row_fields(sources[label]), **extra}
         row.setdefault("model", label)
         ref = base.setdefault((row["model"], hw), m.img_per_s)
         row.update(img_size=_hw_str(hw), batch_size=batch_size, **info[label], img_per_s=m.img_per_s,
@@ -131,6 +155,29 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
         rows.append(row)
     steps.close()
     return rows
+
+
+def _with_runtimes(configs: dict, runtimes: Sequence[str], batch_size: int, device, dtype, workdir):
+    """One entry per (configuration, runtime), the eager one first under its own label."""
+    from leanvit.measure.runtimes import RUNTIMES, prepare_runtime
+
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad or not runtimes:
+        raise LeanvitError(f"unknown runtime(s) {', '.join(bad) or '(none)'} (known: {', '.join(RUNTIMES)})")
+    if "onnxruntime" in runtimes and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise LeanvitError("the onnxruntime runtime is measured on the CPU in float32 here")
+    out, sources = {}, {}
+    for label, (model, hw, extra) in configs.items():
+        model = model.to(device=device, dtype=dtype).eval()
+        for rt in runtimes:
+            example = torch.randn(batch_size, 3, *hw, device=device, dtype=dtype)
+            prepared = prepare_runtime(model, rt, example, workdir=workdir)
+            name = label if rt == "eager" else f"{label} [{rt}]"
+            row = dict(extra, runtime=rt, setup_s=prepared.setup_s)
+            row.setdefault("model", label)
+            out[name] = (prepared.model, hw, row)
+            sources[name] = model
+    return out, sources
 
 
 def _create_at_size(name: str, size, num_classes):

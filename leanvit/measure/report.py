@@ -5,7 +5,7 @@ import csv
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-__all__ = ["format_table", "BENCH_COLUMNS", "write_csv", "plot_benchmark"]
+__all__ = ["format_table", "BENCH_COLUMNS", "RUNTIME_COLUMNS", "LATENCY_COLUMNS", "write_csv", "plot_benchmark"]
 
 
 def format_table(rows: List[dict], columns: Sequence[Tuple[str, str, str]]) -> str:
@@ -33,6 +33,11 @@ BENCH_COLUMNS = (
     ("params_m", "params (M)", ".2f"), ("gmacs", "GMACs", ".3f"), ("img_per_s", "img/s", ".1f"),
     ("latency_ms", "ms/batch", ".2f"), ("peak_mem_mb", "peak mem (MiB)", ".1f"), ("speedup", "speed-up", ".2f"),
 )
+
+
+#: extra columns of ``leanvit bench --runtime ...`` and of the batch-1 latency pass
+RUNTIME_COLUMNS = (("runtime", "runtime", ""), ("setup_s", "compile/export (s)", ".1f"))
+LATENCY_COLUMNS = (("lat1_ms", "b1 ms (median)", ".2f"), ("lat1_p90_ms", "b1 ms (p90)", ".2f"))
 
 
 def write_csv(rows: List[dict], path) -> Path:

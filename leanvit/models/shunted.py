@@ -57,6 +57,11 @@ def stage_grids(img_size: SizeLike, num_stages: int = 4) -> List[Tuple[int, int]
     The stem halves the size twice (conv 7x7/s2/p3: ceil(n/2), conv 2x2/s2: floor(n/2)); each later
     patch embedding is a conv 3x3/s2/p1: ceil(n/2)."""
     h, w = _pair(img_size)
+    return _grids(h, w, num_stages)
+
+
+def _grids(h, w, num_stages: int):
+    """:func:`stage_grids` on sizes that may be symbolic (torch.export): integer arithmetic only."""
     h, w = ((h + 1) // 2) // 2, ((w + 1) // 2) // 2
     grids = [(h, w)]
     for _ in range(num_stages - 1):
@@ -401,7 +406,18 @@ class ShuntedTransformer(nn.Module):
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise LeanvitError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        _check_input(int(x.shape[-2]), int(x.shape[-1]), self.sr_ratios[:self.num_stages])
+        rates = self.sr_ratios[:self.num_stages]
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # torch.export / torch.compile / ONNX: the sizes may be symbolic. torch._check records the
+            # condition (a runtime assertion, a range on a dynamic dim) instead of specializing the graph
+            # to the example's size, as reading int(x.shape[-2]) would.
+            h, w = x.shape[-2], x.shape[-1]
+            m = min_input_size(rates)
+            for (gh, gw), r in zip(_grids(h, w, len(rates)), rates):
+                torch._check(gh >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
+                torch._check(gw >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
+            return
+        _check_input(int(x.shape[-2]), int(x.shape[-1]), rates)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's normalized map, (B, C, H/32, W/32)."""
@@ -492,21 +508,58 @@ _ARCHS = {
 }
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> ShuntedTransformer:
-    if pretrained:
+#: where the official checkpoints are (OliverRensu/Shunted-Transformer README and issue #1)
+OFFICIAL_WEIGHTS = ("the official ckpt_T.pth / ckpt_S.pth / ckpt_B.pth from the Google Drive folder "
+                    "https://drive.google.com/drive/folders/15iZKXFT7apjUSoN2WUMAbb0tvJgyh3YP or Baidu Pan "
+                    "(code hazr), linked from https://github.com/OliverRensu/Shunted-Transformer")
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
+    """timm ``pretrained_filter_fn`` for the official Shunted checkpoints: unwraps ``{"model": ...}``,
+    strips DDP/compile prefixes and maps towhee-style ``mlp.dwconv.<w>`` back to ``mlp.dwconv.dwconv.<w>``."""
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if ".mlp.dwconv." in k and ".mlp.dwconv.dwconv." not in k:
+            k = k.replace(".mlp.dwconv.", ".mlp.dwconv.dwconv.")
+        out[k] = v
+    return out
+
+
+def _check_weights_source(variant: str, pretrained_cfg, overlay) -> None:
+    """``pretrained=True`` needs a file (or another source) given by the user: the official weights are
+    on Google Drive / Baidu Pan, which timm cannot download."""
+    from timm.models import resolve_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    load_from, _ = _resolve_pretrained_source(cfg.to_dict())
+    if not load_from:
         raise LeanvitError(
-            f"{variant}: pretrained weights cannot be downloaded here; build with pretrained=False and pass a "
-            "local file (the official ckpt_*.pth) to leanvit.load_checkpoint(model, path)")
+            f"{variant}: pretrained=True needs the weights file; download {OFFICIAL_WEIGHTS}, then "
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='ckpt.pth')) "
+            "or leanvit.load_checkpoint(model, 'ckpt.pth')")
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> ShuntedTransformer:
     img_size = kwargs.get("img_size")
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if img_size is not None:
         h, w = _pair(img_size)
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        overlay = dict(overlay or {})
         overlay.setdefault("input_size", (kwargs.get("in_chans", 3), h, w))
-        kwargs["pretrained_cfg_overlay"] = overlay
+    if pretrained:
+        _check_weights_source(variant, kwargs.get("pretrained_cfg"), overlay)
     arch = dict(_ARCHS[variant])
     arch.update(kwargs)
     return build_model_with_cfg(
-        ShuntedTransformer, variant, pretrained=False,
+        ShuntedTransformer, variant, pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **arch,
     )

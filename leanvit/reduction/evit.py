@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from timm.models._features import feature_take_indices
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction.registry import ReductionMethod, cosine_schedule, register_reduction
@@ -26,7 +27,7 @@ from leanvit.reduction.reorg import FUSED_TOKEN_ID, check_keep_rate, class_token
 
 __all__ = [
     "apply_evit", "remove_evit", "is_evit", "default_locations", "keep_rate_schedule",
-    "kept_token_masks", "FUSED_TOKEN_ID", "per_layer_keep_rates", "EViTMethod",
+    "kept_token_masks", "tokens_to_grid", "FUSED_TOKEN_ID", "per_layer_keep_rates", "EViTMethod",
 ]
 
 KeepRate = Union[float, Sequence[float]]
@@ -67,9 +68,47 @@ def kept_token_masks(kept_indices: Sequence[torch.Tensor], num_patches: int) -> 
     return masks
 
 
+def tokens_to_grid(tokens: torch.Tensor, token_ids: torch.Tensor, num_patches: int, fuse: bool = True
+                   ) -> torch.Tensor:
+    """Scatter the image tokens of a reorganized sequence back onto the patch grid.
+
+    tokens: (B, L, C) non-prefix tokens; token_ids: (B, L) their original patch indices
+    (``FUSED_TOKEN_ID`` for a fused token). Returns (B, num_patches, C): each kept token at its patch;
+    every other patch holds the sequence's last token when that is a fused token (``fuse=True``: the
+    token the latest reorganization fused the removed ones into) and zeros otherwise.
+    """
+    B, L, C = tokens.shape
+    if fuse:
+        is_fused = (token_ids[:, -1:] == FUSED_TOKEN_ID).unsqueeze(-1)              # (B, 1, 1)
+        fill = torch.where(is_fused, tokens[:, -1:], torch.zeros_like(tokens[:, -1:]))
+    else:
+        fill = tokens.new_zeros(B, 1, C)
+    grid = fill.expand(B, num_patches + 1, C).clone()  # the extra slot collects fused tokens
+    safe = torch.where(token_ids < 0, torch.full_like(token_ids, num_patches), token_ids)
+    grid.scatter_(1, safe.unsqueeze(-1).expand(-1, -1, C), tokens)
+    return grid[:, :num_patches]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickling
+def _new_evit_object(base: type, mixin: type):
+    """Unpickling: an empty instance of the EViT subclass of ``base`` (its state is set afterwards)."""
+    cls = _evit_class(base, mixin)
+    return cls.__new__(cls)
+
+
+class _PicklableMixin:
+    """The EViT classes are made at run time and cannot be found by name, so pickle (``torch.save(model)``,
+    spawn multiprocessing) records the importable base class and mixin instead and rebuilds the class."""
+
+    def __reduce__(self):
+        state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
+        return _new_evit_object, (self._evit_base, self._evit_mixin), state
+
+
 # ---------------------------------------------------------------------------------------------
 # Block
-class EViTBlockMixin:
+class EViTBlockMixin(_PicklableMixin):
     """Added to a timm ``Block`` subclass: reorganize tokens between attention and MLP.
 
     Attributes: ``keep_rate`` (float, the block's own rate) and ``fuse`` (bool).
@@ -126,13 +165,13 @@ class EViTBlockMixin:
 
 # ---------------------------------------------------------------------------------------------
 # Model
-class EViTModelMixin:
+class EViTModelMixin(_PicklableMixin):
     """Added to a timm ``VisionTransformer`` subclass: per-call keep rate and kept-index bookkeeping."""
 
     evit_locations: Tuple[int, ...] = ()
 
     def _evit_blocks(self) -> List[nn.Module]:
-        return [self.blocks[i] for i in self.evit_locations]
+        return [self.blocks[i] for i in self.evit_locations if i < len(self.blocks)]
 
     @property
     def keep_rate(self) -> Union[float, Tuple[float, ...]]:
@@ -140,6 +179,8 @@ class EViTModelMixin:
 
         Assign a float (all blocks) or one value per location, e.g. from a training schedule."""
         rates = tuple(b.keep_rate for b in self._evit_blocks())
+        if not rates:  # every reorganizing block was pruned away (features_only)
+            return 1.0
         return rates[0] if len(set(rates)) == 1 else rates
 
     @keep_rate.setter
@@ -182,23 +223,98 @@ class EViTModelMixin:
         x = self.norm(x)
         return (x, kept) if return_kept_indices else x
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None, *args, output_fmt: str = "NCHW", **kwargs):
-        """timm's ``forward_intermediates``. Blocks after a reorganization hold fewer tokens than the patch
-        grid, so their maps exist only as token lists: ask for ``output_fmt="NLC"`` for those."""
-        if output_fmt == "NCHW":
-            depth = len(self.blocks)
-            if indices is None:
-                wanted = range(depth)
-            elif isinstance(indices, int):
-                wanted = range(depth - indices, depth)
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              output_dict: bool = False, attn_mask=None, is_causal: bool = False,
+                              keep_rate: Optional[KeepRate] = None):
+        """timm's ``forward_intermediates`` for an EViT model (same arguments and outputs, plus ``keep_rate``).
+
+        ``output_fmt="NLC"``: each block's tokens as they are (fewer after a reorganization; a fused token,
+        if any, last). ``output_fmt="NCHW"`` (the default, what ``features_only=True`` returns): maps on the
+        full patch grid. Blocks before the first reorganization give exactly the plain ViT's maps; after
+        one, each kept token is scattered back to the grid cell of its original patch, and every removed
+        patch takes the value of the fused token of the sequence (the one the latest reorganization
+        appended), or zeros when tokens are dropped (``fuse=False``). See :func:`tokens_to_grid`.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise LeanvitError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if attn_mask is not None or is_causal:
+            raise LeanvitError("EViT models do not support attention masks")
+        reshape = output_fmt == "NCHW"
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        rates = None if keep_rate is None else per_layer_keep_rates(keep_rate, len(self.evit_locations))
+        reorg_pos = {loc: j for j, loc in enumerate(self.evit_locations)}
+
+        B, _, height, width = x.shape
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        P = self.num_prefix_tokens
+        n = x.shape[1] - P
+        token_ids = torch.arange(n, device=x.device).unsqueeze(0).expand(B, -1) if reshape else None
+        reorganized = False
+        blocks = self.blocks if (torch.jit.is_scripting() or not stop_early) else self.blocks[:max_index + 1]
+        ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        intermediates, ids, moved = [], [], []
+        for i, blk in enumerate(blocks):
+            j = reorg_pos.get(i)
+            if j is None:
+                x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
             else:
-                wanted = [i % depth for i in indices]
-            late = [i for i in wanted if i >= self.evit_locations[0]]
-            if late:
-                raise LeanvitError(
-                    f"blocks {late} come after EViT's first reorganization (block {self.evit_locations[0]}) "
-                    "and no longer hold a full patch grid; use output_fmt='NLC' or earlier indices")
-        return super().forward_intermediates(x, indices, *args, output_fmt=output_fmt, **kwargs)
+                rate = blk.keep_rate if rates is None else rates[j]
+                cur = x.shape[1] - P
+                reorganized = reorganized or num_kept(rate, cur) < cur
+                x, token_ids = blk.forward_reorg(x, rate, token_ids)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+                ids.append(token_ids)
+                moved.append(reorganized)
+
+        prefix_tokens = [y[:, :P] for y in intermediates] if P else None
+        intermediates = [y[:, P:] for y in intermediates]
+        if reshape:
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [
+                (tokens_to_grid(y, t, n, self.fuse) if m else y).reshape(B, H, W, -1).permute(0, 3, 1, 2)
+                .contiguous() for y, t, m in zip(intermediates, ids, moved)]
+
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's pruning (used by ``features_only``); reorganizations in pruned blocks go with them."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.evit_locations = tuple(i for i in self.evit_locations if i < len(self.blocks))
+        return take_indices
+
+    # timm records the factory's keyword arguments in ``model._model_args`` (save_for_hf writes them to
+    # config.json as ``model_args``). Registered ``evit_*`` models report their *current* keep rate,
+    # locations and fuse flag there, so a saved model rebuilds as it is now.
+    @property
+    def _model_args(self) -> dict:
+        args = dict(self.__dict__.get("_model_args", {}))
+        if self.__dict__.get("evit_args_in_model_args"):
+            rate = self.keep_rate
+            args.update(keep_rate=list(rate) if isinstance(rate, tuple) else rate,
+                        locations=list(self.evit_locations), fuse=self.fuse)
+        return args
+
+    @_model_args.setter
+    def _model_args(self, value: dict) -> None:
+        self.__dict__["_model_args"] = dict(value)
 
     def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None, return_kept_indices: bool = False):
         """Logits; with ``return_kept_indices=True`` a tuple (logits, kept indices per reorganizing block)."""
@@ -223,8 +339,10 @@ _SUBCLASSES: dict = {}
 def _evit_class(base: type, mixin: type) -> type:
     key = (base, mixin)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"EViT{base.__name__}", (mixin, base), {"_evit_base": base})
+        _SUBCLASSES[key] = type(f"EViT{base.__name__}", (mixin, base), {"_evit_base": base, "_evit_mixin": mixin})
     return _SUBCLASSES[key]
+
+
 
 
 def is_evit(model: nn.Module) -> bool:

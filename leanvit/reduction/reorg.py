@@ -69,14 +69,15 @@ def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool 
     prefix, tokens = x[:, :P], x[:, P:]
     order_scores, order = scores.sort(dim=1, descending=True)
     keep_idx = order[:, :num_keep]
-    kept = tokens.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, C))
-    parts = [prefix, kept]
     new_ids = None if token_ids is None else token_ids.gather(1, keep_idx)
     if fuse and num_keep < n:
-        rest_idx = order[:, num_keep:]
-        rest = tokens.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, C))
-        weights = order_scores[:, num_keep:].unsqueeze(-1).to(rest.dtype)
-        parts.append((rest * weights).sum(dim=1, keepdim=True))
+        # one gather of all tokens in score order; kept and fused are views of it (batch-1 speed: every
+        # kernel launch counts, see benchmarks/bench_export.py)
+        ordered = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, C))
+        weights = order_scores[:, num_keep:].unsqueeze(-1).to(x.dtype)
+        fused = (ordered[:, num_keep:] * weights).sum(dim=1, keepdim=True)
         if new_ids is not None:
             new_ids = torch.cat([new_ids, new_ids.new_full((B, 1), FUSED_TOKEN_ID)], dim=1)
-    return torch.cat(parts, dim=1), new_ids
+        return torch.cat([prefix, ordered[:, :num_keep], fused], dim=1), new_ids
+    kept = tokens.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, C))
+    return torch.cat([prefix, kept], dim=1), new_ids

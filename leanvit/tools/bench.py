@@ -12,6 +12,8 @@ import torch
 
 from leanvit.errors import LeanvitError
 from leanvit.measure import BENCH_COLUMNS, benchmark_models, build_configurations, format_table, plot_benchmark, write_csv
+from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
+from leanvit.measure.runtimes import RUNTIMES
 from leanvit.reduction import parse_reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
 from leanvit.runtime import busy_note, environment, resolve_device
@@ -79,13 +81,21 @@ def add_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # --- runtimes and batch-1 latency (issue 12) ---
+    p.add_argument("--runtime", nargs="+", default=["eager"], metavar="R1,R2",
+                   help=f"runtimes to measure every model under: {', '.join(RUNTIMES)} (default eager); "
+                        "compile = torch.compile (its compile time is shown), onnxruntime = an ONNX export run "
+                        "by onnxruntime on the CPU (needs leanvit[export]); keep rates are fixed per entry")
+    p.add_argument("--latency-repeats", type=int, default=20, metavar="N",
+                   help="batch-1 latency: median and p90 over N interleaved runs (default 20; 0 = skip)")
     p.add_argument("--output", default="leanvit_bench", metavar="DIR",
                    help="folder for bench.csv and bench.png (default ./leanvit_bench)")
 
 
 def _check_numbers(args) -> None:
     for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--warmup", args.warmup, 0),
-                        ("--repeats", args.repeats, 1), ("--threads", args.threads or 1, 1)):
+                        ("--repeats", args.repeats, 1), ("--threads", args.threads or 1, 1),
+                        ("--latency-repeats", args.latency_repeats, 0)):
         if v < lo:
             raise LeanvitError(f"{flag} must be >= {lo}, got {v}")
 
@@ -98,6 +108,10 @@ def run(args) -> int:
     if args.keep_rates or not reductions:
         reductions += [("evit", r) if r is not None else (None, None) for r in parse_keep_rates(args.keep_rates)]
     img_sizes = parse_img_sizes(args.img_sizes)
+    runtimes = split_list(args.runtime) or ["eager"]
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise LeanvitError(f"--runtime: unknown {', '.join(unknown)} (known: {', '.join(RUNTIMES)})")
     _check_numbers(args)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -113,8 +127,16 @@ def run(args) -> int:
     for n in notes + ([busy] if busy else []):
         print(f"note: {n}")
     rows = benchmark_models(configs, batch_size=args.batch_size, device=device, dtype=dtype, warmup=args.warmup,
-                            repeats=args.repeats, memory=not args.no_memory, progress=not args.no_progress)
-    print(format_table(rows, BENCH_COLUMNS))
+                            repeats=args.repeats, memory=not args.no_memory, progress=not args.no_progress,
+                            runtimes=runtimes, latency_repeats=args.latency_repeats, workdir=out / "onnx")
+    columns = BENCH_COLUMNS[:1] + (RUNTIME_COLUMNS[:1] if runtimes != ["eager"] else ()) + BENCH_COLUMNS[1:]
+    columns += (RUNTIME_COLUMNS[1:] if runtimes != ["eager"] else ()) + (LATENCY_COLUMNS if args.latency_repeats else ())
+    print(format_table(rows, columns))
+    if args.latency_repeats:
+        print(f"b1 ms: batch-1 latency, median and 90th percentile of {args.latency_repeats} interleaved runs")
+    if "compile" in runtimes:
+        print("compile/export (s): torch.compile's first call (compile) or ONNX export + session creation "
+              "(onnxruntime); one compiled graph / ONNX file per keep rate")
     if not args.no_memory:
         print("peak mem: " + ("CUDA allocator peak of one forward pass minus what was allocated before it"
                               if device.type == "cuda" else
