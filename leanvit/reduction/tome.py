@@ -139,7 +139,7 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], src: torch.Tenso
     # size-weighted average, touching only the r merged rows:
     #   x_b' = (s_b x_b + sum s_i x_i) / S = x_b + sum s_i (x_i - x_b) / S,   S = s_b + sum s_i
     src_x = x.gather(1, src_pos.unsqueeze(-1).expand(-1, -1, C))
-    dst_x = out.gather(1, dst_pos.unsqueeze(-1).expand(-1, -1, C))
+    dst_x = x.gather(1, (P + 1 + 2 * dst).unsqueeze(-1).expand(-1, -1, C))  # from x: out is changed below
     delta = (src_x - dst_x) * (src_size / new_size.gather(1, dst_pos.unsqueeze(-1)))
     out.scatter_add_(1, dst_pos.unsqueeze(-1).expand(-1, -1, C), delta)  # out is a fresh gather: in place is safe
     x, size = out, new_size
