@@ -20,6 +20,7 @@ COMMANDS = {
     "viz": ("leanvit.tools.viz", "draw which tokens EViT kept"),
     "flops": ("leanvit.tools.flops", "GMACs of a model in the papers' convention"),
     "demo": ("leanvit.tools.demo", "the main job on the embedded digits data"),
+    "sweep": ("leanvit.tools.sweep", "accuracy vs throughput/latency over a grid of reductions; Pareto front"),
 }
 
 
