@@ -101,11 +101,21 @@ def _limited(dataset, limit: Optional[int]):
     return Subset(dataset, [int(i * n / limit) for i in range(limit)])  # spread: every class represented
 
 
+def _cached(loader, n: int, hw, cache_mb: float):
+    """The loader's batches decoded once and kept in memory when they fit in ``cache_mb`` (every point is
+    evaluated on the same images, so they are read and transformed once, not once per point); else the
+    loader itself."""
+    if n * 3 * hw[0] * hw[1] * 4 > cache_mb * 2**20:
+        return loader
+    return [(x, torch.as_tensor(y)) for x, y in loader]
+
+
 def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tuple[int, int]]],
               grid: Sequence[SweepPoint], data, img_sizes: Sequence[Optional[Tuple[int, int]]] = (None,),
               config: Optional[dict] = None, batch_size: int = 64, eval_batch_size: int = 64,
               limit_images: Optional[int] = None, device="cpu", warmup: int = 2, repeats: int = 5,
-              latency_repeats: int = 15, workers: int = 0, progress: bool = True) -> SweepResult:
+              latency_repeats: int = 15, workers: int = 0, progress: bool = True,
+              cache_mb: float = 1024) -> SweepResult:
     """Evaluate and time every (input size, reduction) point.
 
     Args:
@@ -115,6 +125,7 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
         config: the training config a checkpoint records (its data options and crop ratio are used).
         batch_size: batch of the throughput measurement; eval_batch_size: of the accuracy evaluation.
         limit_images: evaluate on this many images spread over the data (a quick look).
+        cache_mb: evaluation data up to this size is prepared once per input size and kept in memory.
     Returns a :class:`SweepResult`; each row has ``label, reduction, strength, value, img_size, top1, top5,
     loss, images, top1_drop, gmacs, img_per_s, speedup, latency_ms, p90_ms, front`` and the setting fields."""
     if not grid:
@@ -143,7 +154,8 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
         per_method: Dict[str, nn.Module] = {}
         dataset = _limited(build_eval_dataset(data, plain, hw, config=config,
                                               options=dataset_options(data, config)), limit_images)
-        loader = DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, num_workers=workers)
+        loader = _cached(DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, num_workers=workers),
+                         len(dataset), hw, cache_mb)
         wanted = [(None, None)] + [p for p in grid if p != (None, None)]  # each size's unreduced point first
         for method, value in wanted:
             if method is None:
@@ -260,7 +272,8 @@ def plot_pareto(rows: Sequence[dict], path, title: str = "", chosen: Optional[di
             c = f"C{methods.index(r['reduction']) % 10}"
             mk = "*" if r is rows[0] else markers[sizes.index(r["img_size"]) % len(markers)]
             ax.scatter(r[key], r["top1"], color=c, marker=mk, s=120 if mk == "*" else 36, zorder=3)
-            ax.annotate(r["strength"] if r["reduction"] != "none" else "base", (r[key], r["top1"]),
+            text = r["strength"] if r["reduction"] != "none" else ("base" if r is rows[0] else "none")
+            ax.annotate(text, (r[key], r["top1"]),
                         textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = pareto_front(rows, key, higher)
         fx = [rows[i][key] for i in front]
