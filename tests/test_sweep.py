@@ -100,3 +100,26 @@ def test_sweep_cli_errors(tiny_checkpoint, capsys):
                    "--model and/or --checkpoint")
     one_line_error(*cli_error(capsys, "sweep", "--checkpoint", str(tiny_checkpoint), "--data", "digits",
                               "--reduction", "evit:0.7", "--img-sizes", "0"), "--img-sizes")
+
+
+@pytest.mark.slow
+def test_demo_sweep_section(tmp_path):
+    """The demo's sweep step on a tiny trained DeiT III model and its EViT version: report section,
+    sweep.csv and pareto.png."""
+    from leanvit.reduction.evit import apply_evit
+    from leanvit.runtime import build_model
+    from leanvit.tools import demo
+    from leanvit.train import train
+
+    res = train({"model": "deit3_small_patch16_224", "img_size": 32, "data": "digits",
+                 "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                 "digits": {"val_fraction": 0.05}, "crop": "none", "hflip": 0.0, "batch_size": 16,
+                 "max_train_batches": 2, "epochs": 1, "warmup_epochs": 0, "workers": 0, "mixup": 0.0, "cutmix": 0.0,
+                 "output": str(tmp_path / "deit3")}, progress=False, device="cpu")
+    evit = apply_evit(build_model(checkpoint=res["best"]).model, keep_rate=0.7)
+    text = demo._sweep_section(tmp_path, res["best"], evit, quick=True, progress=False)
+    assert "## Sweep" in text and "pareto.png" in text and "evit fine-tuned" in text
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert [r["reduction"] for r in rows] == ["none", "evit", "evit-drop", "tome", "evit fine-tuned"]
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Chosen" in text or "No configuration" in text

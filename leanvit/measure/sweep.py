@@ -33,7 +33,7 @@ from leanvit.evaluate import evaluate
 from leanvit.measure.flops import gmacs
 from leanvit.measure.timing import interleaved_measure
 from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec, remove_reduction
-from leanvit.runtime import to_2tuple
+from leanvit.runtime import model_input_size, to_2tuple
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
               config: Optional[dict] = None, batch_size: int = 64, eval_batch_size: int = 64,
               limit_images: Optional[int] = None, device="cpu", warmup: int = 2, repeats: int = 5,
               latency_repeats: int = 15, workers: int = 0, progress: bool = True,
-              cache_mb: float = 1024) -> SweepResult:
+              cache_mb: float = 1024, extra_models: Optional[Dict[str, nn.Module]] = None) -> SweepResult:
     """Evaluate and time every (input size, reduction) point.
 
     Args:
@@ -126,6 +126,9 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
         batch_size: batch of the throughput measurement; eval_batch_size: of the accuracy evaluation.
         limit_images: evaluate on this many images spread over the data (a quick look).
         cache_mb: evaluation data up to this size is prepared once per input size and kept in memory.
+        extra_models: other models to place among the points as they are (e.g. a fine-tuned EViT model:
+            ``{"evit fine-tuned": model}``), evaluated at their own input size and strength, timed in the
+            same interleaved run; their rows have ``reduction`` = the given name.
     Returns a :class:`SweepResult`; each row has ``label, reduction, strength, value, img_size, top1, top5,
     loss, images, top1_drop, gmacs, img_per_s, speedup, latency_ms, p90_ms, front`` and the setting fields."""
     if not grid:
@@ -177,6 +180,22 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
                                _model=model, _kwargs=kwargs))
             bar.update()
             bar.set_postfix_str(points[-1]["label"])
+        if size is None:
+            for name, model in (extra_models or {}).items():
+                model = model.eval()
+                mhw = to_2tuple(model_input_size(model))
+                mloader = loader
+                if mhw != hw:
+                    mloader = DataLoader(_limited(build_eval_dataset(data, model, mhw, config=config,
+                                                                     options=dataset_options(data, config)),
+                                                  limit_images), batch_size=eval_batch_size, num_workers=workers)
+                res = evaluate(model, mloader, device=device, progress=False)
+                method = applied_reduction(model)
+                strength = method.format_strength(method.get_strength(model)) if method else "-"
+                points.append(dict(label=f"{name} @{mhw[0]}x{mhw[1]}", reduction=name, strength=strength,
+                                   value=None, hw=mhw, img_size=f"{mhw[0]}x{mhw[1]}", top1=res["top1"],
+                                   top5=res["top5"], loss=res["loss"], images=res["images"],
+                                   gmacs=gmacs(model, mhw), _model=model, _kwargs={}))
     bar.close()
 
     # speed: all points in one interleaved run, at a large batch and at batch 1
@@ -245,6 +264,8 @@ def apply_line(row: dict) -> Tuple[str, str]:
     size_opt = f" --img-size {size[0]}" if size[0] == size[1] else f" --img-size {size[0]} {size[1]}"
     if row["reduction"] == "none":
         return size_opt.strip(), "leanvit.reduction.remove_reduction(model)"
+    if row.get("value") is None:  # a model placed among the points as it is (``extra_models``)
+        return size_opt.strip(), f"# {row['reduction']}: the model as it is"
     m = get_reduction(row["reduction"])
     value = row["value"]
     value_py = list(value) if isinstance(value, tuple) else value
