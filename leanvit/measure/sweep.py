@@ -76,11 +76,11 @@ class _FixedInput(nn.Module):
     """Runs ``model`` at a fixed strength on its own fixed input (so points of different input sizes can be
     timed in one interleaved run); the input ``interleaved_measure`` passes is ignored."""
 
-    def __init__(self, model: nn.Module, kwargs: dict, batch: int, hw: Tuple[int, int], in_chans: int = 3):
+    def __init__(self, model: nn.Module, kwargs: dict, x: torch.Tensor):
         super().__init__()
         self.model = model
         self.kwargs = kwargs
-        self.register_buffer("x", torch.randn(batch, in_chans, *hw), persistent=False)
+        self.register_buffer("x", x, persistent=False)
 
     def forward(self, _ignored):
         return self.model(self.x, **self.kwargs)
@@ -200,10 +200,16 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
 
     # speed: all points in one interleaved run, at a large batch and at batch 1
     steps = tqdm(total=2, desc="sweep: timing", unit="run", disable=not progress, leave=False)
-    big = {p["label"]: _FixedInput(p["_model"], p["_kwargs"], batch_size, p["hw"]) for p in points}
+    inputs: Dict[tuple, torch.Tensor] = {}  # one random batch per (batch size, input size), shared
+
+    def fixed(p, batch):
+        x = inputs.setdefault((batch, p["hw"]), torch.randn(batch, 3, *p["hw"]))
+        return _FixedInput(p["_model"], p["_kwargs"], x)
+
+    big = {p["label"]: fixed(p, batch_size) for p in points}
     thr = interleaved_measure(big, batch_size=1, img_size=8, device=device, warmup=warmup, repeats=repeats)
     steps.update()
-    one = {p["label"]: _FixedInput(p["_model"], p["_kwargs"], 1, p["hw"]) for p in points}
+    one = {p["label"]: fixed(p, 1) for p in points}
     lat = interleaved_measure(one, batch_size=1, img_size=8, device=device, warmup=warmup, repeats=latency_repeats)
     steps.update()
     steps.close()

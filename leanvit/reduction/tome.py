@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from leanvit.errors import LeanvitError
-from leanvit.reduction.registry import ReductionMethod, cosine_schedule, register_reduction
+from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
 
 __all__ = ["apply_tome", "remove_tome", "is_tome", "check_r", "per_layer_r", "decreasing_schedule",
            "bipartite_soft_matching", "merge_tokens", "tokens_per_block", "ToMeMethod", "SCHEDULES"]
@@ -353,8 +353,7 @@ def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop
         raise LeanvitError(f"ToMe schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if is_tome(model):
         remove_tome(model)
-    from leanvit.reduction.registry import applied_reduction  # another method applied: remove it first
-    other = applied_reduction(model)
+    other = applied_reduction(model)  # another method applied: remove it first
     if other is not None:
         other.remove(model)
     for i, blk in enumerate(blocks):
