@@ -7,7 +7,8 @@ import leanvit
 from leanvit.reduction.tome import is_tome
 from leanvit.train import load_recipe, resolve_config, train
 
-TINY = dict(model="deit3_small_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+TINY = dict(model="deit3_small_patch16_224",
+            model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
             img_size=32, data="digits", digits={"val_fraction": 0.05}, crop="none", hflip=0.0, batch_size=16,
             max_train_batches=3, epochs=3, warmup_epochs=0, lr=1e-3, opt="adamw", loss="ce", mixup=0.0,
             cutmix=0.0, workers=0, eval_every=3)

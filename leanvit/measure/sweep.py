@@ -240,8 +240,8 @@ def pareto_front(rows: Sequence[dict], speed_key: str, higher: bool = True) -> L
 
     front = []
     for i, r in enumerate(rows):
-        dominated = any(speed(o) >= speed(r) and o["top1"] >= r["top1"] and (speed(o) > speed(r) or o["top1"] > r["top1"])
-                        for j, o in enumerate(rows) if j != i)
+        dominated = any(speed(o) >= speed(r) and o["top1"] >= r["top1"]
+                        and (speed(o) > speed(r) or o["top1"] > r["top1"]) for j, o in enumerate(rows) if j != i)
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: -speed(rows[i]))
@@ -293,7 +293,8 @@ def plot_pareto(rows: Sequence[dict], path, title: str = "", chosen: Optional[di
     sizes = list(dict.fromkeys(r["img_size"] for r in rows))
     markers = "osD^v<>ph"
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.2))
-    for ax, key, higher, xlabel in ((axes[0], "img_per_s", True, f"throughput (img/s, batch {rows[0].get('batch_size', '?')})"),
+    batch = rows[0].get("batch_size", "?")
+    for ax, key, higher, xlabel in ((axes[0], "img_per_s", True, f"throughput (img/s, batch {batch})"),
                                     (axes[1], "latency_ms", False, "batch-1 latency (ms, median)")):
         for r in rows:
             c = f"C{methods.index(r['reduction']) % 10}"

@@ -98,7 +98,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int
 
     ``metric``: (B, n, d) for the n mergeable tokens (prefix tokens excluded). Set A = even positions,
     set B = odd positions. Returns ``(src, dst, unm)``: (B, r) indices into A of the merged tokens,
-    (B, r) indices into B of their partners, (B, |A| - r) indices into A, in increasing order, of the A tokens kept as they are.
+    (B, r) indices into B of their partners, (B, |A| - r) indices into A, in increasing order, of the A
+    tokens kept as they are.
     ``r`` must be <= n // 2."""
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, ::2], metric[:, 1::2]
