@@ -21,6 +21,7 @@ COMMANDS = {
     "flops": ("leanvit.tools.flops", "GMACs of a model in the papers' convention"),
     "demo": ("leanvit.tools.demo", "the main job on the embedded digits data"),
     "export": ("leanvit.tools.export", "export to ONNX or torch.export (.pt2) and verify against PyTorch"),
+    "sweep": ("leanvit.tools.sweep", "accuracy vs throughput/latency over a grid of reductions; Pareto front"),
 }
 
 

@@ -5,7 +5,8 @@
     method = leanvit.reduction.applied_reduction(model)           # the EViT method
     method.set_strength(model, 0.5)                               # its knob (keep_rate)
 
-Registered: ``evit`` (EViT, fused inattentive token) and ``evit-drop`` (EViT dropping them).
+Registered: ``evit`` (EViT, fused inattentive token), ``evit-drop`` (EViT dropping them) and ``tome``
+(ToMe token merging, knob ``r``).
 A new method is one module here plus :func:`register_reduction` (see CONTRIBUTING.md).
 """
 from leanvit.reduction.registry import (
@@ -13,6 +14,7 @@ from leanvit.reduction.registry import (
     list_reductions, parse_reduction_spec, reduction_spec, register_reduction, remove_reduction,
 )
 from leanvit.reduction import evit  # noqa: F401,E402  (registers "evit" and "evit-drop")
+from leanvit.reduction import tome  # noqa: F401,E402  (registers "tome")
 
 __all__ = ["ReductionMethod", "register_reduction", "get_reduction", "list_reductions", "apply_reduction",
            "remove_reduction", "applied_reduction", "reduction_spec", "apply_reduction_spec",

@@ -143,6 +143,7 @@ def run(args) -> int:
     kept_png = render_kept_tokens(evit, picks, out / "kept_tokens.png", names=names, class_names=list(ds.classes))
     acc_png = _accuracy_plot(rows, out / "accuracy_vs_throughput.png")
     report = _report(rows, times, environment("cpu"), args.quick, time.perf_counter() - t0, kept_png, acc_png, cfg)
+    report += _sweep_section(out, deit3_ckpt, evit, args.quick, progress)  # issue 13: leanvit sweep
     (out / "report.md").write_text(report)
     print("\n" + _table(rows))
     print(f"\nwrote {out / 'report.md'}, {acc_png}, {kept_png} ({time.perf_counter() - t0:.0f} s in all)")
@@ -176,4 +177,57 @@ Total time: {seconds:.0f} s.
 Which patches the EViT model kept after each reorganizing layer (removed or fused patches are black):
 
 ![kept tokens]({kept_png.name})
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 13: a `leanvit sweep` of the DeiT III demo model (EViT fused / dropping, ToMe) with the fine-tuned
+# EViT model among the points; the Pareto picture and the chosen point go into report.md.
+_SWEEP = {"full": dict(grid=["evit:1.0,0.9,0.8,0.7,0.6,0.5", "evit-drop:0.7,0.5", "tome:2,4,6,8"], limit=None,
+                       repeats=5, latency_repeats=15, max_drop=1.0),
+          "quick": dict(grid=["evit:0.7", "evit-drop:0.7", "tome:4"], limit=200, repeats=2, latency_repeats=5,
+                        max_drop=1.0)}
+
+
+def _sweep_section(out: Path, deit3_ckpt: str, evit_model, quick: bool, progress: bool) -> str:
+    """Run the sweep, write ``sweep.csv`` / ``pareto.png`` into ``out`` and return the report's section."""
+    from leanvit.measure.report import format_table, write_csv
+    from leanvit.measure.sweep import SWEEP_COLUMNS, apply_line, choose, parse_grid, plot_pareto, run_sweep
+
+    st = _SWEEP["quick" if quick else "full"]
+    print("\n== sweep (accuracy vs throughput and batch-1 latency)", flush=True)
+    built = build_model(None, deit3_ckpt)
+    result = run_sweep(lambda size: (built.model, built.img_size), parse_grid(st["grid"]), built.config["data"],
+                       config=built.config, batch_size=_BENCH_BATCH, limit_images=st["limit"],
+                       repeats=st["repeats"], latency_repeats=st["latency_repeats"], progress=progress,
+                       extra_models={"evit fine-tuned": evit_model})
+    rows = result.rows
+    write_csv(rows, out / "sweep.csv")
+    chosen = choose(rows, max_drop=st["max_drop"])
+    png = plot_pareto(rows, out / "pareto.png", title="deit3_demo on the digits: accuracy vs speed", chosen=chosen)
+    table = format_table(rows, SWEEP_COLUMNS)
+    print(table)
+    if chosen is None:
+        pick = f"No configuration stays within {st['max_drop']:g} top-1 points of the unreduced model."
+    else:
+        opts, py = apply_line(chosen)
+        pick = (f"Chosen (fastest within {st['max_drop']:g} top-1 points of the unreduced model): "
+                f"**{chosen['label']}**: top-1 {chosen['top1']:.2f}% (drop {chosen['top1_drop']:.2f}), "
+                f"{chosen['speedup']:.2f}x throughput, batch-1 latency {chosen['latency_ms']:.2f} ms. "
+                f"Apply it with `leanvit eval --checkpoint {deit3_ckpt} --data digits {opts}` or `{py}`.")
+    return f"""
+## Sweep: which reduction, at which strength (`leanvit sweep`)
+
+The DeiT III demo model with EViT (fused, dropping) and ToMe applied off the shelf at several strengths,
+and the EViT fine-tuned model, on {rows[0]['images']} validation images; throughput at batch {_BENCH_BATCH} and
+batch-1 latency (median, p90) measured for all points in one interleaved run. Drop: top-1 points below
+the unreduced model; pareto: on the front of top-1 vs throughput (thr) / latency (lat).
+
+```
+{table}
+```
+
+{pick}
+
+![Pareto front]({png.name})
 """

@@ -1,9 +1,11 @@
-"""``leanvit viz``: draw which tokens EViT kept (library: :mod:`leanvit.viz`).
+"""``leanvit viz``: draw which tokens EViT kept (library: :mod:`leanvit.viz`), or, for a ToMe model
+(``--reduction tome:8`` or a ToMe checkpoint), which patches were merged together (:mod:`leanvit.viz_merge`).
 
     leanvit viz --model evit_deit_small_patch16_224 --checkpoint evit.pth --images a.jpg b.png --output viz/
     leanvit viz --checkpoint runs/evit_demo/best.pth --data digits --num-images 8 --output viz/
 
-Writes one PNG per image (``NNN_<name>.png``) and all rows in one grid, ``kept_tokens.png``.
+Writes one PNG per image (``NNN_<name>.png``) and all rows in one grid, ``kept_tokens.png``
+(``merged_tokens.png`` for ToMe).
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from leanvit.data import create_dataset, dataset_classes, dataset_options
 from leanvit.data.folder import load_image
 from leanvit.errors import LeanvitError
 from leanvit.reduction.evit import is_evit
+from leanvit.reduction.tome import is_tome
 from leanvit.runtime import resolve_device
 from leanvit.tools._common import add_model_arguments, build_from_args, check_output_folder
 from leanvit.viz import visualize
+from leanvit.viz_merge import visualize_merges
 
 
 def add_arguments(p) -> None:
@@ -61,11 +65,13 @@ def run(args) -> int:
     built = build_from_args(args, data_classes=len(class_names) if class_names else None)
     if items is None:  # drawn with the data settings the checkpoint records
         items = _data_items(args.data, built.config, args.num_images)
-    if not is_evit(built.model):
-        raise LeanvitError(f"{args.model or 'the model'} does not reorganize tokens: use an EViT model "
-                           "(evit_*) or pass --keep-rate to apply EViT to a plain ViT")
+    merging = is_tome(built.model)  # ToMe: draw the merged groups instead of the kept tokens
+    if not merging and not is_evit(built.model):
+        raise LeanvitError(f"{args.model or 'the model'} does not reorganize tokens nor merge them: use an "
+                           "EViT model (evit_*), or pass --keep-rate / --reduction evit:R or tome:R to a plain ViT")
     model = built.model.to(device)
-    paths = visualize(model, [im for _, im in items], out, names=[n for n, _ in items], class_names=class_names,
-                      batch_size=args.batch_size)
+    draw = visualize_merges if merging else visualize
+    paths = draw(model, [im for _, im in items], out, names=[n for n, _ in items], class_names=class_names,
+                 batch_size=args.batch_size)
     print(f"wrote {len(paths) - 1} image rows and the grid {paths[-1]}")
     return 0

@@ -1,0 +1,79 @@
+"""ToMe vs vanilla DeiT-S (and EViT beside): throughput and GMACs, measured side by side in one run.
+
+timm's ``deit_small_patch16_224`` (random weights) against leanvit's ToMe version of the same weights
+(``r`` tokens merged per block, proportional attention through SDPA) and EViT keep 0.7 (fused, blocks
+3/6/9). Inference mode, fp32, batch 32, 2 threads by default; the timed runs are interleaved so that
+drifts of a shared machine hit all models alike.
+
+Target (issue 13): ToMe r=13 >= 1.7x timm DeiT-S (published: 1.67x on a V100 for the explicit-softmax
+implementation).
+
+    python benchmarks/bench_tome.py [--batch-size 32] [--repeats 7] [--threads 2] [--r 13 8] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import timm
+import torch
+
+import leanvit
+from leanvit.measure import interleaved_measure
+from leanvit.runtime import environment
+
+TARGETS = {"tome r=13": 1.7}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--r", type=int, nargs="+", default=[13])
+    p.add_argument("--evit", type=float, nargs="*", default=[0.7], help="EViT keep rates measured beside")
+    p.add_argument("--quick", action="store_true", help="batch 8, 3 repeats (a smoke run, not a measurement)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.repeats, args.warmup = 8, 3, 1
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    vanilla = timm.create_model("deit_small_patch16_224").eval()
+    models = {"deit_small (timm)": vanilla}
+    for r in args.r:
+        models[f"tome r={r}"] = leanvit.apply_reduction(copy.deepcopy(vanilla), "tome", r=r)
+    for k in args.evit:
+        models[f"evit keep {k:g}"] = leanvit.apply_reduction(copy.deepcopy(vanilla), "evit", keep_rate=k)
+    macs = {name: leanvit.gmacs(m) for name, m in models.items()}
+
+    load = os.getloadavg()
+    print(f"ToMe/EViT-DeiT-S vs timm deit_small_patch16_224 | {environment(args.device)} | dtype=float32 | "
+          f"batch={args.batch_size} | warmup={args.warmup}, median of {args.repeats} interleaved runs | "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    res = interleaved_measure(models, batch_size=args.batch_size, device=args.device, warmup=args.warmup,
+                              repeats=args.repeats)
+    base = res["deit_small (timm)"].img_per_s
+    base_macs = macs["deit_small (timm)"]
+    print(f"{'model':<20} {'GMACs':>6} {'img/s':>9} {'ms/batch':>9} {'p90 ms':>9} {'speed-up':>9} "
+          f"{'FLOPs bound':>12}  target")
+    failed = []
+    for name, m in res.items():
+        ratio = m.img_per_s / base
+        target = TARGETS.get(name)
+        verdict = "" if target is None else (f">= {target:.2f}x " + ("ok" if ratio >= target else "MISSED"))
+        if target is not None and ratio < target:
+            failed.append(name)
+        print(f"{name:<20} {macs[name]:6.2f} {m.img_per_s:9.1f} {m.latency_ms:9.1f} {m.p90_ms:9.1f} "
+              f"{ratio:8.2f}x {base_macs / macs[name]:11.2f}x  {verdict}")
+    if failed and not args.quick:
+        print(f"targets missed: {', '.join(failed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

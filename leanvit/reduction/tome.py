@@ -1,0 +1,424 @@
+"""Token merging (ToMe; Bolya et al., ICLR 2023) for timm Vision Transformers.
+
+``apply_tome(model, r)`` makes a timm ``VisionTransformer`` (DeiT, DeiT III, ViT, register-token ViTs,
+global-pool ViTs) merge ``r`` tokens in every block, in place. In each block, between attention and MLP:
+
+1. *Bipartite soft matching*: the block's attention keys, averaged over heads and L2-normalised, are the
+   similarity metric. The mergeable (non-prefix) tokens are split alternately into sets A and B; each A
+   token is paired with its most similar (cosine) B token; the ``r`` A tokens with the most similar
+   partners are merged into them. At most half of the mergeable tokens can go in one block, so a block
+   merges ``min(r, n // 2)`` of its ``n`` mergeable tokens.
+2. *Size-weighted merging*: every token carries its size ``s`` (the number of patches it stands for); a
+   merge is the average of the merged tokens weighted by their sizes, and the sizes add.
+3. *Proportional attention*: once tokens have sizes, attention becomes ``softmax(q k^T / sqrt(d) + log s)``
+   (a merged key counts as many). It runs through ``F.scaled_dot_product_attention`` with ``log s`` as a
+   float attention mask (no explicit softmax); the explicit path is used only when the timm Attention has
+   ``fused_attn=False``.
+
+Prefix tokens (class, distillation, registers) are never merged, neither away nor into. LayerScale
+(``ls1``/``ls2``, DeiT III), q/k norms and attention gates of the timm block are kept. No parameter is
+added; with ``r=0`` every block runs timm's own forward, so the logits are exactly the original model's.
+Like EViT, the classes of the model and blocks are swapped for subclasses (names and weights stay);
+:func:`remove_tome` swaps them back.
+
+The merge schedule ``r`` is an int (the same in every block), one int per block, or, with
+``schedule="decreasing"``, an int turned into a linearly decreasing per-block schedule (from ``2r`` down to
+0, about the same total). ``model.r = 8`` changes it; ``model(x, r=8)`` overrides it for one call.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from leanvit.errors import LeanvitError
+from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
+
+__all__ = ["apply_tome", "remove_tome", "is_tome", "check_r", "per_layer_r", "decreasing_schedule",
+           "bipartite_soft_matching", "merge_tokens", "tokens_per_block", "ToMeMethod", "SCHEDULES"]
+
+RValue = Union[int, Sequence[int]]
+SCHEDULES = ("constant", "decreasing")
+
+
+# ---------------------------------------------------------------------------------------------
+# The knob
+def check_r(value, where: str = "r") -> int:
+    """``value`` as a merge count: an integer >= 0 (a clear error otherwise)."""
+    try:
+        v = value.item() if torch.is_tensor(value) else value
+        f = float(v)
+    except (TypeError, ValueError):
+        raise LeanvitError(f"{where} must be an integer >= 0 (tokens merged per block), got {value!r}") from None
+    if math.isnan(f) or f < 0 or f != int(f) or isinstance(v, bool):
+        raise LeanvitError(f"{where} must be an integer >= 0 (tokens merged per block), got {value!r}")
+    return int(f)
+
+
+def decreasing_schedule(r: int, depth: int) -> Tuple[int, ...]:
+    """A linearly decreasing per-block schedule, from ``2r`` in the first block to 0 in the last
+    (about ``r x depth`` merges in all, as a constant ``r``)."""
+    r = check_r(r)
+    if depth <= 1:
+        return (r,) * depth
+    return tuple(int(round(2 * r * (depth - 1 - i) / (depth - 1))) for i in range(depth))
+
+
+def per_layer_r(value: RValue, depth: int, schedule: str = "constant") -> Tuple[int, ...]:
+    """One merge count per block from an int (``schedule`` constant or decreasing) or a per-block list."""
+    if schedule not in SCHEDULES:
+        raise LeanvitError(f"ToMe schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if isinstance(value, (list, tuple)):
+        if len(value) != depth:
+            raise LeanvitError(f"got {len(value)} merge counts r for a model of {depth} blocks")
+        return tuple(check_r(v, f"r[{i}]") for i, v in enumerate(value))
+    r = check_r(value)
+    return decreasing_schedule(r, depth) if schedule == "decreasing" else (r,) * depth
+
+
+def tokens_per_block(num_patches: int, r_per_block: Sequence[int]) -> List[int]:
+    """Mergeable tokens entering each block (and, last, leaving the model) under the rule
+    ``n -> n - min(r, n // 2)``."""
+    counts = [num_patches]
+    for r in r_per_block:
+        n = counts[-1]
+        counts.append(n - min(r, n // 2))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching and merging (batched: fixed shapes, no per-sample Python)
+def bipartite_soft_matching(metric: torch.Tensor, r: int
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bipartite soft matching of the mergeable tokens.
+
+    ``metric``: (B, n, d) for the n mergeable tokens (prefix tokens excluded). Set A = even positions,
+    set B = odd positions. Returns ``(src, dst, unm)``: (B, r) indices into A of the merged tokens,
+    (B, r) indices into B of their partners, (B, |A| - r) indices into A, in increasing order, of the A
+    tokens kept as they are.
+    ``r`` must be <= n // 2."""
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)                     # (B, |A|, |B|) cosine similarities
+    best, partner = scores.max(dim=-1)                    # each A token's most similar B token
+    order = best.argsort(dim=-1, descending=True)         # most similar pairs first
+    src = order[:, :r]
+    unm = order[:, r:].sort(dim=-1).values                # kept A tokens stay in their original order
+    return src, partner.gather(1, src), unm
+
+
+def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], src: torch.Tensor, dst: torch.Tensor,
+                 unm: torch.Tensor, num_prefix_tokens: int, groups: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Merge the A tokens ``src`` into the B tokens ``dst`` by size-weighted averages.
+
+    x: (B, N, C); size: (B, N, 1) token sizes or None (all 1). The new sequence is the prefix tokens,
+    then the unmerged A tokens, then the B tokens (merged ones included). ``groups``: optional (B, P)
+    long tensor, for each original patch the index of the mergeable token holding it; mapped along.
+    Returns (x, size, groups)."""
+    P = num_prefix_tokens
+    B, N, C = x.shape
+    n = N - P
+    na, nb, nu, r = (n + 1) // 2, n // 2, unm.shape[1], src.shape[1]
+    dev = x.device
+    if size is None:
+        size = x.new_ones(B, N, 1)
+    # one gather builds the new sequence: prefix, unmerged A tokens, all B tokens (as they are)
+    order = torch.cat([torch.arange(P, device=dev).expand(B, -1), P + 2 * unm,
+                       (P + 1 + 2 * torch.arange(nb, device=dev)).expand(B, -1)], dim=1)
+    out = x.gather(1, order.unsqueeze(-1).expand(-1, -1, C))
+    new_size = size.gather(1, order.unsqueeze(-1))
+    # sizes of the merged B tokens: their own plus those merged into them
+    src_pos = P + 2 * src                                   # positions in x of the merged A tokens
+    src_size = size.gather(1, src_pos.unsqueeze(-1))        # (B, r, 1)
+    dst_pos = P + nu + dst                                  # positions in out of their partners
+    new_size = new_size.scatter_add(1, dst_pos.unsqueeze(-1), src_size)
+    # size-weighted average, touching only the r merged rows:
+    #   x_b' = (s_b x_b + sum s_i x_i) / S = x_b + sum s_i (x_i - x_b) / S,   S = s_b + sum s_i
+    src_x = x.gather(1, src_pos.unsqueeze(-1).expand(-1, -1, C))
+    dst_x = x.gather(1, (P + 1 + 2 * dst).unsqueeze(-1).expand(-1, -1, C))  # from x: out is changed below
+    delta = (src_x - dst_x) * (src_size / new_size.gather(1, dst_pos.unsqueeze(-1)))
+    out.scatter_add_(1, dst_pos.unsqueeze(-1).expand(-1, -1, C), delta)  # out is a fresh gather: in place is safe
+    x, size = out, new_size
+    if groups is not None:
+        new_a = torch.empty(B, na, dtype=torch.long, device=dev)
+        new_a.scatter_(1, unm, torch.arange(nu, device=dev).expand(B, -1))
+        new_a.scatter_(1, src, nu + dst)
+        mapping = torch.empty(B, na + nb, dtype=torch.long, device=dev)
+        mapping[:, ::2] = new_a
+        mapping[:, 1::2] = nu + torch.arange(nb, device=dev)
+        groups = mapping.gather(1, groups)
+    return x, size, groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Block
+class ToMeBlockMixin:
+    """Added to a timm ``Block`` subclass: merge ``tome_r`` tokens between attention and MLP."""
+
+    tome_r: int = 0
+    num_prefix_tokens: int = 1
+    prop_attn: bool = True
+
+    def _attention_with_keys(self, x: torch.Tensor, size: Optional[torch.Tensor]
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """timm ``Attention.forward`` with proportional attention (``+ log size`` on the keys), plus the
+        head-averaged keys (B, N, d) as the matching metric."""
+        attn = self.attn
+        B, N, C = x.shape
+        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = None
+        if size is not None and self.prop_attn:
+            bias = size.log().to(q.dtype).view(B, 1, 1, N)
+        if attn.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=attn.attn_drop.p if self.training else 0.0)
+        else:  # explicit path (timm's fused_attn=False): same algorithm, softmax written out
+            a = (q * attn.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                a = a + bias
+            out = attn.attn_drop(a.softmax(dim=-1)) @ v
+        out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+        out = attn.norm(out)
+        if gate is not None:
+            out = out * gate
+        return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+    def forward_merge(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: Optional[int] = None,
+                      groups: Optional[torch.Tensor] = None):
+        """Block forward that merges ``min(r, n // 2)`` tokens; returns (x, size, groups)."""
+        r = self.tome_r if r is None else r
+        P = self.num_prefix_tokens
+        r = min(int(r), (x.shape[1] - P) // 2)
+        if r <= 0 and size is None:  # nothing merged so far nor here: timm's block, bit for bit
+            return super().forward(x), size, groups
+        out, metric = self._attention_with_keys(self.norm1(x), size)
+        x = x + self.drop_path1(self.ls1(out))
+        if r > 0:
+            src, dst, unm = bipartite_soft_matching(metric[:, P:], r)
+            x, size, groups = merge_tokens(x, size, src, dst, unm, P, groups)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size, groups
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise LeanvitError("ToMe blocks do not support attention masks")
+        return self.forward_merge(x)[0]
+
+    def extra_repr(self) -> str:
+        return f"tome_r={self.tome_r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+class ToMeModelMixin:
+    """Added to a timm ``VisionTransformer`` subclass: per-call ``r``, sizes and merge-group bookkeeping."""
+
+    tome_schedule: str = "constant"
+    tome_value: RValue = 0
+
+    @property
+    def r(self) -> RValue:
+        """The merge schedule as given (an int, or a tuple with one count per block). Assignable."""
+        return self.tome_value
+
+    @r.setter
+    def r(self, value: RValue) -> None:
+        rs = per_layer_r(value, len(self.blocks), self.tome_schedule)
+        for blk, r in zip(self.blocks, rs):
+            blk.tome_r = r
+        self.tome_value = tuple(rs) if isinstance(value, (list, tuple)) else check_r(value)
+
+    @property
+    def r_per_block(self) -> Tuple[int, ...]:
+        return tuple(b.tome_r for b in self.blocks)
+
+    def _tome_features(self, x: torch.Tensor, r: Optional[RValue] = None, return_groups: bool = False):
+        rs = self.r_per_block if r is None else per_layer_r(r, len(self.blocks), self.tome_schedule)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        groups = None
+        if return_groups:
+            n = x.shape[1] - self.num_prefix_tokens
+            groups = torch.arange(n, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        size, all_groups = None, []
+        ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        for blk, rb in zip(self.blocks, rs):
+            if ckpt:
+                x, size, groups = checkpoint(blk.forward_merge, x, size, rb, groups, use_reentrant=False)
+            else:
+                x, size, groups = blk.forward_merge(x, size, rb, groups)
+            if return_groups:
+                all_groups.append(groups)
+        return self.norm(x), size, all_groups
+
+    def forward_features(self, x: torch.Tensor, r: Optional[RValue] = None, return_groups: bool = False):
+        """Tokens after the final norm; with ``return_groups`` also a list, per block, of (B, num_patches)
+        long tensors: for each original patch, the index (among the non-prefix tokens after that block)
+        of the token it was merged into. Patches with the same index form one merged group."""
+        feats, _, groups = self._tome_features(x, r, return_groups)
+        return (feats, groups) if return_groups else feats
+
+    def _pool_sized(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Average pooling weighted by token size (the mean over the original patches), or None where
+        timm's own pooling applies (class-token pooling, attention pooling, nothing merged)."""
+        if size is None or self.global_pool != "avg" or getattr(self, "attn_pool", None) is not None \
+                or getattr(self, "pool_include_prefix", False):
+            return None
+        P = self.num_prefix_tokens
+        s = size[:, P:]
+        return (x[:, P:] * s).sum(dim=1) / s.sum(dim=1)
+
+    def forward(self, x: torch.Tensor, r: Optional[RValue] = None, return_groups: bool = False):
+        """Logits; ``r`` overrides the merge schedule for this call; with ``return_groups=True`` a tuple
+        (logits, merge groups per block) (see :meth:`forward_features`)."""
+        feats, size, groups = self._tome_features(x, r, return_groups)
+        pooled = self._pool_sized(feats, size)
+        if pooled is None:
+            logits = self.forward_head(feats)
+        else:
+            logits = self.head(self.head_drop(self.fc_norm(pooled)))
+        return (logits, groups) if return_groups else logits
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        if any(self.r_per_block):
+            raise LeanvitError("forward_intermediates is not available while ToMe merges tokens "
+                               "(set model.r = 0 or remove the reduction)")
+        return super().forward_intermediates(x, *args, **kwargs)
+
+
+_SUBCLASSES: dict = {}
+
+
+def _tome_class(base: type, mixin: type) -> type:
+    key = (base, mixin)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"ToMe{base.__name__}", (mixin, base), {"_tome_base": base})
+    return _SUBCLASSES[key]
+
+
+def is_tome(model: nn.Module) -> bool:
+    return isinstance(model, ToMeModelMixin)
+
+
+def remove_tome(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tome` in place (weights untouched)."""
+    if not is_tome(model):
+        return model
+    for blk in model.blocks:
+        if isinstance(blk, ToMeBlockMixin):
+            blk.__class__ = blk._tome_base
+            for attr in ("tome_r", "num_prefix_tokens", "prop_attn"):
+                blk.__dict__.pop(attr, None)
+    model.__class__ = model._tome_base
+    for attr in ("tome_schedule", "tome_value"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def _check_block(blk: nn.Module, i: int) -> None:
+    needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    missing = [a for a in needed if not hasattr(blk, a)]
+    attn = getattr(blk, "attn", None)
+    if missing or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "proj")):
+        raise LeanvitError(
+            f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with a fused-qkv Attention; "
+            "ToMe supports timm VisionTransformer blocks (DeiT, DeiT III, ViT)")
+
+
+def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop_attn: bool = True) -> nn.Module:
+    """Merge tokens in every block of a timm ViT, in place; returns ``model``.
+
+    Args:
+        model: a timm ``VisionTransformer`` (pre-norm blocks; any number of prefix tokens, or none).
+        r: tokens merged per block: an int, or one int per block (at most half of the block's mergeable
+            tokens are merged whatever ``r`` says). Changeable later with ``model.r = ...`` or
+            ``model(x, r=...)``.
+        schedule: ``"constant"`` (``r`` in every block) or ``"decreasing"`` (an int ``r`` becomes a linear
+            schedule from ``2r`` to 0).
+        prop_attn: proportional attention (``+ log size`` in the attention logits), as the paper.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
+        raise LeanvitError(f"ToMe needs a timm VisionTransformer, got {type(model).__name__}")
+    if schedule not in SCHEDULES:
+        raise LeanvitError(f"ToMe schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if is_tome(model):
+        remove_tome(model)
+    other = applied_reduction(model)  # another method applied: remove it first
+    if other is not None:
+        other.remove(model)
+    for i, blk in enumerate(blocks):
+        _check_block(blk, i)
+    rs = per_layer_r(r, len(blocks), schedule)  # validate before touching the model
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    for blk in blocks:
+        blk.__class__ = _tome_class(type(blk), ToMeBlockMixin)
+        blk.num_prefix_tokens = prefix
+        blk.prop_attn = bool(prop_attn)
+    model.__class__ = _tome_class(type(model), ToMeModelMixin)
+    model.tome_schedule = schedule
+    model.r = tuple(rs) if isinstance(r, (list, tuple)) else r
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry entry
+class ToMeMethod(ReductionMethod):
+    """ToMe in the reduction registry: knob ``r`` (tokens merged per block; 0 = no reduction)."""
+
+    name = "tome"
+    knob = "r"
+    none_value = 0
+    description = "merge the r most similar token pairs in every block (bipartite soft matching)"
+
+    def apply(self, model: nn.Module, r: RValue = 8, schedule: str = "constant",
+              prop_attn: bool = True) -> nn.Module:
+        return apply_tome(model, r=r, schedule=schedule, prop_attn=prop_attn)
+
+    def remove(self, model: nn.Module) -> nn.Module:
+        return remove_tome(model)
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return is_tome(model)
+
+    def get_strength(self, model: nn.Module):
+        return model.r
+
+    def set_strength(self, model: nn.Module, value) -> None:
+        model.r = value
+
+    def check_strength(self, value):
+        if isinstance(value, (list, tuple)):
+            return tuple(check_r(v, f"r[{i}]") for i, v in enumerate(value))
+        return check_r(value)
+
+    def parse_strength(self, text: str):
+        return check_r(float(text))
+
+    def format_strength(self, value) -> str:
+        if isinstance(value, (list, tuple)):
+            return "/".join(str(int(v)) for v in value)
+        return str(int(value))
+
+    def schedule(self, step: int, target, start_step: int = 0, span_steps: int = 0):
+        if isinstance(target, (list, tuple)):
+            return target
+        return int(round(cosine_schedule(step, float(target), 0.0, start_step, span_steps)))
+
+    def options(self, model: nn.Module) -> dict:
+        r = model.r
+        return {"r": list(r) if isinstance(r, tuple) else r, "schedule": model.tome_schedule,
+                "prop_attn": bool(model.blocks[0].prop_attn) if len(model.blocks) else True}
+
+
+register_reduction(ToMeMethod())

@@ -1,0 +1,244 @@
+"""ToMe token merging: exactness at r=0, semantics against a per-sample explicit reference, bookkeeping."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import leanvit
+from leanvit import LeanvitError
+from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec
+from leanvit.reduction.tome import (apply_tome, bipartite_soft_matching, decreasing_schedule, is_tome,
+                                    merge_tokens, remove_tome, tokens_per_block)
+
+IMG = 32
+
+
+def tiny_vit(name="deit_small_patch16_224", **kw):
+    args = dict(img_size=IMG, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=7)
+    args.update(kw)
+    return timm.create_model(name, **args).eval()
+
+
+VARIANTS = {
+    "deit": lambda: tiny_vit("deit_small_patch16_224"),
+    "deit3": lambda: tiny_vit("deit3_small_patch16_224", init_values=0.5),
+    "registers": lambda: tiny_vit("vit_small_patch16_224", reg_tokens=4, init_values=0.3),
+    "distilled": lambda: tiny_vit("deit_small_distilled_patch16_224"),
+    "gap": lambda: tiny_vit("vit_small_patch16_224", class_token=False, global_pool="avg"),
+}
+
+
+def reference_tome_forward(model, x, r):
+    """The paper's algorithm written out per sample with Python loops: explicit softmax with + log(size)
+    on the keys, keys averaged over heads as the metric, A = even / B = odd mergeable tokens, the r best
+    A->B edges merged by size-weighted averages, prefix tokens left alone."""
+    P = model.num_prefix_tokens
+    outs = []
+    for xi in x:
+        t = model.norm_pre(model._pos_embed(model.patch_embed(xi[None])))[0]
+        s = torch.ones(t.shape[0])
+        for bi, blk in enumerate(model.blocks):
+            a = blk.attn
+            h = blk.norm1(t)
+            N = h.shape[0]
+            qkv = a.qkv(h).reshape(N, 3, a.num_heads, a.head_dim).permute(1, 2, 0, 3)
+            q, k, v = a.q_norm(qkv[0]), a.k_norm(qkv[1]), qkv[2]
+            logits = (q @ k.transpose(-1, -2)) * a.head_dim ** -0.5 + s.log()[None, None, :]
+            o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(N, -1)
+            t = t + blk.ls1(a.proj(o))
+            n = N - P
+            rr = min(r[bi] if isinstance(r, (list, tuple)) else r, n // 2)
+            if rr > 0:
+                m = k.mean(0)[P:]
+                m = m / m.norm(dim=-1, keepdim=True)
+                A, Bs = list(range(0, n, 2)), list(range(1, n, 2))
+                sim = m[A] @ m[Bs].T
+                best, partner = sim.max(-1)
+                order = sorted(range(len(A)), key=lambda i: -best[i].item())
+                merged = set(order[:rr])
+                tok, sz = t[P:], s[P:]
+                num = {j: tok[Bs[j]] * sz[Bs[j]] for j in range(len(Bs))}
+                den = {j: sz[Bs[j]].clone() for j in range(len(Bs))}
+                for i in order[:rr]:
+                    j = partner[i].item()
+                    num[j] = num[j] + tok[A[i]] * sz[A[i]]
+                    den[j] = den[j] + sz[A[i]]
+                keep = [i for i in range(len(A)) if i not in merged]
+                rows = [tok[A[i]] for i in keep] + [num[j] / den[j] for j in range(len(Bs))]
+                sizes = [sz[A[i]] for i in keep] + [den[j] for j in range(len(Bs))]
+                t = torch.cat([t[:P], torch.stack(rows)])
+                s = torch.cat([s[:P], torch.stack(sizes)])
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        t = model.norm(t)[None]
+        if model.global_pool == "avg":
+            w = s[P:, None]
+            pooled = (t[0, P:] * w).sum(0, keepdim=True) / w.sum()
+            outs.append(model.head(model.fc_norm(pooled))[0])
+        else:
+            outs.append(model.forward_head(t)[0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_r0_is_exactly_the_original(variant):
+    model = VARIANTS[variant]()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(x)
+        tome = leanvit.apply_reduction(copy.deepcopy(model), "tome", r=0)
+        assert is_tome(tome)
+        assert torch.equal(tome(x), ref)
+        assert torch.equal(apply_tome(copy.deepcopy(model), r=8)(x, r=0), ref)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_per_sample_reference(variant):
+    model = VARIANTS[variant]()
+    x = torch.randn(3, 3, IMG, IMG)
+    tome = apply_tome(copy.deepcopy(model), r=9)
+    with torch.no_grad():
+        got = tome(x)
+        ref = reference_tome_forward(model, x, 9)
+        assert not torch.allclose(got, model(x), atol=1e-3)  # merging changes the result
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_sdpa_path_equals_explicit_softmax_path():
+    model = apply_tome(tiny_vit("deit3_small_patch16_224", init_values=0.5), r=10)
+    explicit = copy.deepcopy(model)
+    for blk in explicit.blocks:
+        blk.attn.fused_attn = False
+    assert all(b.attn.fused_attn for b in model.blocks)
+    x = torch.randn(4, 3, IMG, IMG)
+    with torch.no_grad():
+        a, b = model(x), explicit(x)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_sdpa_gets_log_size_as_float_mask(monkeypatch):
+    model = apply_tome(tiny_vit(), r=8)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(torch.randn(2, 3, IMG, IMG))
+    assert seen[0] is None  # nothing merged before the first block
+    assert all(s is not None and s[0] == torch.float32 and s[1][1:3] == (1, 1) for s in seen[1:])
+    assert len(seen) == len(model.blocks)
+
+
+@pytest.mark.parametrize("r", [3, 8, 100, [0, 20, 5, 0, 40, 2]])
+def test_token_counts_follow_the_rule(r):
+    model = apply_tome(tiny_vit(depth=6), r=r)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        feats, groups = model.forward_features(x, return_groups=True)
+    rs = model.r_per_block
+    expected = tokens_per_block(64, rs)
+    assert feats.shape[1] == 1 + expected[-1]
+    for i, g in enumerate(groups):
+        n_in, n_out = expected[i], expected[i + 1]
+        assert n_in - n_out == min(rs[i], n_in // 2)  # r fewer, at most half of the mergeable tokens
+        for row in g:
+            assert sorted(row.unique().tolist()) == list(range(n_out))  # every token holds >= 1 patch
+
+
+def test_prefix_tokens_never_merged_and_sizes_add_up():
+    model = apply_tome(tiny_vit("vit_small_patch16_224", reg_tokens=4, init_values=0.3), r=12)
+    P = model.num_prefix_tokens
+    assert P == 5
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        feats, size, _ = model._tome_features(x)
+    assert torch.equal(size[:, :P], torch.ones(2, P, 1))
+    assert torch.equal(size[:, P:].sum(dim=(1, 2)), torch.full((2,), 64.0))
+    # the matching and merging primitives leave the prefix rows untouched
+    t = torch.randn(2, P + 10, 6)
+    src, dst, unm = bipartite_soft_matching(torch.randn(2, 10, 4), 5)
+    out, s, _ = merge_tokens(t, None, src, dst, unm, P)
+    assert torch.equal(out[:, :P], t[:, :P]) and out.shape[1] == P + 5
+
+
+def test_identical_tokens_are_merged_first():
+    x = torch.randn(1, 1 + 8, 4)
+    metric = torch.randn(1, 8, 4)
+    metric[0, 4] = metric[0, 7] * 3.0  # A token 2 (position 4) points the same way as B token 3 (position 7)
+    src, dst, unm = bipartite_soft_matching(metric, 1)
+    assert src.tolist() == [[2]] and dst.tolist() == [[3]]
+    size = torch.tensor([[1.0, 1, 1, 1, 1, 2, 1, 1, 3]]).unsqueeze(-1)
+    out, s, groups = merge_tokens(x, size, src, dst, unm, 1, torch.arange(8)[None])
+    merged = (x[0, 5] * 2 + x[0, 8] * 3) / 5  # size-weighted average of positions 5 (A2) and 8 (B3)
+    assert torch.allclose(out[0, -1], merged, atol=1e-6) and s[0, -1, 0].item() == 5
+    assert groups[0, 4].item() == groups[0, 7].item()
+
+
+def test_apply_remove_round_trip_and_switching_methods():
+    model = tiny_vit("deit3_small_patch16_224", init_values=0.5)
+    keys = list(model.state_dict())
+    cls, blk_cls = type(model), type(model.blocks[0])
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(x)
+        leanvit.apply_reduction(model, "tome", r=8)
+        assert applied_reduction(model).name == "tome" and list(model.state_dict()) == keys
+        assert leanvit.reduction.reduction_spec(model) == {"method": "tome", "r": 8, "schedule": "constant",
+                                                           "prop_attn": True}
+        leanvit.apply_reduction(model, "evit", keep_rate=0.7)  # switching removes ToMe first
+        assert applied_reduction(model).name == "evit" and not is_tome(model)
+        leanvit.apply_reduction(model, "tome", r=4)
+        remove_tome(model)
+        assert type(model) is cls and all(type(b) is blk_cls for b in model.blocks)
+        assert torch.equal(model(x), ref)
+
+
+def test_strength_knob_schedule_and_errors():
+    method = get_reduction("tome")
+    assert (method.knob, method.none_value) == ("r", 0)
+    m, values = parse_reduction_spec("tome:0,4,8")
+    assert m is method and values == [0, 4, 8]
+    with pytest.raises(LeanvitError, match="cannot read"):
+        parse_reduction_spec("tome:1.5")
+    model = apply_tome(tiny_vit(depth=6), r=[1, 2, 3, 4, 5, 6])
+    assert model.r_per_block == (1, 2, 3, 4, 5, 6)
+    method.set_strength(model, 3)
+    assert model.r_per_block == (3,) * 6 and method.get_strength(model) == 3
+    for bad in (-1, 2.5, "x", [1, 2]):
+        with pytest.raises(LeanvitError):
+            method.set_strength(model, bad)
+    assert decreasing_schedule(8, 5) == (16, 12, 8, 4, 0)
+    dec = apply_tome(tiny_vit(depth=6), r=6, schedule="decreasing")
+    assert dec.r_per_block[0] == 12 and dec.r_per_block[-1] == 0 and dec.r == 6
+    assert method.schedule(0, 12, 0, 10) == 0 and method.schedule(5, 12, 0, 10) == 6
+    assert method.schedule(10, 12, 0, 10) == 12
+    with pytest.raises(LeanvitError, match="timm VisionTransformer"):
+        apply_tome(torch.nn.Linear(2, 2))
+
+
+def test_gmacs_drop_and_reduced_view():
+    from leanvit.measure.benchmark import ReducedView
+    model = tiny_vit()
+    base = leanvit.gmacs(model, IMG)
+    tome = apply_tome(copy.deepcopy(model), r=0)
+    assert leanvit.gmacs(tome, IMG) == pytest.approx(base)
+    g8 = leanvit.gmacs(tome, IMG, r=8)
+    assert g8 < 0.75 * base
+    view = ReducedView(tome, get_reduction("tome"), 8)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        assert torch.equal(view(x), tome(x, r=8))
+    assert tome.r == 0  # the per-call override leaves the model's own r alone
+
+
+def test_trains_with_gradients_in_train_mode():
+    model = apply_tome(tiny_vit("deit3_small_patch16_224", init_values=0.5, drop_path_rate=0.1), r=8).train()
+    model.set_grad_checkpointing(True)
+    loss = model(torch.randn(4, 3, IMG, IMG)).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
