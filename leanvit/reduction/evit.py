@@ -23,7 +23,8 @@ from timm.models._features import feature_take_indices
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction.registry import ReductionMethod, cosine_schedule, register_reduction
-from leanvit.reduction.reorg import FUSED_TOKEN_ID, check_keep_rate, class_token_attention, num_kept, reorganize
+from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, class_token_attention, kept_token_masks,
+                                    num_kept, reorganize, tokens_to_grid)
 
 __all__ = [
     "apply_evit", "remove_evit", "is_evit", "default_locations", "keep_rate_schedule",
@@ -53,40 +54,6 @@ def keep_rate_schedule(iteration: int, target: float, start_iter: int = 0, span_
     """
     target = check_keep_rate(target, "target keep rate")
     return cosine_schedule(iteration, target, 1.0, start_iter, span_iters)
-
-
-def kept_token_masks(kept_indices: Sequence[torch.Tensor], num_patches: int) -> List[torch.Tensor]:
-    """Turn per-layer kept patch indices (as returned with ``return_kept_indices=True``) into
-    boolean masks of shape (B, num_patches): True where the original patch is still a token of its own.
-    The fused token (index ``FUSED_TOKEN_ID``) is not a patch and marks nothing."""
-    masks = []
-    for ids in kept_indices:
-        mask = torch.zeros(ids.shape[0], num_patches + 1, dtype=torch.bool, device=ids.device)
-        safe = torch.where(ids == FUSED_TOKEN_ID, torch.full_like(ids, num_patches), ids)
-        mask.scatter_(1, safe, True)
-        masks.append(mask[:, :num_patches])
-    return masks
-
-
-def tokens_to_grid(tokens: torch.Tensor, token_ids: torch.Tensor, num_patches: int, fuse: bool = True
-                   ) -> torch.Tensor:
-    """Scatter the image tokens of a reorganized sequence back onto the patch grid.
-
-    tokens: (B, L, C) non-prefix tokens; token_ids: (B, L) their original patch indices
-    (``FUSED_TOKEN_ID`` for a fused token). Returns (B, num_patches, C): each kept token at its patch;
-    every other patch holds the sequence's last token when that is a fused token (``fuse=True``: the
-    token the latest reorganization fused the removed ones into) and zeros otherwise.
-    """
-    B, L, C = tokens.shape
-    if fuse:
-        is_fused = (token_ids[:, -1:] == FUSED_TOKEN_ID).unsqueeze(-1)              # (B, 1, 1)
-        fill = torch.where(is_fused, tokens[:, -1:], torch.zeros_like(tokens[:, -1:]))
-    else:
-        fill = tokens.new_zeros(B, 1, C)
-    grid = fill.expand(B, num_patches + 1, C).clone()  # the extra slot collects fused tokens
-    safe = torch.where(token_ids < 0, torch.full_like(token_ids, num_patches), token_ids)
-    grid.scatter_(1, safe.unsqueeze(-1).expand(-1, -1, C), tokens)
-    return grid[:, :num_patches]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ and set on an applied model, scheduled during training and overridden per forwar
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 

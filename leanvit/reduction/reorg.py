@@ -10,13 +10,13 @@ Everything is batched: one sort per call, gathers with fixed shapes, no per-samp
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from leanvit.errors import LeanvitError
 
-__all__ = ["num_kept", "class_token_attention", "reorganize", "FUSED_TOKEN_ID"]
+__all__ = ["num_kept", "class_token_attention", "reorganize", "FUSED_TOKEN_ID", "kept_token_masks", "tokens_to_grid"]
 
 #: Patch id used in the kept-index bookkeeping for a fused token (never a real patch index).
 FUSED_TOKEN_ID = -1
@@ -81,3 +81,39 @@ def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool 
         return torch.cat([prefix, ordered[:, :num_keep], fused], dim=1), new_ids
     kept = tokens.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, C))
     return torch.cat([prefix, kept], dim=1), new_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: which patches a reorganized sequence still holds
+def kept_token_masks(kept_indices: Sequence[torch.Tensor], num_patches: int) -> List[torch.Tensor]:
+    """Turn per-layer kept patch indices (as returned with ``return_kept_indices=True``) into
+    boolean masks of shape (B, num_patches): True where the original patch is still a token of its own.
+    The fused token (index ``FUSED_TOKEN_ID``) is not a patch and marks nothing."""
+    masks = []
+    for ids in kept_indices:
+        mask = torch.zeros(ids.shape[0], num_patches + 1, dtype=torch.bool, device=ids.device)
+        safe = torch.where(ids == FUSED_TOKEN_ID, torch.full_like(ids, num_patches), ids)
+        mask.scatter_(1, safe, True)
+        masks.append(mask[:, :num_patches])
+    return masks
+
+
+def tokens_to_grid(tokens: torch.Tensor, token_ids: torch.Tensor, num_patches: int, fuse: bool = True
+                   ) -> torch.Tensor:
+    """Scatter the image tokens of a reorganized sequence back onto the patch grid.
+
+    tokens: (B, L, C) non-prefix tokens; token_ids: (B, L) their original patch indices
+    (``FUSED_TOKEN_ID`` for a fused token). Returns (B, num_patches, C): each kept token at its patch;
+    every other patch holds the sequence's last token when that is a fused token (``fuse=True``: the
+    token the latest reorganization fused the removed ones into) and zeros otherwise.
+    """
+    B, L, C = tokens.shape
+    if fuse:
+        is_fused = (token_ids[:, -1:] == FUSED_TOKEN_ID).unsqueeze(-1)              # (B, 1, 1)
+        fill = torch.where(is_fused, tokens[:, -1:], torch.zeros_like(tokens[:, -1:]))
+    else:
+        fill = tokens.new_zeros(B, 1, C)
+    grid = fill.expand(B, num_patches + 1, C).clone()  # the extra slot collects fused tokens
+    safe = torch.where(token_ids < 0, torch.full_like(token_ids, num_patches), token_ids)
+    grid.scatter_(1, safe.unsqueeze(-1).expand(-1, -1, C), tokens)
+    return grid[:, :num_patches]

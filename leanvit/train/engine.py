@@ -31,7 +31,6 @@ from leanvit.train.metrics import MetricsLog
 from leanvit.train.recipes import reduction_settings, resolve_config
 from leanvit.train.setup import (build_data, build_loss, build_mixup, build_state, build_training_model,
                                  finetune_from, model_spec_from_config)
-from leanvit.train.state import TrainState
 
 __all__ = ["train", "Run"]
 
