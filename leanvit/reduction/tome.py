@@ -123,7 +123,7 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], src: torch.Tenso
     P = num_prefix_tokens
     B, N, C = x.shape
     n = N - P
-    na, nb, nu, r = (n + 1) // 2, n // 2, unm.shape[1], src.shape[1]
+    na, nb, nu = (n + 1) // 2, n // 2, unm.shape[1]
     dev = x.device
     if size is None:
         size = x.new_ones(B, N, 1)
