@@ -3,7 +3,6 @@ and the checkpoint rebuilding the merged model."""
 import pytest
 import torch
 
-import leanvit
 from leanvit.reduction.tome import is_tome
 from leanvit.train import load_recipe, resolve_config, train
 
