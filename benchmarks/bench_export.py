@@ -38,12 +38,14 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
-def accuracy(models: dict, folder: Path, quick: bool) -> dict:
+def accuracy(models: dict, folder: Path, quick: bool, reuse: bool = False) -> dict:
     print("\n1. ONNX (dynamo exporter, dynamic batch) vs eager PyTorch: max abs diff (batch 1 and 3)")
     files = {}
     for name, (model, dynamic) in models.items():
         t0 = time.perf_counter()
-        path = export_model(model, folder / f"{name}.onnx", "onnx", 224, dynamic_size=dynamic)
+        path = folder / f"{name}.onnx"
+        if not (reuse and path.exists()):
+            export_model(model, path, "onnx", 224, dynamic_size=dynamic)
         sizes = [(224, 224)] + ([(256, 320)] if dynamic else [])
         res = verify_export(model, path, "onnx", sizes, batch_sizes=(1,) if quick else (1, 3))
         files[name] = path
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes on 2 cores)")
     p.add_argument("--quick", action="store_true", help="batch 8 only, few repeats (a smoke run)")
     p.add_argument("--workdir", default=None, help="where the ONNX files go (default: a temporary folder)")
+    p.add_argument("--reuse-files", action="store_true",
+                   help="use the ONNX files already in --workdir (same seed, so the same weights)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.latency_repeats, args.warmup = 3, 8, 1
@@ -132,17 +136,19 @@ def main(argv=None) -> int:
     deit = timm.create_model("deit_small_patch16_224").eval()
     evit = leanvit.apply_evit(copy.deepcopy(deit), keep_rate=0.7)
     evit3 = timm.create_model("evit_deit3_small_patch16_224", keep_rate=0.7).eval()
+    gen = torch.Generator().manual_seed(1)  # its own generator: the other models' weights stay as they were
     with torch.no_grad():  # timm inits LayerScale at 1e-6 (blocks ~ identity): make the blocks count
         for name, param in evit3.named_parameters():
             if name.endswith(".gamma"):
-                param.uniform_(0.05, 0.5)
+                param.copy_(torch.rand(param.shape, generator=gen) * 0.45 + 0.05)
     shunted = timm.create_model("shunted_t").eval()
     print(f"bench_export | {environment('cpu')} | onnxruntime threads={args.threads} | fp32 | random weights")
     note = busy_note("cpu")
     if note:
         print(f"note: {note}")
     files = accuracy({"deit_small": (deit, False), "evit_deit_small_0.7": (evit, False),
-                      "evit_deit3_small_0.7": (evit3, False), "shunted_t": (shunted, True)}, folder, args.quick)
+                      "evit_deit3_small_0.7": (evit3, False), "shunted_t": (shunted, True)}, folder, args.quick,
+                     args.reuse_files)
     throughput(deit, evit, files, (8,) if args.quick else (8, 32), args.threads, args.warmup, args.repeats)
     latency(deit, evit, files, args.threads, args.latency_repeats)
     if args.compile:
