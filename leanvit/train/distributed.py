@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "seed_everything"]
+__all__ = ["DistEnv", "seed_everything", "seed_step"]
 
 
 class DistEnv:
@@ -56,6 +56,15 @@ class DistEnv:
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
     s = (int(seed) * 1_000_003 + int(epoch) * 7919 + int(rank) * 104_729) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed Python, NumPy and torch before optimizer step ``step`` (drop-path, mixup, ...): a step's
+    random numbers depend only on (seed, step, rank), so a run resumed mid-epoch draws the same ones."""
+    s = (int(seed) * 2_654_435_761 + int(step) * 40_503 + int(rank) * 104_729 + 12_345) % (2 ** 31)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
