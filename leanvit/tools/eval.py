@@ -54,8 +54,15 @@ def _check_args(args) -> None:
             raise LeanvitError(f"{flag} must be >= {lo}, got {v}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise LeanvitError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.output and Path(args.output).is_dir():
-        raise LeanvitError(f"--output {args.output} is a folder; name a file (e.g. {Path(args.output) / 'eval.json'})")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise LeanvitError(f"--output {out} is a folder; name a file (e.g. {out / 'eval.json'})")
+        for parent in out.parents:  # checked before evaluating, not after
+            if parent.exists():
+                if not parent.is_dir():
+                    raise LeanvitError(f"--output {out}: {parent} is a file, not a folder")
+                break
 
 
 def check_class_names(recorded, classes, checkpoint, data) -> None:

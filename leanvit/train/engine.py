@@ -32,6 +32,7 @@ from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.data import dataset_classes, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import get_reduction
+from leanvit.runtime import check_input_size, to_2tuple
 from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch, validate
 from leanvit.train.metrics import MetricsLog
@@ -110,6 +111,7 @@ class Run:
         if self.num_classes < len(classes):
             raise LeanvitError(f"num_classes={self.num_classes} but the data has {len(classes)} classes")
         model = build_training_model(cfg, self.num_classes)
+        check_input_size(model, to_2tuple(cfg["img_size"]))  # e.g. --img-size 7 with 8 px patches
         self.data = build_data(cfg, env, model)
         model = model.to(env.device)
         self.spec = model_spec_from_config(cfg, self.num_classes)
@@ -249,6 +251,7 @@ class Run:
             (self.out / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
             self._announce()
         t_run, start_epoch, row = time.perf_counter(), st.epoch, {}
+        self.stopped_early = None
         finetune_eval_mode = cfg["finetune"] and not cfg["finetune_train_mode"]
         for epoch in range(start_epoch, int(cfg["epochs"])):
             seed_everything(cfg["seed"], epoch, env.rank)
@@ -281,9 +284,11 @@ class Run:
             if self._stopping and not last_epoch:
                 raise TrainingInterrupted(self._stop_message().replace("a recovery checkpoint", "the checkpoint"))
             if over_time and not last_epoch:
+                self.stopped_early = (f"stopped by the time limit ({cfg['time_limit']} s) after {epoch + 1} of "
+                                      f"{cfg['epochs']} epochs")
                 if env.is_main:
-                    log.info(f"stopping after epoch {epoch + 1}: another epoch would pass the time limit of "
-                             f"{cfg['time_limit']} s")
+                    log.warning(f"warning: {self.stopped_early}: another epoch would pass the limit; the result "
+                                "is not that of the full recipe")
                 break
         return self._summary(row, time.perf_counter() - t_run)
 
@@ -295,7 +300,8 @@ class Run:
         return {"output": str(self.out), "last": str(self.last_path),
                 "best": str(self.best_path) if st.best >= 0 else None, "best_top1": st.best,
                 "last_top1": row.get("val_top1"), "history": st.history, "seconds": seconds,
-                "model_spec": self.spec, "skipped_images": skipped}
+                "model_spec": self.spec, "skipped_images": skipped,
+                "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early}
 
 
 def train(recipe: Union[str, Dict[str, Any], None] = None, device: Optional[str] = None,

@@ -36,9 +36,15 @@ LOCK_NAME = ".lock"
 
 
 def check_output_path(out: Path, flag: str = "--output") -> Path:
+    """``out`` can be a run folder: not an existing file, and not under one."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LeanvitError(f"{flag} {out} exists and is not a folder (a run folder is a directory)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LeanvitError(f"{flag} {out}: {parent} is a file, not a folder")
+            break
     return out
 
 
