@@ -67,10 +67,10 @@ class MetricsLog:
 
     def start(self, history: List[dict]) -> None:
         """The log as a run (re)starts: exactly ``history`` (the checkpoint's rows; [] for a fresh run)."""
-        on_disk = self.rows() if self.jsonl.exists() else []
-        epochs = {r.get("epoch") for r in on_disk}
+        existed = self.jsonl.exists()
+        epochs = {r.get("epoch") for r in self.rows()}
         restored = [r["epoch"] + 1 for r in history if r.get("epoch") not in epochs]
-        if restored and on_disk:
+        if restored and existed:
             log.info(f"metrics: restored the row(s) of epoch(s) {restored} from the checkpoint")
         self.write(list(history))
 
