@@ -96,9 +96,10 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """A training set whose random transforms are seeded per sample from (seed, epoch, rank, position),
-    with Python's, NumPy's and torch's global generators restored afterwards: the transforms of a sample
-    do not depend on what ran before it (the loader worker, the batches skipped when resuming)."""
+    """A training set whose random transforms are seeded per sample from (seed, epoch, rank, position): the
+    transforms of a sample do not depend on what ran before it (the loader worker, the batches skipped when
+    resuming). It seeds Python's, NumPy's and torch's CPU generators before each sample and leaves them so
+    (restoring them would cost more than the transforms): the engine reseeds them before every step."""
 
     def __init__(self, dataset, seed: int, rank: int = 0):
         self.dataset, self.seed, self.rank, self.epoch = dataset, int(seed), int(rank), 0
@@ -119,16 +120,10 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, position = key if isinstance(key, tuple) else (key, key)
         s = sample_seed(self.seed, self.epoch, self.rank, position)
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(s)
-            np.random.seed(s % (2 ** 32))
-            torch.manual_seed(s)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
+        random.seed(s)
+        np.random.seed(s % (2 ** 32))
+        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds every device (slow)
+        return self.dataset[index]
 
 
 def _train_sampler(dataset, cfg, env: DistEnv):
