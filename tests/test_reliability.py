@@ -386,3 +386,49 @@ def test_torchrun_max_restarts_auto_resume_finishes_exactly(tmp_path):
     assert p.returncode == 0, stderr[-3000:]
     assert "at step 2/4 of epoch 2" in stdout
     _same_state(tmp_path / "ref" / "last.pth", out / "last.pth")
+
+
+# ------------------------------------------------------------------ the main job tells the truth (issue point 9)
+def test_demo_recipes_run_fixed_work():
+    from leanvit.tools.demo import _STAGES
+    from leanvit.train import load_recipe
+
+    for name in ("deit3_demo", "evit_demo", "shunted_demo"):
+        assert load_recipe(name).get("time_limit") is None, name
+    assert all("time_limit" not in st["quick"] for st in _STAGES.values())
+
+
+def test_a_stage_stopped_by_a_limit_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="leanvit"):
+        res = _run(tmp_path / "r", epochs=3, time_limit=1e-6, max_train_batches=1)
+    assert res["epochs_done"] == 1 and res["stopped_early"] == "stopped by the time limit (1e-06 s) after 1 of 3 epochs"
+    assert "warning: stopped by the time limit" in caplog.text
+    full = _run(tmp_path / "f", epochs=1, max_train_batches=1)
+    assert full["stopped_early"] is None
+
+
+def test_report_banner_for_early_stops_and_a_busy_machine(monkeypatch):
+    from leanvit.measure import load as load_mod
+    from leanvit.tools.demo import truth_banner
+
+    monkeypatch.setattr(load_mod, "machine_load", lambda: (4.2, 2))
+    busy = load_mod.LoadWatch().stop()
+    assert busy.busy and "4.2 at the start, 4.2 at the end" in busy.line and "2 cores" in busy.line
+    text = truth_banner(["deit3: stopped by the time limit (300 s) after 1 of 10 epochs"], busy)
+    lines = text.split("\n\n")
+    assert lines[0].startswith("**Warning: deit3: stopped") and lines[0].endswith("**")
+    assert "not trustworthy" in lines[1] and lines[1].startswith("**")
+    monkeypatch.setattr(load_mod, "machine_load", lambda: (0.3, 2))
+    assert truth_banner([], load_mod.LoadWatch().stop()) == ""
+
+
+def test_bench_states_the_load_and_warns_when_busy(tmp_path, capsys, monkeypatch):
+    from leanvit.measure import load as load_mod
+
+    monkeypatch.setattr(load_mod, "machine_load", lambda: (9.0, 2))
+    rc, out, _ = cli(capsys, "bench", "--models", "deit_tiny_patch16_224", "--img-sizes", "32", "--batch-size", "1",
+                     "--warmup", "1", "--repeats", "1", "--threads", "1", "--no-memory", "--output", tmp_path / "b",
+                     "--no-progress")
+    assert rc == 0
+    assert "machine load: 9.0 at the start\n" not in out and "machine load: 9.0 at the start, 9.0 at the end" in out
+    assert "warning: the machine was busy (load up to 9.0 on 2 cores)" in out
