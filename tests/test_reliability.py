@@ -251,11 +251,13 @@ def test_shunted_empty_batch():
 
 
 # ------------------------------------------------------------------ 6. exact mid-epoch resume
-@pytest.mark.parametrize("data", ["digits", "folder"])
+@pytest.mark.parametrize("data", ["digits", "folder", "repeated_aug"])
 def test_resume_from_any_recovery_checkpoint_equals_the_uninterrupted_run(tmp_path, data):
     """Every mid-epoch checkpoint of a run (kept with keep_last), resumed, ends where the run ended; with every
     random augmentation on and, for ImageFolder data, 2 loader workers (per-sample seeded transforms)."""
     kw = dict(RANDOM, save_every_steps=1, keep_last=20)
+    if data == "repeated_aug":  # timm's RepeatAugSampler (3 repeats, each with its own augmentation)
+        kw.update(repeated_aug=True)
     if data == "folder":
         kw.update(data=str(_tree(tmp_path / "tree", ("a", "b", "c"), per_class=8)), digits={}, batch_size=4,
                   workers=2, max_train_batches=4)
@@ -432,3 +434,32 @@ def test_bench_states_the_load_and_warns_when_busy(tmp_path, capsys, monkeypatch
     assert rc == 0
     assert "machine load: 9.0 at the start\n" not in out and "machine load: 9.0 at the start, 9.0 at the end" in out
     assert "warning: the machine was busy (load up to 9.0 on 2 cores)" in out
+
+
+def test_resumable_sampler_and_seeded_samples():
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    from leanvit.train.setup import EpochShuffleSampler, ResumableSampler, SeededSamples
+
+    class Noise:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return float(torch.rand(())), i
+
+    s = ResumableSampler(EpochShuffleSampler(10, seed=3))
+    s.set_epoch(2)
+    full = list(s)
+    s.skip_next(4)
+    assert len(s) == 6 and list(s) == full[4:] and list(s) == full  # the skip applies once
+    ds = SeededSamples(Noise(), seed=1)
+    a, b = ds[(5, 0)][0], ds[(5, 7)][0]
+    assert a != b and ds[(5, 0)][0] == a  # a repeat at another position gets its own draw; same key, same draw
+    ds.set_epoch(1)
+    assert ds[(5, 0)][0] != a
+    rep = ResumableSampler(RepeatAugSampler(list(range(12)), num_replicas=1, rank=0, shuffle=True, num_repeats=3))
+    rep.set_epoch(1)
+    order = list(rep)
+    rep.skip_next(5)
+    assert list(rep) == order[5:]
