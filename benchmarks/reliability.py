@@ -147,8 +147,11 @@ def check_elastic(recipe, base, ref):
     except subprocess.TimeoutExpired:
         _kill_tree(p.pid)
         return "HUNG (killed after 600 s)"
+    (base / "elastic.stdout").write_text(stdout)
+    (base / "elastic.stderr").write_text(stderr)
     if p.returncode != 0:
-        return f"FAILED rc {p.returncode}: {stderr[-800:]}"
+        errors = [line for line in stderr.splitlines() if "error" in line.lower() and "elastic/errors" not in line]
+        return f"FAILED rc {p.returncode} (full output in {base}/elastic.stderr): {' | '.join(errors[-4:])}"
     resumed = [line for line in stdout.splitlines() if "resuming" in line]
     watchdog = stderr.count("did not connect within")
     return (f"torchrun exit 0 {time.time() - t0:.0f} s after the kill; {' | '.join(resumed)}; "
