@@ -85,9 +85,10 @@ def main(argv=None) -> int:
         return int(args._run(args) or 0)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint (issue 11)
         if _is_main_process():
-            print(f"leanvit {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+            print(f"leanvit {args.command}: {'error: ' if code == 2 else ''}{msg}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -33,6 +33,25 @@ def find_split(root, split: str) -> Path:
     raise LeanvitError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<images>)")
 
 
+def _to_rgb8(img: "Image.Image") -> "Image.Image":
+    """RGB with 8 bits per channel. PIL's ``convert("RGB")`` clips 16-bit and 32-bit grey images to 255
+    (almost all white) instead of scaling them: scale their full range (16-bit: /257) first."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if a.size and a.max() <= 1.0 else 255.0
+        elif mode.startswith("I;16") or img.format in ("PNG", "TIFF") or (a.size and a.max() > 255):
+            top = 65535.0 if not a.size or a.max() <= 65535 else float(a.max())
+        else:
+            top = 255.0
+        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path) -> "Image.Image":
     """An RGB PIL image from any file PIL reads; a clear error for a missing or unreadable file."""
     path = Path(path)
@@ -43,7 +62,7 @@ def load_image(path) -> "Image.Image":
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return _to_rgb8(img)
     except UnidentifiedImageError:
         raise LeanvitError(f"cannot read image {path}: not an image format PIL recognizes") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, unreadable file

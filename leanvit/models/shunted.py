@@ -191,8 +191,8 @@ class ShuntedAttention(nn.Module):
         kv = kv(t)                                                 # (B, M, C): [K | V], each heads/2 x d
         k, v = kv[..., :half], kv[..., half:]
         v = v + local_conv(v.transpose(1, 2).reshape(B, half, h, w)).flatten(2).transpose(1, 2)
-        k = k.reshape(B, -1, heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(B, -1, heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, h * w, heads, self.head_dim).transpose(1, 2)  # explicit sizes: an empty batch works
+        v = v.reshape(B, h * w, heads, self.head_dim).transpose(1, 2)
         return k, v
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -401,7 +401,7 @@ class ShuntedTransformer(nn.Module):
         for blk in getattr(self, f"block{i + 1}"):
             x = checkpoint(blk, x, H, W, use_reentrant=False) if ckpt else blk(x, H, W)
         x = getattr(self, f"norm{i + 1}")(x)
-        return x.transpose(1, 2).reshape(B, -1, H, W)
+        return x.transpose(1, 2).reshape(B, x.shape[-1], H, W)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4:

@@ -16,6 +16,7 @@ from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
 from leanvit.measure.runtimes import RUNTIMES
 from leanvit.reduction import parse_reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
+from leanvit.measure.load import LoadWatch
 from leanvit.runtime import busy_note, environment, resolve_device
 from leanvit.tools._common import check_output_folder
 
@@ -123,6 +124,8 @@ def run(args) -> int:
     header = (f"{environment(str(device))} | dtype={str(dtype).replace('torch.', '')} | batch={args.batch_size} | "
               f"warmup={args.warmup}, median of {args.repeats} interleaved runs")
     print(header, flush=True)
+    load = LoadWatch()  # issue 11: say the load at the start and the end, warn when busy
+    print(load.line, flush=True)
     busy = busy_note(device)
     for n in notes + ([busy] if busy else []):
         print(f"note: {n}")
@@ -143,6 +146,10 @@ def run(args) -> int:
                               "peak size of the tensors alive together during one forward pass "
                               "(activations on top of the loaded model; kernel scratch buffers not counted)"))
     print("speed-up: img/s over the same model's first configuration at the same image size")
+    load.stop()
+    print(load.line)
+    if load.warning and device.type == "cpu":
+        print(f"warning: {load.warning}")
     csv_path = write_csv(rows, out / "bench.csv")
     png_path = plot_benchmark(rows, out / "bench.png", title=header)
     print(f"wrote {csv_path} and {png_path}")

@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ignore-class-names", action="store_true",
+                   help="evaluate even when the data's class names differ from those the checkpoint records "
+                        "(the labels are then compared by position)")
 
 
 def _check_args(args) -> None:
@@ -51,13 +54,39 @@ def _check_args(args) -> None:
             raise LeanvitError(f"{flag} must be >= {lo}, got {v}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise LeanvitError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise LeanvitError(f"--output {out} is a folder; name a file (e.g. {out / 'eval.json'})")
+        for parent in out.parents:  # checked before evaluating, not after
+            if parent.exists():
+                if not parent.is_dir():
+                    raise LeanvitError(f"--output {out}: {parent} is a file, not a folder")
+                break
+
+
+def check_class_names(recorded, classes, checkpoint, data) -> None:
+    """The data's class names must be the checkpoint's (same names, same order), or the accuracy is wrong."""
+    if recorded is None or list(map(str, recorded)) == list(map(str, classes)):
+        return
+    recorded = list(map(str, recorded))
+    missing = [c for c in recorded if c not in classes]
+    extra = [c for c in classes if c not in recorded]
+    if not missing and not extra:
+        what = "are in another order"
+    else:
+        what = (f"differ: not in the data {missing[:6] or 'none'}, not in the checkpoint {extra[:6] or 'none'}")
+    raise LeanvitError(f"the class names of {data} {what} than those {checkpoint} was trained with; the accuracy "
+                       "would be meaningless (give --ignore-class-names to evaluate by label position anyway)")
 
 
 def run(args) -> int:
     _check_args(args)
     device = resolve_device(args.device)
     classes = dataset_classes(args.data, args.split)
-    model, name, hw, config, _ = build_from_args(args, data_classes=len(classes))
+    model, name, hw, config, ckpt = build_from_args(args, data_classes=len(classes))
+    if not args.ignore_class_names:
+        check_class_names((ckpt or {}).get("classes"), classes, args.checkpoint, args.data)
     n_out = getattr(model, "num_classes", None)
     if n_out is not None and n_out != len(classes):
         raise LeanvitError(f"the model has {n_out} classes but the data has {len(classes)} "

@@ -36,7 +36,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME|FILE.yaml",
                    help="a shipped recipe (see --list-recipes) or a YAML file")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    # ---- run folder ownership and preemption (issue 11)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT/last.pth (an epoch-end or mid-epoch recovery checkpoint)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume if OUTPUT/last.pth exists, else start fresh (one command line for elastic "
+                        "restarts and requeued jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in an OUTPUT that holds a run (its checkpoints and metrics are removed)")
+    p.add_argument("--finetune-partial", action="store_true",
+                   help="accept a --finetune checkpoint that fills less than half of the model's tensors")
+    p.add_argument("--save-every-steps", default=None, metavar="N",
+                   help="also write a recovery checkpoint every N optimizer steps (SIGTERM/SIGUSR1 always "
+                        "write one before stopping with exit status 75)")
+    p.add_argument("--keep-last", default=None, metavar="K",
+                   help="keep the K newest checkpoints as OUTPUT/checkpoint-<step>.pth")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe value (YAML syntax; dotted keys for nested mappings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,6 +74,12 @@ def _set(cfg: Dict[str, Any], key: str, value: Any) -> None:
 
 def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
     over: Dict[str, Any] = {}
+    for key in ("save_every_steps", "keep_last"):
+        v = getattr(args, key, None)
+        if v is not None:
+            over[key] = parse_value(v)
+    if getattr(args, "finetune_partial", False):
+        over["finetune_partial"] = True
     for key in _COMMON:
         if key == "device":
             continue
@@ -96,7 +116,11 @@ def run(args, extra: List[str] = ()) -> int:
     over = parse_overrides(args, list(extra))
     if args.recipe is None and "model" not in over:
         raise LeanvitError("give --recipe NAME (see --list-recipes) or at least --model")
-    res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=args.resume, **over)
+    if args.resume and args.auto_resume:
+        raise LeanvitError("give --resume or --auto-resume, not both")
+    resume = "auto" if args.auto_resume else bool(args.resume)
+    res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=resume,
+                overwrite=args.overwrite, **over)
     if res["best_top1"] is not None and res["best_top1"] >= 0:
         print(f"done in {res['seconds']:.0f} s: best val top-1 {res['best_top1']:.2f}%, "
               f"last {res['last_top1'] if res['last_top1'] is None else round(res['last_top1'], 2)}%; "

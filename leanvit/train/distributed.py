@@ -3,13 +3,46 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import threading
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "seed_everything"]
+__all__ = ["DistEnv", "seed_everything", "seed_step"]
+
+
+INIT_TIMEOUT_ENV = "LEANVIT_INIT_TIMEOUT"
+
+
+@contextmanager
+def _init_watchdog():
+    """Under ``torchrun --max-restarts N`` (N > 0): a worker whose ``init_process_group`` has not returned
+    after ``$LEANVIT_INIT_TIMEOUT`` seconds (default 60; 0 disables) exits with status 3, so that torchrun
+    restarts the group again. Restarted gloo workers sometimes wait forever in gloo's full-mesh connect
+    (seen with torch 2.14 on CPU, also without leanvit: benchmarks/elastic_gloo_check.py)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    seconds = float(os.environ.get(INIT_TIMEOUT_ENV, "60") or 0)
+    if restarts <= 0 or seconds <= 0:
+        yield
+        return
+
+    def fire():
+        sys.stderr.write(f"leanvit: the process group did not connect within {seconds:.0f} s ({INIT_TIMEOUT_ENV}); "
+                         "exiting with status 3 so that torchrun restarts the workers\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class DistEnv:
@@ -30,7 +63,8 @@ class DistEnv:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(backend=backend)
+            with _init_watchdog():
+                dist.init_process_group(backend=backend)
             self._owns_group = True
 
     @property
@@ -56,6 +90,15 @@ class DistEnv:
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
     s = (int(seed) * 1_000_003 + int(epoch) * 7919 + int(rank) * 104_729) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed Python, NumPy and torch before optimizer step ``step`` (drop-path, mixup, ...): a step's
+    random numbers depend only on (seed, step, rank), so a run resumed mid-epoch draws the same ones."""
+    s = (int(seed) * 2_654_435_761 + int(step) * 40_503 + int(rank) * 104_729 + 12_345) % (2 ** 31)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)

@@ -6,9 +6,16 @@ checkpoints written by rank 0 only, a metrics log, a stop with a clear error on 
 evaluation sharded over the processes. The pieces live in :mod:`.setup` (data, model, optimizer),
 :mod:`.state` (:class:`TrainState`) and :mod:`.loop` (``train_one_epoch``, ``validate``).
 
-Reproducibility: every epoch reseeds Python, NumPy and torch from (seed, epoch, rank), and the data
-order and the embedded data's renders depend only on (seed, epoch); so a run resumed from the
-checkpoint of epoch e computes the same weights as one that never stopped (on CPU).
+Reproducibility: every step reseeds Python, NumPy and torch from (seed, step, rank), each training
+sample's random transforms are seeded from (seed, epoch, rank, position), and the data order and the
+embedded data's renders depend only on (seed, epoch); so a run resumed from any checkpoint, at an epoch
+boundary or mid-epoch (a recovery checkpoint: ``save_every_steps``, SIGTERM/SIGUSR1), computes the same
+weights as one that never stopped (on CPU).
+
+Run folders are owned (:mod:`.run_folder`): a fresh run over an existing one is an error unless asked to
+resume or overwrite, a lock keeps a second run out, and crash leftovers are removed at start.
+Preemption (:mod:`.preemption`): a stop signal ends the run after the current step with a recovery
+checkpoint and :class:`TrainingInterrupted` (exit status 75 on the command line).
 """
 from __future__ import annotations
 
@@ -25,10 +32,14 @@ from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.data import dataset_classes, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import get_reduction
+from leanvit.runtime import check_input_size, to_2tuple
 from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch, validate
 from leanvit.train.metrics import MetricsLog
-from leanvit.train.recipes import reduction_settings, resolve_config
+from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
+from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
+from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_files, config_differences,
+                                      remove_orphans, resume_decision)
 from leanvit.train.setup import (build_data, build_loss, build_mixup, build_state, build_training_model,
                                  finetune_from, model_spec_from_config)
 
@@ -48,17 +59,49 @@ def _read_resume(path: Path) -> Dict[str, Any]:
 class Run:
     """One training run: its config, process group, run folder, data, state and step context."""
 
-    def __init__(self, cfg: Dict[str, Any], env: DistEnv, progress: bool = True, resume: bool = False):
-        self.cfg, self.env, self.progress, self.resume = cfg, env, progress, resume
+    def __init__(self, cfg: Dict[str, Any], env: DistEnv, progress: bool = True, resume: Union[bool, str] = False,
+                 overwrite: bool = False, stop: Optional[StopRequest] = None):
+        self.cfg, self.env, self.progress = cfg, env, progress
         if not cfg["data"]:
             raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give --data DIR (an ImageFolder tree "
                                "with train/ and val/) or --data digits")
-        self.out = Path(cfg["output"] or Path("runs") / str(cfg.get("recipe") or cfg["model"]))
+        self.out = check_output_path(Path(cfg["output"] or Path("runs") / str(cfg.get("recipe") or cfg["model"])))
         self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
-        if resume and not self.last_path.exists():
-            raise LeanvitError(f"nothing to resume: {self.last_path} does not exist")
-        seed_everything(cfg["seed"], 0, env.rank)
-        self._build()
+        self.stop = stop or StopRequest()
+        self.lock = RunLock(self.out)
+        self._resume_at = None  # (steps done in the epoch, their running loss sums) for a mid-epoch resume
+        self._stopping = False
+        self.resume = resume_decision(self.out, resume, overwrite)  # every rank, before anyone writes
+        try:
+            self._own_folder(overwrite)
+            seed_everything(cfg["seed"], 0, env.rank)
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- run folder (see .run_folder)
+    def _own_folder(self, overwrite: bool) -> None:
+        """Rank 0 takes the lock, removes crash leftovers (and, with --overwrite, the old run); every rank
+        stops if it could not."""
+        env, err = self.env, None
+        env.barrier()
+        if env.is_main:
+            try:
+                self.lock.acquire()
+                remove_orphans(self.out)
+                if overwrite and not self.resume:
+                    clear_run_files(self.out)
+            except LeanvitError as e:
+                err = e
+        failed = env.all_sum([1.0 if err is not None else 0.0])[0] if env.distributed else 0.0
+        if err is not None:
+            raise err
+        if failed:
+            raise LeanvitError(f"rank 0 could not take the run folder {self.out} (see its message)")
+
+    def close(self) -> None:
+        self.lock.release()
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
@@ -67,13 +110,14 @@ class Run:
         if self.num_classes < len(classes):
             raise LeanvitError(f"num_classes={self.num_classes} but the data has {len(classes)} classes")
         model = build_training_model(cfg, self.num_classes)
+        check_input_size(model, to_2tuple(cfg["img_size"]))  # e.g. --img-size 7 with 8 px patches
         self.data = build_data(cfg, env, model)
         model = model.to(env.device)
         self.spec = model_spec_from_config(cfg, self.num_classes)
-        if cfg["finetune"] and not self.resume and env.is_main:
-            log.info(finetune_from(model, cfg["finetune"]))
-        elif cfg["finetune"] and not self.resume:
-            finetune_from(model, cfg["finetune"])
+        if cfg["finetune"] and not self.resume:
+            note = finetune_from(model, cfg["finetune"], partial=bool(cfg.get("finetune_partial")))
+            if env.is_main:
+                log.info(note)
         self.state = build_state(cfg, model, self.data.iters, env)
         if self.resume:
             self._load_resume()
@@ -91,11 +135,75 @@ class Run:
         recorded = (obj.get("model_spec") or {}).get("name")
         if recorded != self.spec["name"]:
             raise LeanvitError(f"{self.last_path} was written for model {recorded}, not {self.spec['name']}")
+        self._check_resumed_config(obj.get("config"))
         self.state.load(obj)
         if "step" not in obj:  # checkpoints from before step counting: steps = epochs x iterations
             self.state.step = self.state.epoch * self.data.iters
+        k = int(obj.get("epoch_step") or 0)
+        if k:
+            self._check_mid_epoch(obj, k)
+            running = obj.get("running") or [0.0, 0]
+            carry = (float(running[0]), int(running[1])) if self.env.is_main else (0.0, 0)
+            self._resume_at = (k, carry)
         if self.env.is_main:
-            log.info(f"resuming {self.last_path} after epoch {self.state.epoch}")
+            where = f"at step {k}/{self.data.iters} of epoch {self.state.epoch + 1}" if k else \
+                f"after epoch {self.state.epoch}"
+            log.info(f"resuming {self.last_path} {where} (step {self.state.step})")
+
+    def _check_resumed_config(self, recorded: Optional[Dict[str, Any]]) -> None:
+        """--resume continues the same run: any setting that changes what it computes must be equal."""
+        if not isinstance(recorded, dict):
+            if self.env.is_main:
+                log.warning(f"note: {self.last_path} records no config; its settings cannot be compared")
+            return
+        # settings newer than the checkpoint count as their defaults
+        full = {**{k: v for k, v in DEFAULTS.items() if k in self.cfg}, **recorded}
+        diffs = config_differences(full, self.cfg)
+        if diffs:
+            raise LeanvitError(f"--resume with other settings than {self.last_path} was trained with: "
+                               f"{'; '.join(diffs)} (only epochs, time_limit, workers, log_every, eval_every, "
+                               "save_every_steps, keep_last and device may change; start a new --output instead)")
+
+    def _check_mid_epoch(self, obj: Dict[str, Any], k: int) -> None:
+        ws, iters = obj.get("world_size"), obj.get("iters")
+        if ws is not None and int(ws) != self.env.world_size:
+            raise LeanvitError(f"{self.last_path} is a mid-epoch recovery checkpoint of {ws} process(es); resume "
+                               f"it with {ws} (this run has {self.env.world_size}), the data order depends on it")
+        if iters is not None and int(iters) != self.data.iters:
+            raise LeanvitError(f"{self.last_path} was saved at step {k} of {iters}-step epochs but this run has "
+                               f"{self.data.iters} steps per epoch")
+
+    # ---------------------------------------------------------------- recovery checkpoints
+    def _after_step(self, st: TrainState) -> None:
+        """After every optimizer step (every rank): a recovery checkpoint when due or asked by a signal."""
+        k = st.step - self._epoch_first_step
+        stop = self.stop.requested(self.env)
+        every = self.cfg.get("save_every_steps")
+        due = bool(every) and st.step % int(every) == 0
+        if k >= self.data.iters:  # the epoch's last step: the epoch-end checkpoint follows
+            self._stopping = self._stopping or stop
+            return
+        if due or stop:
+            self.save_recovery(k)
+        if stop:
+            raise TrainingInterrupted(self._stop_message())
+
+    def _stop_message(self) -> str:
+        return (f"stopped by {self.stop.name} at step {self.state.step} (epoch {self.state.epoch + 1}); a recovery "
+                f"checkpoint is in {self.last_path}: run the same command with --resume (or --auto-resume)")
+
+    def save_recovery(self, k: int) -> None:
+        """``last.pth`` in the middle of an epoch: everything to continue after its step ``k``."""
+        st, env = self.state, self.env
+        loss_sum, seen = env.all_sum(list(self.ctx.running)) if env.distributed else self.ctx.running
+        if env.is_main:
+            extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
+                     "epoch_step": int(k), "iters": self.data.iters, "world_size": env.world_size,
+                     "running": [float(loss_sum), int(seen)]}
+            save_checkpoint(st.checkpoint(**extra), self.last_path)
+            keep_last_copies(self.last_path, st.step, self.cfg.get("keep_last"))
+            log.debug(f"recovery checkpoint at step {st.step}")
+        env.barrier()
 
     def _announce(self) -> None:
         cfg, env, d = self.cfg, self.env, self.data
@@ -107,12 +215,14 @@ class Run:
 
     def save(self, row: Dict[str, Any], is_best: bool, metrics: MetricsLog) -> None:
         """``last.pth`` (resumable), ``best.pth`` when it improved, and the metrics row; rank 0 only."""
-        extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg)}
+        extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
+                 "iters": self.data.iters, "world_size": self.env.world_size}
         save_checkpoint(self.state.checkpoint(**extra), self.last_path)
+        keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:
             save_checkpoint({"model": self.state.model.state_dict(), "epoch": self.state.epoch,
                              "val_top1": self.state.best, **extra}, self.best_path)
-        metrics.append(row)
+        metrics.write(self.state.history)  # the checkpoint's history: a row is never lost or duplicated
 
     def _evaluate_now(self, epoch: int, elapsed: float, start_epoch: int) -> tuple:
         cfg = self.cfg
@@ -136,10 +246,11 @@ class Run:
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = MetricsLog(self.out)
-            metrics.truncate_after(st.epoch)
+            metrics.start(st.history)  # rebuilt from the checkpoint (a fresh run: empty)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
             self._announce()
         t_run, start_epoch, row = time.perf_counter(), st.epoch, {}
+        self.stopped_early = None
         finetune_eval_mode = cfg["finetune"] and not cfg["finetune_train_mode"]
         for epoch in range(start_epoch, int(cfg["epochs"])):
             seed_everything(cfg["seed"], epoch, env.rank)
@@ -148,7 +259,12 @@ class Run:
                     obj.set_epoch(epoch)
             self.ctx.forward_model.train(not finetune_eval_mode)
             st.epoch = epoch
-            row = train_one_epoch(st, self.data.train_loader, self.ctx, self.progress, self.last_path)
+            start, carry = self._resume_at if self._resume_at and epoch == start_epoch else (0, None)
+            if start:
+                self.data.sampler.skip_next(start * int(cfg["batch_size"]))
+            self._epoch_first_step = st.step - start
+            row = train_one_epoch(st, self.data.train_loader, self.ctx, self.progress, self.last_path,
+                                  on_step=self._after_step, start=start, carry=carry)
             evaluate_now, over_time, last_epoch = self._evaluate_now(epoch, time.perf_counter() - t_run, start_epoch)
             if evaluate_now:
                 row.update(validate(st.model, self.data.val_loader, env, self.ctx.use_amp))
@@ -164,10 +280,14 @@ class Run:
                 self.save(row, is_best, metrics)
                 log.info(self._epoch_message(row))
             env.barrier()
+            if self._stopping and not last_epoch:
+                raise TrainingInterrupted(self._stop_message().replace("a recovery checkpoint", "the checkpoint"))
             if over_time and not last_epoch:
+                self.stopped_early = (f"stopped by the time limit ({cfg['time_limit']} s) after {epoch + 1} of "
+                                      f"{cfg['epochs']} epochs")
                 if env.is_main:
-                    log.info(f"stopping after epoch {epoch + 1}: another epoch would pass the time limit of "
-                             f"{cfg['time_limit']} s")
+                    log.warning(f"warning: {self.stopped_early}: another epoch would pass the limit; the result "
+                                "is not that of the full recipe")
                 break
         return self._summary(row, time.perf_counter() - t_run)
 
@@ -179,22 +299,37 @@ class Run:
         return {"output": str(self.out), "last": str(self.last_path),
                 "best": str(self.best_path) if st.best >= 0 else None, "best_top1": st.best,
                 "last_top1": row.get("val_top1"), "history": st.history, "seconds": seconds,
-                "model_spec": self.spec, "skipped_images": skipped}
+                "model_spec": self.spec, "skipped_images": skipped,
+                "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early}
 
 
 def train(recipe: Union[str, Dict[str, Any], None] = None, device: Optional[str] = None,
-          progress: bool = True, resume: bool = False, **overrides) -> Dict[str, Any]:
+          progress: bool = True, resume: Union[bool, str] = False, overwrite: bool = False,
+          **overrides) -> Dict[str, Any]:
     """Train a model as a recipe says; returns a summary (best/last val top-1, paths, history).
 
     Args:
         recipe: a shipped recipe name, a YAML path, or a dict of settings (see ``recipes.DEFAULTS``).
         device: ``cpu``, ``cuda`` (default: cuda when available).
-        resume: continue from ``OUTPUT/last.pth`` (the optimizer, schedule, EMA and RNG are restored).
+        resume: continue from ``OUTPUT/last.pth`` (the optimizer, schedule, EMA and data position are
+            restored; the settings must be those it was trained with, except epochs and a few more);
+            ``"auto"``: resume if ``last.pth`` exists, else start fresh (elastic restarts, requeued jobs).
+            Without it, an OUTPUT that holds a run is an error, unless ``overwrite``.
+        overwrite: start fresh in an OUTPUT that holds a run (its checkpoints and metrics are removed).
         overrides: any recipe setting, e.g. ``epochs=3, data="path/to/tree"``.
+
+    Raises :class:`~leanvit.train.preemption.TrainingInterrupted` after saving a recovery checkpoint when
+    SIGTERM or SIGUSR1 arrives (in the main thread).
     """
     cfg = resolve_config(None, {**recipe, **overrides}) if isinstance(recipe, dict) else resolve_config(recipe, overrides)
     env = DistEnv(device)
+    stop = StopRequest().install()
+    run = None
     try:
-        return Run(cfg, env, progress, resume).fit()
+        run = Run(cfg, env, progress, resume, overwrite, stop)
+        return run.fit()
     finally:
+        stop.uninstall()
+        if run is not None:
+            run.close()
         env.close()

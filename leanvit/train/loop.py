@@ -12,7 +12,7 @@ from tqdm import tqdm
 from leanvit.errors import LeanvitError
 from leanvit.evaluate import accumulate
 from leanvit.reduction import ReductionMethod
-from leanvit.train.distributed import DistEnv
+from leanvit.train.distributed import DistEnv, seed_step
 from leanvit.train.state import TrainState
 
 __all__ = ["StepContext", "train_one_epoch", "validate", "reduction_at"]
@@ -32,6 +32,9 @@ class StepContext:
         self.use_amp = bool(cfg["amp"])
         self.amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
         self.clip_grad = cfg["clip_grad"]
+        # the epoch's running sums (loss x images, images) after the last step: what a recovery
+        # checkpoint records so that a resumed epoch reports the same training loss
+        self.running = (0.0, 0)
 
     def autocast(self):
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
@@ -74,16 +77,25 @@ def _check_finite(loss: torch.Tensor, ctx: StepContext, epoch: int, i: int, last
 
 
 def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool = False, last_path=None,
-                    on_step: Optional[Callable[[TrainState], None]] = None) -> Dict[str, Any]:
-    """Train ``state.model`` for one epoch (``ctx.iters`` steps); returns the epoch's training metrics."""
+                    on_step: Optional[Callable[[TrainState], None]] = None, start: int = 0,
+                    carry: Optional[tuple] = None) -> Dict[str, Any]:
+    """Train ``state.model`` for one epoch (``ctx.iters`` steps); returns the epoch's training metrics.
+
+    Resuming mid-epoch: ``start`` steps of this epoch are done already (``loader`` then yields the batches
+    from step ``start`` on) and ``carry`` holds their (loss x images, images) sums. Python, NumPy and
+    torch are reseeded before every step from (seed, step, rank), so a step computes the same whether
+    or not the run was interrupted before it."""
     env, epoch = ctx.env, state.epoch
-    loss_sum, seen, t0, keep = 0.0, 0, time.perf_counter(), None
-    bar = tqdm(total=ctx.iters, desc=f"epoch {epoch + 1}/{ctx.cfg['epochs']}", unit="it", leave=False,
-               disable=not (progress and env.is_main))
+    loss_sum, seen = carry if carry is not None else (0.0, 0)
+    t0, keep, seen_here = time.perf_counter(), None, 0
+    ctx.running = (loss_sum, seen)
+    bar = tqdm(total=ctx.iters, initial=start, desc=f"epoch {epoch + 1}/{ctx.cfg['epochs']}", unit="it",
+               leave=False, disable=not (progress and env.is_main))
     try:
-        for i, (x, y) in enumerate(loader):
+        for i, (x, y) in enumerate(loader, start):
             if i >= ctx.iters:
                 break
+            seed_step(ctx.cfg["seed"], state.step, env.rank)
             state.scheduler.step_update(state.step)
             keep = reduction_at(ctx, state.step)
             if keep is not None:
@@ -100,9 +112,11 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
             state.step += 1
             loss_sum += loss.item() * x.shape[0]
             seen += x.shape[0]
+            seen_here += x.shape[0]
+            ctx.running = (loss_sum, seen)
             if env.is_main and (i % max(1, ctx.cfg["log_every"]) == 0 or i == ctx.iters - 1):
                 post = dict(loss=f"{loss.item():.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen * env.world_size / (time.perf_counter() - t0):.0f}")
+                            img_s=f"{seen_here * env.world_size / (time.perf_counter() - t0):.0f}")
                 if keep is not None:
                     post["keep"] = ctx.method.format_strength(keep)
                 bar.set_postfix(post, refresh=False)
@@ -112,9 +126,11 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
     finally:
         bar.close()
     train_time = time.perf_counter() - t0
-    loss_tot, seen_tot = env.all_sum([loss_sum, seen])
+    loss_tot, seen_tot, here_tot = env.all_sum([loss_sum, seen, seen_here])
+    if keep is None and start:  # resumed at the epoch's last step(s): the strength of its last step
+        keep = reduction_at(ctx, state.step - 1)
     return {"epoch": epoch, "train_loss": loss_tot / max(seen_tot, 1), "lr": state.optimizer.param_groups[0]["lr"],
-            "keep_rate": keep, "train_img_per_s": seen_tot / train_time, "epoch_seconds": train_time}
+            "keep_rate": keep, "train_img_per_s": here_tot / max(train_time, 1e-9), "epoch_seconds": train_time}
 
 
 def validate(model: nn.Module, loader, env: DistEnv, amp: bool) -> Dict[str, float]:

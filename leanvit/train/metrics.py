@@ -1,40 +1,97 @@
-"""The per-epoch metrics log of a run: ``metrics.jsonl`` and ``metrics.csv`` in the run folder."""
+"""The per-epoch metrics log of a run: ``metrics.jsonl`` and ``metrics.csv`` in the run folder.
+
+Both files are rewritten whole and atomically (temporary file, fsync, rename) on every change, so a kill
+never leaves a half-written row; on resumption they are rebuilt from the checkpoint's history, so a row
+lost between the checkpoint and the write comes back and rows of work that was undone disappear.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
+from typing import List
 
 __all__ = ["MetricsLog"]
 
+log = logging.getLogger(__name__)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
 
 class MetricsLog:
-    """One row per epoch, appended to ``metrics.jsonl`` and ``metrics.csv``."""
+    """One row per epoch in ``metrics.jsonl`` and ``metrics.csv``."""
 
     def __init__(self, out: Path):
         self.jsonl, self.csv = Path(out) / "metrics.jsonl", Path(out) / "metrics.csv"
+        self._rows: List[dict] = []
+
+    def rows(self) -> List[dict]:
+        """The rows on disk; a line that does not parse (a partial write of an older version) is dropped
+        with a note, never a traceback."""
+        if not self.jsonl.exists():
+            return []
+        rows, bad = [], 0
+        for line in self.jsonl.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+        if bad:
+            log.warning(f"note: dropped {bad} unreadable line(s) of {self.jsonl} (a partial write)")
+        return rows
+
+    def start(self, history: List[dict]) -> None:
+        """The log as a run (re)starts: exactly ``history`` (the checkpoint's rows; [] for a fresh run)."""
+        existed = self.jsonl.exists()
+        epochs = {r.get("epoch") for r in self.rows()}
+        restored = [r["epoch"] + 1 for r in history if r.get("epoch") not in epochs]
+        if restored and existed:
+            log.info(f"metrics: restored the row(s) of epoch(s) {restored} from the checkpoint")
+        self.write(list(history))
 
     def truncate_after(self, epoch: int) -> None:
         """Drop rows of epochs >= ``epoch`` (written before a crash that is now being resumed)."""
-        rows = self.rows()
-        kept = [r for r in rows if r["epoch"] < epoch]
-        if len(kept) != len(rows):
-            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self._write_csv(kept)
+        self.write([r for r in self.rows() if r.get("epoch", -1) < epoch])
 
-    def rows(self) -> list:
-        if not self.jsonl.exists():
-            return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+    def write(self, rows: List[dict]) -> None:
+        self._rows = list(rows)
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self._rows))
+        _write_atomic(self.csv, self._csv_text(self._rows))
 
     def append(self, row: dict) -> None:
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv(self.rows())
+        self.write((self._rows or self.rows()) + [row])
 
-    def _write_csv(self, rows: list) -> None:
+    @staticmethod
+    def _csv_text(rows: list) -> str:
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with self.csv.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()

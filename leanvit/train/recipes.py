@@ -36,6 +36,7 @@ DEFAULTS: Dict[str, Any] = {
     "evit_locations": None,      # blocks that reorganize (default: the EViT rule for the depth)
     "finetune": None,            # checkpoint to start from (classifier and pos_embed adapted)
     "finetune_train_mode": True, # DeiT III keeps drop-path on when fine-tuning; EViT/DeiT used eval mode
+    "finetune_partial": False,   # accept a --finetune checkpoint that fills less than half of the model
     # data
     "data": "digits",
     "digits": {},                # options of leanvit.data.digits.DigitsDataset
@@ -78,6 +79,8 @@ DEFAULTS: Dict[str, Any] = {
     "log_every": 20,
     "max_train_batches": None,   # cap the iterations per epoch (quick runs and tests)
     "time_limit": None,          # seconds; stop before an epoch that would end past it (demo budget)
+    "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
+    "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
 }
 
 
@@ -175,10 +178,60 @@ def _validate(cfg: Dict[str, Any]) -> None:
     if cfg["loss"] == "bce" and cfg["smoothing"]:
         raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
     reduction_settings(cfg)  # a clear error for a bad method or strength
+    _validate_more(cfg)
     for key in ("warmup_epochs", "keep_rate_start_epoch", "keep_rate_epochs", "drop_path", "weight_decay",
                 "mixup", "cutmix", "smoothing", "workers"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
             raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
+
+
+def _number(v, integer: bool = False) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return not integer or int(v) == v
+
+
+def _validate_more(cfg: Dict[str, Any]) -> None:
+    """Types and ranges of the settings a typo in ``--set`` would otherwise turn into a traceback."""
+    img = cfg["img_size"]
+    sizes = list(img) if isinstance(img, (list, tuple)) else [img]
+    if not 1 <= len(sizes) <= 2 or not all(_number(v, True) and v > 0 for v in sizes):
+        raise LeanvitError(f"img_size must be a positive integer or [H, W], got {img!r}")
+    for key in ("opt_eps", "min_lr", "warmup_lr", "lr"):
+        if not _number(cfg[key]) or cfg[key] < 0:
+            raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
+    if not _number(cfg["seed"], integer=True) or cfg["seed"] < 0:
+        raise LeanvitError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
+    for key in ("time_limit", "clip_grad"):
+        if cfg[key] is not None and (not _number(cfg[key]) or cfg[key] <= 0):
+            raise LeanvitError(f"{key} must be a positive number (or null), got {cfg[key]!r}")
+    for key in ("save_every_steps", "keep_last", "max_train_batches", "num_classes"):
+        if cfg[key] is not None and (not _number(cfg[key], integer=True) or cfg[key] < 1):
+            raise LeanvitError(f"{key} must be an integer >= 1 (or null), got {cfg[key]!r}")
+    for key in ("eval_every", "log_every", "workers"):
+        if not _number(cfg[key], integer=True) or cfg[key] < (0 if key == "workers" else 1):
+            raise LeanvitError(f"{key} must be an integer >= {0 if key == 'workers' else 1}, got {cfg[key]!r}")
+    for key in ("model_kwargs", "digits"):
+        if cfg[key] is not None and not isinstance(cfg[key], dict):
+            raise LeanvitError(f"{key} must be a mapping, got {cfg[key]!r}")
+    _check_digits_options(cfg.get("digits") or {})
+
+
+def _check_digits_options(options: Dict[str, Any]) -> None:
+    """Unknown ``digits.<key>`` settings are an error whatever the data (a typo would be ignored)."""
+    import inspect
+
+    from leanvit.data.digits import DigitsDataset
+
+    known = [p for p in inspect.signature(DigitsDataset.__init__).parameters if p not in ("self", "split",
+                                                                                           "transform")]
+    for k, v in options.items():
+        if k not in known:
+            close = difflib.get_close_matches(str(k), known, n=3)
+            hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(known)}"
+            raise LeanvitError(f"unknown setting 'digits.{k}'{hint}")
+        if not _number(v):
+            raise LeanvitError(f"digits.{k} must be a number, got {v!r}")
 
 
 _SCHEDULE_KEYS = ("start_epoch", "epochs")

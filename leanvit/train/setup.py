@@ -1,8 +1,12 @@
 """Building a run from its resolved config: the data, and the model with what trains it."""
 from __future__ import annotations
 
+import hashlib
+import logging
+import random
 from typing import Any, Dict, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -23,7 +27,10 @@ from leanvit.train.recipes import reduction_settings
 from leanvit.train.state import TrainState
 
 __all__ = ["TrainData", "build_data", "build_state", "model_spec_from_config", "build_training_model",
-           "build_mixup", "build_loss", "finetune_from"]
+           "build_mixup", "build_loss", "finetune_from", "ResumableSampler", "SeededSamples", "sample_seed",
+           "FINETUNE_MIN_SHARE"]
+
+log = logging.getLogger(__name__)
 
 
 class TrainData(NamedTuple):
@@ -53,6 +60,72 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.n
 
 
+# ---------------------------------------------------------------------------------------------
+# Exact mid-epoch resumption: the data position and per-sample random transforms
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The seed of one training sample's random transforms: a hash of (seed, epoch, rank, position in the
+    epoch's order), so it is the same in every run, process and loader worker, resumed or not."""
+    h = hashlib.blake2b(f"{int(seed)},{int(epoch)},{int(rank)},{int(position)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") % (2 ** 63)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Wraps a training sampler (``EpochShuffleSampler``, ``DistributedSampler``, ``RepeatAugSampler``):
+    yields ``(index, position)`` so that :class:`SeededSamples` can seed each sample's transforms, and can
+    skip the first ``n`` positions of the next epoch's order (:meth:`skip_next`, resuming mid-epoch)."""
+
+    def __init__(self, sampler, rank: int = 0):
+        self.sampler, self.rank, self._skip = sampler, int(rank), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def skip_next(self, n: int) -> None:
+        """The next iteration starts at position ``n`` of the epoch's order."""
+        self._skip = int(n)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for pos, idx in enumerate(self.sampler):
+            if pos >= skip:
+                yield int(idx), pos
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self._skip)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A training set whose random transforms are seeded per sample from (seed, epoch, rank, position): the
+    transforms of a sample do not depend on what ran before it (the loader worker, the batches skipped when
+    resuming). It seeds Python's, NumPy's and torch's CPU generators before each sample and leaves them so
+    (restoring them would cost more than the transforms): the engine reseeds them before every step."""
+
+    def __init__(self, dataset, seed: int, rank: int = 0):
+        self.dataset, self.seed, self.rank, self.epoch = dataset, int(seed), int(rank), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # classes, num_skipped, image, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        index, position = key if isinstance(key, tuple) else (key, key)
+        s = sample_seed(self.seed, self.epoch, self.rank, position)
+        random.seed(s)
+        np.random.seed(s % (2 ** 32))
+        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds every device (slow)
+        return self.dataset[index]
+
+
 def _train_sampler(dataset, cfg, env: DistEnv):
     if cfg["repeated_aug"]:
         return RepeatAugSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, num_repeats=3)
@@ -78,7 +151,8 @@ def build_data(cfg: Dict[str, Any], env: DistEnv, model: nn.Module) -> TrainData
     bs = int(cfg["batch_size"])
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and bs % 2:
         raise LeanvitError(f"mixup/cutmix need an even batch size, got {bs}")
-    sampler = _train_sampler(train_set, cfg, env)
+    sampler = ResumableSampler(_train_sampler(train_set, cfg, env), env.rank)
+    train_set = SeededSamples(train_set, cfg["seed"], env.rank)
     loader_kw = dict(num_workers=int(cfg["workers"]), pin_memory=env.device.type == "cuda",
                      persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
@@ -117,17 +191,31 @@ def build_training_model(cfg: Dict[str, Any], num_classes: int) -> nn.Module:
     return create_model(spec["name"], reduction=spec["reduction"], img_size=to_2tuple(img), **kwargs)
 
 
-def finetune_from(model: nn.Module, path) -> str:
-    """Load ``path``'s weights for fine-tuning (classifier re-initialized if it differs); returns a note."""
-    res = load_checkpoint(model, path, strict=False, ignore_classifier=True)
-    notes = []
+FINETUNE_MIN_SHARE = 0.5  # --finetune fails when fewer of the model's tensors load (unless finetune_partial)
+
+
+def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
+    """Load ``path``'s weights for fine-tuning (classifier re-initialized if it differs); returns a note
+    that always says ``loaded N/M tensors``. Fewer than :data:`FINETUNE_MIN_SHARE` of the model's tensors
+    loaded is an error (an incompatible checkpoint would silently train from scratch) unless ``partial``."""
+    total = len(model.state_dict())
+    try:
+        res = load_checkpoint(model, path, strict=False, ignore_classifier=True)
+    except LeanvitError as e:
+        raise LeanvitError(f"--finetune: {e}") from None
+    loaded = total - len(res.missing_keys) - len(res.skipped_keys)
+    notes = [f"loaded {loaded}/{total} tensors"]
     if res.skipped_keys:
         notes.append(f"re-initialized {', '.join(res.skipped_keys)}")
     if res.missing_keys:
         notes.append(f"not in the checkpoint: {', '.join(res.missing_keys[:6])}")
     if res.unexpected_keys:
         notes.append(f"unused: {', '.join(res.unexpected_keys[:6])}")
-    return f"fine-tuning from {path}" + (f" ({'; '.join(notes)})" if notes else "")
+    if loaded < FINETUNE_MIN_SHARE * total and not partial:
+        raise LeanvitError(f"--finetune {path}: only {loaded}/{total} of the model's tensors loaded (less than "
+                           f"{FINETUNE_MIN_SHARE:.0%}; is it a checkpoint of another model?); give "
+                           "--finetune-partial to train from it anyway")
+    return f"fine-tuning from {path} ({'; '.join(notes)})"
 
 
 def build_mixup(cfg: Dict[str, Any], num_classes: int) -> Optional[Mixup]:
