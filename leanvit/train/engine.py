@@ -42,6 +42,7 @@ from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_file
                                       remove_orphans, resume_decision)
 from leanvit.train.setup import (build_data, build_loss, build_mixup, build_state, build_training_model,
                                  finetune_from, model_spec_from_config)
+from leanvit.train.state import TrainState
 
 __all__ = ["train", "Run"]
 
