@@ -32,6 +32,9 @@ class StepContext:
         self.use_amp = bool(cfg["amp"])
         self.amp_dtype = torch.float16 if env.device.type == "cuda" else torch.bfloat16
         self.clip_grad = cfg["clip_grad"]
+        # dense tasks (leanvit.train.tasks): task_step(ctx, x, y) -> (loss, images) replaces the
+        # classification forward/loss below
+        self.task_step: Optional[Callable] = None
 
     def autocast(self):
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
@@ -88,18 +91,22 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
             keep = reduction_at(ctx, state.step)
             if keep is not None:
                 ctx.method.set_strength(state.model, keep)
-            x, y = x.to(env.device, non_blocking=True), torch.as_tensor(y).to(env.device, non_blocking=True)
-            if ctx.mixup is not None:
-                x, y = ctx.mixup(x, y)
-            with ctx.autocast():
-                loss = ctx.criterion(ctx.forward_model(x).float(), y)
+            if ctx.task_step is not None:
+                loss, n = ctx.task_step(ctx, x, y)
+            else:
+                x, y = x.to(env.device, non_blocking=True), torch.as_tensor(y).to(env.device, non_blocking=True)
+                if ctx.mixup is not None:
+                    x, y = ctx.mixup(x, y)
+                with ctx.autocast():
+                    loss = ctx.criterion(ctx.forward_model(x).float(), y)
+                n = x.shape[0]
             _check_finite(loss, ctx, epoch, i, last_path)
             _backward_and_step(state, loss, ctx.clip_grad)
             if state.ema is not None:
                 state.ema.update(state.model, step=state.step)
             state.step += 1
-            loss_sum += loss.item() * x.shape[0]
-            seen += x.shape[0]
+            loss_sum += loss.item() * n
+            seen += n
             if env.is_main and (i % max(1, ctx.cfg["log_every"]) == 0 or i == ctx.iters - 1):
                 post = dict(loss=f"{loss.item():.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{seen * env.world_size / (time.perf_counter() - t0):.0f}")
