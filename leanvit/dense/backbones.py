@@ -8,8 +8,8 @@ Two kinds, both over timm models (so leanvit's own, timm's, and checkpoints of e
 - **Plain ViTs** (timm ``vit_*``, ``deit_*``, ``deit3_*``, leanvit's ``evit_*``): a ViTDet-style simple
   feature pyramid (Li et al. 2022) from the last block's map at stride 16 (after the final norm):
   two 2x deconvolutions (stride 4), one deconvolution (stride 8), the map itself (16), 2x max-pooling (32).
-  The ViT runs with ``dynamic_img_size=True``, so any input size (a multiple of the patch) works, the
-  position embedding being interpolated. For an EViT model with a keep rate below 1, the last block holds
+  The ViT runs with ``dynamic_img_size=True`` and ``dynamic_img_pad=True``, so any input size works
+  (padded to a multiple of the patch), the position embedding being interpolated. For an EViT model with a keep rate below 1, the last block holds
   only the kept tokens: they go back to their grid positions and the positions of the tokens that were
   dropped take the fused token (or, with ``fuse=False``, the mean of the kept tokens).
 
@@ -117,6 +117,7 @@ class SimpleFeaturePyramid(DenseBackbone):
         super().__init__()
         self.name = name
         kwargs.setdefault("dynamic_img_size", True)
+        kwargs.setdefault("dynamic_img_pad", True)  # any input size: padded to a multiple of the patch
         self.vit = create_model(name, num_classes=0, **kwargs)
         if not isinstance(self.vit, VisionTransformer):
             raise LeanvitError(f"{name} is not a timm VisionTransformer")
