@@ -89,6 +89,7 @@ DEFAULTS: Dict[str, Any] = {
     "schedule": "cosine",        # cosine | poly (power 0.9, the Semantic FPN / UperNet schedule)
     "iterations": None,          # a budget in optimizer steps instead of epochs (whole epochs cover it)
     "digits_dense": {},          # options of the embedded digits-det / digits-seg scenes
+    "coco": {},                  # options of COCO-layout data (masks: true is set for maskrcnn)
 }
 
 

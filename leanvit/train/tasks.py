@@ -239,7 +239,7 @@ class _DenseTask(Task):
         for ds in (run.data.train_set, run.data.val_set):
             counter = getattr(ds, "skips", None)
             if counter is not None:
-                lines += counter.report()
+                lines += counter.lines()  # logged once when the split was loaded
         return lines
 
 
