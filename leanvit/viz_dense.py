@@ -63,6 +63,17 @@ def predict_images(model: nn.Module, task: str, images: Sequence, device="cpu", 
     return out
 
 
+def _font() -> Optional[str]:
+    """A TrueType font for legible labels (matplotlib's bundled DejaVu Sans) when there is one."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return str(path) if path.is_file() else None
+    except ImportError:
+        return None
+
+
 def _enlarge(img: torch.Tensor, min_side: int) -> torch.Tensor:
     h, w = img.shape[-2:]
     f = max(1, int(np.ceil(min_side / min(h, w))))
@@ -90,8 +101,9 @@ def draw_detections(image, pred: Dict[str, torch.Tensor], class_names: Optional[
                           [H, W]).as_subclass(torch.Tensor)
         names = [f"{class_names[c] if class_names and c < len(class_names) else c} {s:.2f}"
                  for c, s in zip(labels, pred["scores"][keep].tolist())]
+        font = _font()
         big = draw_bounding_boxes(big, boxes, labels=names, colors=[colours[c] for c in labels], width=2,
-                                  font_size=12)
+                                  **({"font": font, "font_size": 13} if font else {}))
     return big
 
 

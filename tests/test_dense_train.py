@@ -19,7 +19,7 @@ def _cfg(task: str, out, **kw):
                epochs=2, batch_size=4, max_train_batches=2, opt="adamw", lr=1e-3, warmup_epochs=0, loss="ce",
                mixup=0.0, cutmix=0.0, three_augment=False, workers=0, output=str(out), seed=0)
     if task == "detection":
-        cfg.update(detector="fcos", head_kwargs={"fpn_channels": 32, "head_convs": 1, "out_indices": [1, 2, 3]})
+        cfg.update(detector="fcos", head_kwargs={"fpn_channels": 64, "head_convs": 1, "out_indices": [1, 2, 3]})
     else:
         cfg.update(segmenter="semantic_fpn", head_kwargs={"fpn_channels": 16, "channels": 16}, schedule="poly")
     cfg.update(kw)
@@ -138,3 +138,42 @@ def test_train_cli_runs_a_dense_recipe(capsys, tmp_path):
                         "--img-size", "64", "--min-size", "64", "--max-size", "64")
     assert rc == 0, err
     assert "best val_map" in text
+
+
+def test_coco_and_ade20k_folders_train_and_evaluate(tmp_path, capsys):
+    """The on-disk layouts through the same engine: resized inputs, predictions scored in original coordinates."""
+    from test_dense_data import _ade_tree, _coco_tree
+
+    root = tmp_path / "coco"
+    for split in ("train2017", "val2017"):
+        _coco_tree(root, split=split)
+    torch.manual_seed(0)
+    res = train(_cfg("detection", tmp_path / "c", data=str(root), batch_size=2, epochs=1, min_size=64, max_size=96),
+                device="cpu", progress=False)
+    assert res["history"][-1]["val_map"] >= 0.0
+    assert any("kept as negatives" in n for n in res["data_notes"])
+    rc, text, err = cli(capsys, "eval", "--checkpoint", tmp_path / "c" / "best.pth", "--data", root, "--no-progress")
+    assert rc == 0 and "map50" in text and "note: 1 box(es) with no width" in text, err
+    ade = _ade_tree(tmp_path / "ade")
+    res = train(_cfg("segmentation", tmp_path / "s", data=str(ade), batch_size=2, epochs=1, min_size=64,
+                     crop_size=64, hflip=0.5), device="cpu", progress=False)
+    assert 0.0 <= res["history"][-1]["val_miou"] <= 1.0
+
+
+def test_train_cli_bad_coco_is_one_line_error(tmp_path, capsys):
+    from test_dense_data import _coco_tree
+
+    root = tmp_path / "coco"
+    _coco_tree(root, split="train2017", drop_file="002.png")
+    _coco_tree(root, split="val2017")
+    rc, err = cli_error(capsys, "train", "--recipe", "shunted_t_fcos_demo", "--data", root, "--output", tmp_path / "o")
+    one_line_error(rc, err, "instances_train2017.json", "missing from", "002.png")
+
+
+@pytest.mark.slow
+def test_demo_detect_quick(tmp_path, capsys):
+    rc, text, err = cli(capsys, "demo", "--task", "detect", "--quick", "--output", tmp_path, "--no-progress")
+    assert rc == 0, err
+    report = (tmp_path / "detect" / "report.md").read_text()
+    assert "PVT v2 baseline" in report and "AP small" in report
+    assert (tmp_path / "detect" / "boxes_shunted_t_fcos_demo" / "predictions.png").exists()

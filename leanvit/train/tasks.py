@@ -72,7 +72,8 @@ def dense_model_spec(cfg: Dict[str, Any], num_classes: int, task: str) -> Dict[s
     """What :func:`build_dense_model` needs to rebuild the trained model (stored in checkpoints)."""
     kwargs = dict(cfg.get("model_kwargs") or {})
     img = cfg["img_size"]
-    kwargs["img_size"] = list(img) if isinstance(img, (list, tuple)) else img
+    if img is not None:  # None: a backbone without an input size (timm pvt_v2_*)
+        kwargs["img_size"] = list(img) if isinstance(img, (list, tuple)) else img
     kwargs.update(dict(cfg.get("head_kwargs") or {}))
     head = cfg["detector"] if task == "detection" else cfg["segmenter"]
     if task == "detection":
