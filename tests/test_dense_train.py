@@ -177,3 +177,40 @@ def test_demo_detect_quick(tmp_path, capsys):
     report = (tmp_path / "detect" / "report.md").read_text()
     assert "PVT v2 baseline" in report and "AP small" in report
     assert (tmp_path / "detect" / "boxes_shunted_t_fcos_demo" / "predictions.png").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_detection(tmp_path, capsys):
+    """DDP: the loss through DistributedDataParallel, validation sharded and gathered: the run's val mAP is
+    the one a single process computes on the whole validation set."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _cfg("detection", tmp_path / "ddp", epochs=1)
+    cfg.pop("output")
+    recipe = tmp_path / "tiny_det.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "leanvit.cli", "train", "--recipe", str(recipe), "--output", str(tmp_path / "ddp"),
+           "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "x 2 process(es)" in r.stdout and r.stdout.count("epoch 1/1:") == 1
+    row = _rows(tmp_path / "ddp")[-1]
+    rc, text, err = cli(capsys, "eval", "--checkpoint", tmp_path / "ddp" / "best.pth", "--data", "digits-det",
+                        "--no-progress", "--output", tmp_path / "e.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["val_map"] == pytest.approx(row["val_map"], abs=1e-6)
+
+
+def test_maskrcnn_trains_on_instance_masks_with_amp(tmp_path):
+    torch.manual_seed(0)
+    res = train(_cfg("detection", tmp_path / "m", epochs=1, detector="maskrcnn", amp=True,
+                     head_kwargs={"fpn_channels": 32}), device="cpu", progress=False)
+    row = res["history"][-1]
+    assert torch.isfinite(torch.tensor(row["train_loss"])) and "val_map" in row
+    assert torch.load(tmp_path / "m" / "best.pth", weights_only=True)["config"]["detector"] == "maskrcnn"
