@@ -115,6 +115,7 @@ def test_backbone_strides_and_channels():
     assert vit.strides == [4, 8, 16, 32] and vit.out_channels == [16, 32, 64, 64]
     maps = vit(torch.rand(1, 3, 64, 96))  # another size than img_size: position embedding resampled
     assert [tuple(m.shape[1:]) for m in maps] == [(16, 16, 24), (32, 8, 12), (64, 4, 6), (64, 2, 3)]
+    assert vit.no_weight_decay() == {"vit.pos_embed", "vit.cls_token"}  # for timm's optimizers
     pvt = create_backbone("pvt_v2_b0", depths=(1, 1, 1, 1))
     assert pvt.strides == [4, 8, 16, 32] and pvt.out_channels == [32, 64, 160, 256]
 
@@ -211,3 +212,33 @@ def test_bad_options_are_clear_errors():
         create_backbone("vit_tiny_patch16_224", out_indices=(4,), **VIT)
     with pytest.raises(LeanvitError, match="anchor_sizes has 2 levels"):
         create_detector("retinanet", "shunted_t", 3, anchor_sizes=((16,), (32,)), **SHUNTED)
+
+
+def _dense_recipes():
+    from leanvit.train.recipes import RECIPE_DIR
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml") if p.stem.endswith(("_coco", "_ade20k")))
+
+
+def test_real_data_recipes_build_their_models():
+    """Every COCO/ADE20K recipe names a detector/segmenter and options that create_detector/create_segmenter
+    accept (meta device: no memory; Shunted builds on CPU, only its tiny variant to stay fast)."""
+    from leanvit.train.recipes import resolve_config
+
+    names = _dense_recipes()
+    assert {"shunted_s_retinanet_coco", "shunted_s_maskrcnn_coco", "shunted_s_semfpn_ade20k",
+            "deit3_b_upernet_ade20k", "pvt_v2_b2_retinanet_coco"} <= set(names)
+    for name in names:
+        c = resolve_config(name)
+        assert c["task"] in ("detection", "segmentation") and c["data"] is None
+        if c["model"].startswith("shunted") and c["model"] != "shunted_t":
+            continue
+        opts = dict(c["head_kwargs"], drop_path_rate=c["drop_path"], img_size=c["img_size"])
+        with torch.device("cpu" if c["model"].startswith("shunted") else "meta"):
+            if c["task"] == "detection":
+                assert c["min_size"] == 800 and c["max_size"] == 1333 and c["epochs"] == 12
+                m = create_detector(c["detector"], c["model"], 80, min_size=c["min_size"], max_size=c["max_size"], **opts)
+                assert m.transform.min_size == (800,) and m.transform.max_size == 1333
+            else:
+                assert c["crop_size"] == 512 and c["schedule"] == "poly" and c["iterations"] in (40000, 160000)
+                m = create_segmenter(c["segmenter"], c["model"], 150, **opts)
+        assert sum(p.numel() for p in m.parameters()) > 1e6, name

@@ -63,6 +63,14 @@ class DenseBackbone(nn.Module):
     def std(self) -> tuple:
         return tuple((getattr(self.model, "pretrained_cfg", None) or {}).get("std", (0.229, 0.224, 0.225)))
 
+    def no_weight_decay(self) -> set:
+        """Names (relative to this backbone) of the underlying model's ``no_weight_decay`` parameters."""
+        fn = getattr(self.model, "no_weight_decay", None)
+        names = set(fn()) if callable(fn) else set()
+        prefix = next(n for n, m in self.named_modules() if m is self.model)
+        own = {n for n, _ in self.named_parameters()}
+        return {f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in own}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if not hasattr(self.model, "set_grad_checkpointing"):
             raise LeanvitError(f"{self.name} does not support gradient checkpointing")
@@ -79,8 +87,16 @@ class FeatureBackbone(DenseBackbone):
         super().__init__()
         self.name = name
         try:
-            self.body = create_model(name, features_only=True, feature_cls="getter",
-                                     out_indices=tuple(out_indices), **kwargs)
+            try:
+                self.body = create_model(name, features_only=True, feature_cls="getter",
+                                         out_indices=tuple(out_indices), **kwargs)
+            except LeanvitError as e:
+                if "img_size" not in kwargs or "'img_size'" not in str(e):
+                    raise
+                # size-agnostic hierarchical models without the option (timm's pvt_v2): nothing to set
+                kwargs.pop("img_size")
+                self.body = create_model(name, features_only=True, feature_cls="getter",
+                                         out_indices=tuple(out_indices), **kwargs)
         except (IndexError, AssertionError) as e:
             raise LeanvitError(f"{name}: bad out_indices {tuple(out_indices)} ({e})") from None
         self.out_channels = list(self.body.feature_info.channels())
@@ -214,7 +230,8 @@ def create_backbone(name: str, out_indices: Optional[Sequence[int]] = None, pret
             dropped; the counts are in ``backbone.load_report``. ``True`` goes through timm's own
             ``pretrained=True`` machinery instead (hub ids etc.).
         grad_checkpointing: recompute blocks in the backward pass (memory for large inputs).
-        kwargs: the timm model's own options (``img_size``, ``drop_path_rate``, ``depths``, ``embed_dims``...).
+        kwargs: the timm model's own options (``img_size``, ``drop_path_rate``, ``depths``, ``embed_dims``...);
+            ``img_size`` is dropped for hierarchical models that have no such option (timm's ``pvt_v2_*``).
     """
     if not isinstance(name, str) or not name:
         raise LeanvitError(f"backbone must be a model name, got {name!r}")

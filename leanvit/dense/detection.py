@@ -195,6 +195,8 @@ def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=N
         if name == "maskrcnn":
             det_kw.setdefault("mask_roi_pool", MultiScaleRoIAlign(fpn.level_names, 14, 2))
         model = cls(fpn, num_classes + 1, rpn_anchor_generator=anchors, **det_kw)
+    no_decay = {f"backbone.body.{n}" for n in body.no_weight_decay()}
+    model.no_weight_decay = lambda: set(no_decay)  # timm's optimizers skip weight decay on these
     model.num_object_classes = num_classes
     model.detector_name = name
     _log.debug("%s on %s: FPN strides %s, %d classes", name, body.name, fpn.strides, num_classes)

@@ -4,7 +4,9 @@
   Shunted report on ADE20K): a torchvision ``FeaturePyramidNetwork`` (lateral 1x1 + output 3x3 convs,
   ``fpn_channels`` = 256) over the stride 4-32 maps; from each level, [3x3 conv, GroupNorm, ReLU, 2x
   bilinear upsampling] repeated until stride 4 (the stride-4 level: one conv, no upsampling), the branches
-  summed, dropout 0.1, a 1x1 classifier (``channels`` = 128 as mmsegmentation's ``FPNHead``).
+  summed, dropout 0.1, a 1x1 classifier (``channels`` = 128 as mmsegmentation's ``FPNHead``). GroupNorm as
+  Panoptic FPN (``norm="gn"``, default: small per-device batches); ``norm="bn"``: BatchNorm, as
+  mmsegmentation's ``FPNHead`` config that PVT's code uses (SyncBN there).
 - ``upernet`` (Xiao et al. 2018; mmsegmentation's ``UPerHead``, the head of DeiT III's ADE20K runs, XCiT
   config): a pyramid pooling module (scales 1/2/3/6) on the last map, lateral 1x1 convs, top-down fusion,
   3x3 output convs, all levels upsampled to the first and concatenated, a 3x3 fusion conv, dropout 0.1 and
@@ -42,8 +44,11 @@ class SemanticFPNHead(nn.Module):
     """FPN neck + Panoptic-FPN semantic branch; returns logits at the finest stride."""
 
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
-                 fpn_channels: int = 256, channels: int = 128, dropout: float = 0.1):
+                 fpn_channels: int = 256, channels: int = 128, dropout: float = 0.1, norm: str = "gn"):
         super().__init__()
+        if norm not in ("gn", "bn"):
+            raise LeanvitError(f"semantic_fpn norm must be 'gn' (GroupNorm) or 'bn' (BatchNorm), got {norm!r}")
+        norm_layer = _gn if norm == "gn" else nn.BatchNorm2d
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels)
         base = strides[0]
         self.branches = nn.ModuleList()
@@ -52,7 +57,7 @@ class SemanticFPNHead(nn.Module):
             layers: List[nn.Module] = []
             for k in range(max(1, n_up)):
                 layers.append(Conv2dNormActivation(fpn_channels if k == 0 else channels, channels, 3,
-                                                   norm_layer=_gn, activation_layer=nn.ReLU, bias=False))
+                                                   norm_layer=norm_layer, activation_layer=nn.ReLU, bias=False))
                 if n_up > 0:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.branches.append(nn.Sequential(*layers))
@@ -130,6 +135,10 @@ class Segmenter(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
 
+    def no_weight_decay(self) -> set:
+        """The backbone's no-weight-decay parameters (position embeddings, tokens), for timm's optimizers."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise LeanvitError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
@@ -140,7 +149,7 @@ class Segmenter(nn.Module):
 
 
 SEGMENTERS = ("semantic_fpn", "upernet")
-_HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout"},
+_HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout", "norm"},
                  "upernet": {"channels", "pool_scales", "dropout"}}
 _SEGMENTER_OPTIONS = {"normalize"}
 
@@ -153,7 +162,7 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
             (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride).
         num_classes: K classes; logits (B, K, H, W).
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
-        kwargs: head options (``channels``, ``fpn_channels`` for semantic_fpn, ``pool_scales`` for upernet,
+        kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn, ``pool_scales`` for upernet,
             ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
             ``grad_checkpointing``, model options).
     """
