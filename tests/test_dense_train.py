@@ -214,3 +214,20 @@ def test_maskrcnn_trains_on_instance_masks_with_amp(tmp_path):
     row = res["history"][-1]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and "val_map" in row
     assert torch.load(tmp_path / "m" / "best.pth", weights_only=True)["config"]["detector"] == "maskrcnn"
+
+
+def test_finetune_loads_a_classification_checkpoint_into_the_backbone(tmp_path):
+    from leanvit import create_model, save_checkpoint
+    from leanvit.train.tasks import load_dense_model
+
+    torch.manual_seed(1)
+    clf = create_model("shunted_t", num_classes=10, img_size=64, **TINY)
+    save_checkpoint({"model": clf.state_dict()}, tmp_path / "clf.pth")
+    train(_cfg("segmentation", tmp_path / "ft", epochs=1, max_train_batches=1, lr=1e-9, warmup_lr=1e-9,
+               finetune=str(tmp_path / "clf.pth")), device="cpu", progress=False)
+    seg, *_ = load_dense_model(tmp_path / "ft" / "last.pth")
+    got = seg.state_dict()
+    name = next(k for k, v in clf.state_dict().items() if v.ndim == 4)  # the first conv of the stem
+    match = [k for k in got if k.endswith("." + name)]
+    assert match, (name, list(got)[:5])
+    assert torch.allclose(got[match[0]], clf.state_dict()[name], atol=1e-6)  # lr ~0: still the checkpoint's

@@ -55,9 +55,11 @@ class SkipCounter:
         return [f"{n} {reason}{where}" for reason, n in self.counts.items()]
 
     def report(self) -> List[str]:
+        """Log the counts (once per split: the datasets call this when they load; INFO, so that under
+        torchrun only rank 0 prints them)."""
         lines = self.lines()
         for line in lines:
-            log.warning(f"note: {line}")
+            log.info(f"note: {line}")
         return lines
 
 
