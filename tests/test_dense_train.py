@@ -231,3 +231,15 @@ def test_finetune_loads_a_classification_checkpoint_into_the_backbone(tmp_path):
     match = [k for k in got if k.endswith("." + name)]
     assert match, (name, list(got)[:5])
     assert torch.allclose(got[match[0]], clf.state_dict()[name], atol=1e-6)  # lr ~0: still the checkpoint's
+
+
+def test_iterations_budget_and_bad_mask_in_a_worker_is_one_line(tmp_path, capsys):
+    from test_dense_data import _ade_tree
+
+    res = train(_cfg("segmentation", tmp_path / "it", iterations=3, epochs=1), device="cpu", progress=False)
+    assert len(res["history"]) == 2  # 3 steps at 2 per epoch: 2 whole epochs
+    ade = _ade_tree(tmp_path / "ade", bad="value")
+    rc, err = cli_error(capsys, "train", "--recipe", "shunted_t_semfpn_demo", "--data", ade, "--output",
+                        tmp_path / "o", "--batch-size", "2", "--workers", "1", "--img-size", "64",
+                        "--min-size", "64", "--crop-size", "64", "--epochs", "1", "--no-progress")
+    one_line_error(rc, err, "a1.png", "holds value 151")

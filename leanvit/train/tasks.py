@@ -148,11 +148,34 @@ def build_dense_eval_dataset(data, cfg: Dict[str, Any], task: str, split: str = 
     return ds
 
 
+class _OneLineErrors:
+    """A data loader whose workers' :class:`LeanvitError` (a bad mask, an unreadable image) reaches the
+    caller as the one-line error it was, not as the worker's traceback text that torch wraps it in."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+        self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        except LeanvitError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            if len(lines) <= 1:
+                raise
+            last = lines[-1].split("LeanvitError: ", 1)[-1]
+            raise LeanvitError(last) from None
+
+
 def dense_loader(dataset, task: str, batch_size: int, workers: int = 0, shuffle: bool = False, sampler=None,
                  drop_last: bool = False, pin_memory: bool = False):
-    return torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), shuffle=shuffle, sampler=sampler,
-                                       drop_last=drop_last, num_workers=int(workers), pin_memory=pin_memory,
-                                       collate_fn=collate_fn(task))
+    """A loader of (images, targets) batches for ``task`` (the collate of :mod:`leanvit.data.dense`)."""
+    return _OneLineErrors(torch.utils.data.DataLoader(
+        dataset, batch_size=int(batch_size), shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+        num_workers=int(workers), pin_memory=pin_memory, collate_fn=collate_fn(task)))
 
 
 def _check_kind(data, task: str) -> None:
