@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import torch
 
 from leanvit.checkpoints import read_checkpoint
 from leanvit.evaluate_dense import evaluate_detection

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -114,10 +114,7 @@ def load_dense_model(checkpoint) -> Tuple[nn.Module, Dict[str, Any], Dict[str, A
 
 def checkpoint_task(checkpoint) -> str:
     """``detection`` / ``segmentation`` for a dense training checkpoint, else ``classification``."""
-    try:
-        obj = read_checkpoint(checkpoint)
-    except LeanvitError:
-        raise
+    obj = read_checkpoint(checkpoint)
     spec = obj.get("model_spec") if isinstance(obj, dict) else None
     if isinstance(spec, dict) and spec.get("task") in ("detection", "segmentation"):
         return spec["task"]
@@ -141,8 +138,8 @@ def build_dense_eval_dataset(data, cfg: Dict[str, Any], task: str, split: str = 
     """The evaluation split of dense ``data`` as a run with settings ``cfg`` validates on."""
     if options is None:
         options = dense_data_options({**cfg, "data": data}, task)
-    ds = create_dataset(data, split, transform=dense_eval_transform(cfg, task), options=options)
     _check_kind(data, task)
+    ds = create_dataset(data, split, transform=dense_eval_transform(cfg, task), options=options)
     if len(ds) == 0:
         raise LeanvitError(f"the {split} split of {data} is empty")
     return ds
