@@ -108,8 +108,9 @@ def draw_detections(image, pred: Dict[str, torch.Tensor], class_names: Optional[
 
 
 def draw_segmentation(image, labels: torch.Tensor, num_classes: int, ignore: Sequence[int] = (0,),
-                      min_side: int = 288) -> torch.Tensor:
-    """The image with each predicted class (except ``ignore``, e.g. the background) painted over it."""
+                      min_side: int = 288, class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """The image with each predicted class (except ``ignore``, e.g. the background) painted over it and
+    named (with ``class_names``) at the middle of its pixels."""
     img = _enlarge(_to_uint8(image), min_side)
     H, W = img.shape[-2:]
     lab = TF.resize(tv_tensors.Mask(labels[None]), [H, W],
@@ -119,7 +120,19 @@ def draw_segmentation(image, labels: torch.Tensor, num_classes: int, ignore: Seq
         return img
     masks = torch.stack([lab == c for c in present])
     colours = palette(num_classes)
-    return draw_segmentation_masks(img, masks, alpha=0.55, colors=[colours[c] for c in present])
+    img = draw_segmentation_masks(img, masks, alpha=0.55, colors=[colours[c] for c in present])
+    if not class_names:
+        return img
+    from PIL import ImageDraw, ImageFont
+
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.truetype(_font(), 14) if _font() else ImageFont.load_default()
+    for c, m in zip(present, masks):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        draw.text((float(xs.float().median()), float(ys.float().median())), str(class_names[c]), fill=(255, 255, 255),
+                  font=font, anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
 
 
 def visualize_dense(model: nn.Module, task: str, images: Sequence, out_dir, names: Optional[Sequence[str]] = None,
@@ -137,7 +150,7 @@ def visualize_dense(model: nn.Module, task: str, images: Sequence, out_dir, name
         else:
             k = len(class_names) if class_names else int(p["labels"].max()) + 1
             bg = (0,) if class_names and class_names[0] == "background" else ()
-            pic = draw_segmentation(im, p["labels"], k, ignore=bg)
+            pic = draw_segmentation(im, p["labels"], k, ignore=bg, class_names=class_names)
         stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in (names[i] if names else str(i)))[:60]
         path = out / f"{i:03d}_{stem}.png"
         Image.fromarray(pic.permute(1, 2, 0).numpy()).save(path)
