@@ -188,8 +188,13 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone):
         if results:
             model.load_state_dict(results[0][2])
         model.train()
+        body = model.backbone.body.model
+        block = body.blocks[0] if hasattr(body, "blocks") else body.block1[0]
+        calls = []
+        block.register_forward_pre_hook(lambda *a: calls.append(1))
         loss = sum(model(images, targets).values())
         loss.backward()
+        assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes the block in the backward pass
         grads = {n: p.grad.clone() for n, p in model.backbone.body.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads, model.state_dict()))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
