@@ -105,6 +105,11 @@ def _report(rows, pictures, env: str, quick: bool, seconds: float) -> str:
                        for label, p in pictures)
     a, b = rows[0], rows[1]
     better = a["label"] if a["val_map"] > b["val_map"] else b["label"]
+    caveat = ""
+    if min(a["steps"], b["steps"]) < 0.9 * max(a["steps"], b["steps"]):
+        caveat = (f" **Caveat:** the two runs got {a['steps']} and {b['steps']} training steps in the same time "
+                  f"budget (similar GMACs): the machine's load changed between them, so this comparison says as "
+                  f"much about CPU share as about the backbones.")
     return f"""# leanvit detection demo{' (--quick: tiny budgets, the figures mean nothing)' if quick else ''}
 
 Data: ``digits-det``, the embedded scenes: 1-{d.get('max_objects', 4)} real scikit-learn digit scans of
@@ -116,7 +121,7 @@ Machine: {env}. CPU time is shared with whatever else runs: steps/s says how muc
 
 {_table(rows)}
 
-Higher val mAP here: {better}. Total time: {seconds:.0f} s.
+Higher val mAP here: {better}.{caveat} Total time: {seconds:.0f} s.
 
 {pics}
 """
