@@ -23,6 +23,8 @@ from leanvit.evaluate import evaluate
 from leanvit.reduction import applied_reduction
 from leanvit.runtime import resolve_device
 from leanvit.tools._common import add_model_arguments, build_from_args
+from leanvit.train.tasks import (build_dense_eval_dataset, checkpoint_task, dense_data_options, dense_loader,
+                                 load_dense_model)
 
 
 def add_arguments(p) -> None:
@@ -82,6 +84,8 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
 
 def run(args) -> int:
     _check_args(args)
+    if args.checkpoint and checkpoint_task(args.checkpoint) != "classification":
+        return _run_dense(args)  # a detection / segmentation checkpoint (issue 10)
     device = resolve_device(args.device)
     classes = dataset_classes(args.data, args.split)
     model, name, hw, config, ckpt = build_from_args(args, data_classes=len(classes))
@@ -107,6 +111,50 @@ def run(args) -> int:
           f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
           f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads)")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
+        out.write_text(json.dumps(safe, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------- dense checkpoints (issue 10)
+
+
+def _run_dense(args) -> int:
+    """COCO mAP (detection) or mIoU / pixel accuracy (segmentation) of a dense ``leanvit train`` checkpoint."""
+    from leanvit.evaluate_dense import DETECTION_KEYS, evaluate_detection, evaluate_segmentation
+
+    device = resolve_device(args.device)
+    model, spec, config, classes = load_dense_model(args.checkpoint)
+    task = spec["task"]
+    cfg = {**config, "data": args.data}
+    dataset = build_dense_eval_dataset(args.data, cfg, task, split=args.split,
+                                       options=dense_data_options(cfg, task))
+    data_classes = list(getattr(dataset, "classes", []))
+    if len(data_classes) != int(spec["num_classes"]):
+        raise LeanvitError(f"the model has {spec['num_classes']} classes but {args.data} has {len(data_classes)}; "
+                           "evaluate on data with the model's classes")
+    loader = dense_loader(dataset, task, args.batch_size, args.workers, pin_memory=device.type == "cuda")
+    model = model.to(device)
+    common = dict(device=device, amp=args.amp, progress=not args.no_progress, max_batches=args.max_batches)
+    if task == "detection":
+        res = evaluate_detection(model, loader, num_classes=int(spec["num_classes"]), **common)
+        shown = "  ".join(f"{k[4:]} {res[k]:.4f}" for k in DETECTION_KEYS)
+    else:
+        res = evaluate_segmentation(model, loader, int(spec["num_classes"]),
+                                    miou_classes=getattr(dataset, "miou_classes", None), **common)
+        shown = (f"mIoU {res['val_miou']:.4f}  mIoU (all classes) {res['val_miou_all']:.4f}  "
+                 f"pixel acc {res['val_pixel_acc']:.4f}")
+    res.update(model=spec["name"], head=spec["head"], task=task, checkpoint=args.checkpoint, data=args.data,
+               batch_size=args.batch_size, device=str(device), threads=torch.get_num_threads())
+    print(f"{spec['head']} on {spec['name']} ({task}) on {args.data} ({res['images']} images): {shown}  "
+          f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
+          f"{torch.get_num_threads()} threads)")
+    for line in getattr(getattr(dataset, "skips", None), "lines", lambda: [])():
+        print(f"note: {line}")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

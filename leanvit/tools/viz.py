@@ -20,6 +20,7 @@ from leanvit.reduction.tome import is_tome
 from leanvit.runtime import resolve_device
 from leanvit.tools._common import add_model_arguments, build_from_args, check_output_folder
 from leanvit.viz import visualize
+from leanvit.train.tasks import checkpoint_task, dense_data_options, load_dense_model
 from leanvit.viz_merge import visualize_merges
 
 
@@ -32,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--num-images", type=int, default=8, help="images taken from --data (default 8)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="detection checkpoints: draw boxes scoring at least this (default 0.3)")
 
 
 def spread(n: int, k: int) -> List[int]:
@@ -57,6 +60,8 @@ def run(args) -> int:
         raise LeanvitError("--num-images and --batch-size must be >= 1")
     out = check_output_folder(args.output)
     device = resolve_device(args.device)
+    if args.checkpoint and checkpoint_task(args.checkpoint) != "classification":
+        return _run_dense(args, out, device)  # boxes / masks of a detection or segmentation checkpoint (issue 10)
     class_names = items = None
     if args.images:
         items = [(Path(f).name, load_image(f)) for f in args.images]  # fail early, before building the model
@@ -74,4 +79,30 @@ def run(args) -> int:
     paths = draw(model, [im for _, im in items], out, names=[n for n, _ in items], class_names=class_names,
                  batch_size=args.batch_size)
     print(f"wrote {len(paths) - 1} image rows and the grid {paths[-1]}")
+    return 0
+
+
+# --------------------------------------------------------------------- dense checkpoints (issue 10)
+
+
+def _run_dense(args, out: Path, device) -> int:
+    """Predicted boxes (class and score) and masks of a detection checkpoint, or the predicted label map of
+    a segmentation checkpoint, drawn over images (library: :mod:`leanvit.viz_dense`)."""
+    from leanvit.viz_dense import visualize_dense
+
+    if args.images:
+        items = [(Path(f).name, load_image(f)) for f in args.images]
+    model, spec, config, classes = load_dense_model(args.checkpoint)
+    if not args.images:
+        cfg = {**config, "data": args.data}
+        ds = create_dataset(args.data, "val", options=dense_data_options(cfg, spec["task"]))
+        picks = spread(len(ds), args.num_images)
+        if not picks:
+            raise LeanvitError(f"no images found in {args.data}")
+        items = [(f"{args.data} val {i}", ds.image(i)) for i in picks]
+    min_size = config.get("min_size") if spec["task"] == "segmentation" else None
+    paths = visualize_dense(model.to(device), spec["task"], [im for _, im in items], out,
+                            names=[n for n, _ in items], class_names=classes or None,
+                            score_thresh=args.score_thresh, device=device, min_size=min_size)
+    print(f"wrote {len(paths) - 1} pictures of {spec['head']} predictions and the grid {paths[-1]}")
     return 0

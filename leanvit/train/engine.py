@@ -43,6 +43,7 @@ from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_file
 from leanvit.train.setup import (build_data, build_loss, build_mixup, build_state, build_training_model,
                                  finetune_from, model_spec_from_config)
 from leanvit.train.state import TrainState
+from leanvit.train.tasks import get_task  # issue 10: detection / segmentation runs
 
 __all__ = ["train", "Run"]
 
@@ -106,6 +107,10 @@ class Run:
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
+        self.task = get_task(cfg)  # dense tasks build their own model/data/step (leanvit.train.tasks)
+        if self.task.dense:
+            self.task.build_run(self)
+            return
         classes = dataset_classes(cfg["data"], "train", dataset_options(cfg["data"], cfg))
         self.num_classes = int(cfg["num_classes"] or len(classes))
         if self.num_classes < len(classes):
@@ -222,7 +227,7 @@ class Run:
         keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:
             save_checkpoint({"model": self.state.model.state_dict(), "epoch": self.state.epoch,
-                             "val_top1": self.state.best, **extra}, self.best_path)
+                             self.task.main_metric: self.state.best, **extra}, self.best_path)
         metrics.write(self.state.history)  # the checkpoint's history: a row is never lost or duplicated
 
     def _evaluate_now(self, epoch: int, elapsed: float, start_epoch: int) -> tuple:
@@ -237,6 +242,7 @@ class Run:
                f"{row['train_img_per_s']:.0f} img/s")
         if "val_top1" in row:
             msg += f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+        msg += self.task.message(row)
         if row.get("keep_rate") is not None:
             msg += f", {self.ctx.method.knob.replace('_', ' ')} {self.ctx.method.format_strength(row['keep_rate'])}"
         return msg
@@ -268,15 +274,17 @@ class Run:
                                   on_step=self._after_step, start=start, carry=carry)
             evaluate_now, over_time, last_epoch = self._evaluate_now(epoch, time.perf_counter() - t_run, start_epoch)
             if evaluate_now:
-                row.update(validate(st.model, self.data.val_loader, env, self.ctx.use_amp))
+                val = self.task.validate if self.task.dense else validate
+                row.update(val(st.model, self.data.val_loader, env, self.ctx.use_amp))
                 if st.ema is not None:
-                    ema_m = validate(st.ema.module, self.data.val_loader, env, self.ctx.use_amp)
+                    ema_m = val(st.ema.module, self.data.val_loader, env, self.ctx.use_amp)
                     row.update({f"ema_{k}": v for k, v in ema_m.items()})
             st.epoch = epoch + 1
             st.history.append(row)
-            is_best = row.get("val_top1", -1.0) > st.best
+            main = self.task.main_metric  # val_top1; val_map (detection), val_miou (segmentation)
+            is_best = row.get(main, -1.0) > st.best
             if is_best:
-                st.best = row["val_top1"]
+                st.best = row[main]
             if env.is_main:
                 self.save(row, is_best, metrics)
                 log.info(self._epoch_message(row))
@@ -296,9 +304,13 @@ class Run:
         skipped = getattr(self.data.train_set, "num_skipped", 0)
         if skipped and self.env.is_main:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
+        notes = self.task.skipped_notes(self) if self.task.dense and self.env.is_main else []
         st = self.state
-        return {"output": str(self.out), "last": str(self.last_path),
-                "best": str(self.best_path) if st.best >= 0 else None, "best_top1": st.best,
+        return {"task": self.task.name, "main_metric": self.task.main_metric, "best_metric": st.best,
+                "last_metric": row.get(self.task.main_metric), "data_notes": notes,
+                "output": str(self.out), "last": str(self.last_path),
+                "best": str(self.best_path) if st.best >= 0 else None,
+                "best_top1": None if self.task.dense else st.best,
                 "last_top1": row.get("val_top1"), "history": st.history, "seconds": seconds,
                 "model_spec": self.spec, "skipped_images": skipped,
                 "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early}

@@ -35,6 +35,9 @@ class StepContext:
         # the epoch's running sums (loss x images, images) after the last step: what a recovery
         # checkpoint records so that a resumed epoch reports the same training loss
         self.running = (0.0, 0)
+        # dense tasks (leanvit.train.tasks): task_step(ctx, x, y) -> (loss, images) replaces the
+        # classification forward/loss below
+        self.task_step: Optional[Callable] = None
 
     def autocast(self):
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
@@ -100,19 +103,23 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
             keep = reduction_at(ctx, state.step)
             if keep is not None:
                 ctx.method.set_strength(state.model, keep)
-            x, y = x.to(env.device, non_blocking=True), torch.as_tensor(y).to(env.device, non_blocking=True)
-            if ctx.mixup is not None:
-                x, y = ctx.mixup(x, y)
-            with ctx.autocast():
-                loss = ctx.criterion(ctx.forward_model(x).float(), y)
+            if ctx.task_step is not None:
+                loss, n = ctx.task_step(ctx, x, y)
+            else:
+                x, y = x.to(env.device, non_blocking=True), torch.as_tensor(y).to(env.device, non_blocking=True)
+                if ctx.mixup is not None:
+                    x, y = ctx.mixup(x, y)
+                with ctx.autocast():
+                    loss = ctx.criterion(ctx.forward_model(x).float(), y)
+                n = x.shape[0]
             _check_finite(loss, ctx, epoch, i, last_path)
             _backward_and_step(state, loss, ctx.clip_grad)
             if state.ema is not None:
                 state.ema.update(state.model, step=state.step)
             state.step += 1
-            loss_sum += loss.item() * x.shape[0]
-            seen += x.shape[0]
-            seen_here += x.shape[0]
+            loss_sum += loss.item() * n
+            seen += n
+            seen_here += n
             ctx.running = (loss_sum, seen)
             if env.is_main and (i % max(1, ctx.cfg["log_every"]) == 0 or i == ctx.iters - 1):
                 post = dict(loss=f"{loss.item():.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}",

@@ -81,6 +81,18 @@ DEFAULTS: Dict[str, Any] = {
     "time_limit": None,          # seconds; stop before an epoch that would end past it (demo budget)
     "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
     "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
+    # dense prediction (issue 10; leanvit.train.tasks, leanvit.dense)
+    "task": None,                # classification | detection | segmentation (default: the data's kind)
+    "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
+    "segmenter": None,           # semantic_fpn | upernet (task segmentation; backbone: model)
+    "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
+    "min_size": None,            # shorter image side (detection: resize; segmentation: base of the random resize)
+    "max_size": None,            # longer image side at most (detection)
+    "crop_size": None,           # segmentation training crop (square)
+    "schedule": "cosine",        # cosine | poly (power 0.9, the Semantic FPN / UperNet schedule)
+    "iterations": None,          # a budget in optimizer steps instead of epochs (whole epochs cover it)
+    "digits_dense": {},          # options of the embedded digits-det / digits-seg scenes
+    "coco": {},                  # options of COCO-layout data (masks: true is set for maskrcnn)
 }
 
 
@@ -179,6 +191,11 @@ def _validate(cfg: Dict[str, Any]) -> None:
         raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
     reduction_settings(cfg)  # a clear error for a bad method or strength
     _validate_more(cfg)
+    if cfg.get("schedule", "cosine") not in ("cosine", "poly"):
+        raise LeanvitError(f"schedule must be cosine or poly, got {cfg['schedule']!r}")
+    for key in ("min_size", "max_size", "crop_size", "iterations"):
+        if cfg.get(key) is not None:
+            positive(key, integer=True)
     for key in ("warmup_epochs", "keep_rate_start_epoch", "keep_rate_epochs", "drop_path", "weight_decay",
                 "mixup", "cutmix", "smoothing", "workers"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:

@@ -1,0 +1,189 @@
+"""Semantic segmentation heads on leanvit backbones: Semantic FPN (PVT/Shunted) and UperNet (DeiT III).
+
+- ``semantic_fpn`` (Kirillov et al. 2019, the semantic branch of Panoptic FPN; the head PVT, PVT v2 and
+  Shunted report on ADE20K): a torchvision ``FeaturePyramidNetwork`` (lateral 1x1 + output 3x3 convs,
+  ``fpn_channels`` = 256) over the stride 4-32 maps; from each level, [3x3 conv, GroupNorm, ReLU, 2x
+  bilinear upsampling] repeated until stride 4 (the stride-4 level: one conv, no upsampling), the branches
+  summed, dropout 0.1, a 1x1 classifier (``channels`` = 128 as mmsegmentation's ``FPNHead``). GroupNorm as
+  Panoptic FPN (``norm="gn"``, default: small per-device batches); ``norm="bn"``: BatchNorm, as
+  mmsegmentation's ``FPNHead`` config that PVT's code uses (SyncBN there).
+- ``upernet`` (Xiao et al. 2018; mmsegmentation's ``UPerHead``, the head of DeiT III's ADE20K runs, XCiT
+  config): a pyramid pooling module (scales 1/2/3/6) on the last map, lateral 1x1 convs, top-down fusion,
+  3x3 output convs, all levels upsampled to the first and concatenated, a 3x3 fusion conv, dropout 0.1 and
+  a 1x1 classifier; conv + BatchNorm + ReLU (``channels`` = 512). The auxiliary FCN head of those
+  configs is not built.
+
+``forward(x)`` takes float images in [0, 1], like torchvision's detectors (one convention for every dense
+model: the data transforms do not normalize), normalizes them with the backbone's mean/std
+(``normalize=False``: the caller does) and returns logits (B, K, H, W) upsampled (bilinear) to the input
+resolution.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
+
+from leanvit.dense.backbones import DenseBackbone, create_backbone, load_pretrained
+from leanvit.errors import LeanvitError
+
+__all__ = ["SemanticFPNHead", "UperNetHead", "Segmenter", "SEGMENTERS", "create_segmenter"]
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels)
+
+
+class SemanticFPNHead(nn.Module):
+    """FPN neck + Panoptic-FPN semantic branch; returns logits at the finest stride."""
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], num_classes: int,
+                 fpn_channels: int = 256, channels: int = 128, dropout: float = 0.1, norm: str = "gn"):
+        super().__init__()
+        if norm not in ("gn", "bn"):
+            raise LeanvitError(f"semantic_fpn norm must be 'gn' (GroupNorm) or 'bn' (BatchNorm), got {norm!r}")
+        norm_layer = _gn if norm == "gn" else nn.BatchNorm2d
+        self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels)
+        base = strides[0]
+        self.branches = nn.ModuleList()
+        for s in strides:
+            n_up = int(round(math.log2(s / base)))
+            layers: List[nn.Module] = []
+            for k in range(max(1, n_up)):
+                layers.append(Conv2dNormActivation(fpn_channels if k == 0 else channels, channels, 3,
+                                                   norm_layer=norm_layer, activation_layer=nn.ReLU, bias=False))
+                if n_up > 0:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.branches.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        levels = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
+        out = self.branches[0](levels[0])
+        for branch, f in zip(self.branches[1:], levels[1:]):
+            y = branch(f)
+            if y.shape[-2:] != out.shape[-2:]:  # odd sizes: 2x upsampling does not land exactly
+                y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            out = out + y
+        return self.classifier(self.dropout(out))
+
+
+def _cbr(cin: int, cout: int, k: int) -> nn.Module:
+    return Conv2dNormActivation(cin, cout, k, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, bias=False)
+
+
+class UperNetHead(nn.Module):
+    """UperNet: PPM on the last map + FPN fusion of all maps; returns logits at the finest stride."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+        super().__init__()
+        in_channels = list(in_channels)
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _cbr(in_channels[-1], channels, 1))
+                                 for s in pool_scales)
+        self.bottleneck = _cbr(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral = nn.ModuleList(_cbr(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(_cbr(channels, channels, 3) for _ in in_channels[:-1])
+        self.fuse = _cbr(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    @staticmethod
+    def _up(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        top = feats[-1]
+        psp = self.bottleneck(torch.cat([top] + [self._up(p(top), top) for p in self.ppm], dim=1))
+        laterals = [conv(f) for conv, f in zip(self.lateral, feats[:-1])] + [psp]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + self._up(laterals[i], laterals[i - 1])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        outs = [outs[0]] + [self._up(o, outs[0]) for o in outs[1:]]
+        return self.classifier(self.dropout(self.fuse(torch.cat(outs, dim=1))))
+
+
+class Segmenter(nn.Module):
+    """A backbone and a head; ``forward(x)`` -> logits (B, K, H, W) at the input resolution."""
+
+    def __init__(self, backbone: DenseBackbone, head: nn.Module, num_classes: int, name: str,
+                 normalize: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.segmenter_name = name
+        self.normalize = normalize
+        self.register_buffer("pixel_mean", torch.tensor(backbone.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(backbone.std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def mean(self) -> tuple:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple:
+        return self.backbone.std
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set:
+        """The backbone's no-weight-decay parameters (position embeddings, tokens), for timm's optimizers."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise LeanvitError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if self.normalize:
+            x = (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+        logits = self.head(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+SEGMENTERS = ("semantic_fpn", "upernet")
+_HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout", "norm"},
+                 "upernet": {"channels", "pool_scales", "dropout"}}
+_SEGMENTER_OPTIONS = {"normalize"}
+
+
+def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, **kwargs) -> Segmenter:
+    """A semantic segmenter ``name`` (``semantic_fpn`` or ``upernet``) on ``backbone``.
+
+    Args:
+        backbone: a timm/leanvit model name or a built :class:`~leanvit.dense.backbones.DenseBackbone`
+            (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride).
+        num_classes: K classes; logits (B, K, H, W).
+        pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
+        kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn, ``pool_scales`` for upernet,
+            ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
+            ``grad_checkpointing``, model options).
+    """
+    if name not in SEGMENTERS:
+        raise LeanvitError(f"unknown segmenter '{name}'; choose one of {', '.join(SEGMENTERS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise LeanvitError(f"num_classes must be a positive integer, got {num_classes!r}")
+    head_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_OPTIONS[name]}
+    normalize = bool(kwargs.pop("normalize", True))
+    if isinstance(backbone, str):
+        body = create_backbone(backbone, pretrained=pretrained_backbone, **kwargs)
+    elif isinstance(backbone, DenseBackbone):
+        if kwargs:
+            raise LeanvitError(f"backbone options {sorted(kwargs)} need a backbone name, not a built backbone")
+        body = backbone
+        if pretrained_backbone is not None:
+            body.load_report = load_pretrained(body, pretrained_backbone)
+    else:
+        raise LeanvitError(f"backbone must be a model name or a leanvit.dense backbone, got {type(backbone).__name__}")
+    if name == "semantic_fpn":
+        head = SemanticFPNHead(body.out_channels, body.strides, num_classes, **head_kw)
+    else:
+        head = UperNetHead(body.out_channels, num_classes, **head_kw)
+    return Segmenter(body, head, num_classes, name, normalize=normalize)

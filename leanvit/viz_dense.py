@@ -1,0 +1,165 @@
+"""Pictures of dense predictions: boxes with class and score, instance masks, segmentation label maps.
+
+    from leanvit.viz_dense import predict_images, draw_detections, visualize_dense
+    visualize_dense(detector, "detection", [pil_image, ...], "viz/", class_names=classes)
+
+Drawing is torchvision's (``draw_bounding_boxes``, ``draw_segmentation_masks``); small images (the embedded
+96 px scenes) are enlarged first (nearest neighbour, boxes moved with ``v2.functional.resize``) so the
+labels are legible.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+__all__ = ["predict_images", "draw_detections", "draw_segmentation", "visualize_dense", "palette"]
+
+log = logging.getLogger(__name__)
+
+
+def palette(n: int) -> List[tuple]:
+    """``n`` distinct bright RGB colours (a fixed golden-ratio hue walk)."""
+    import colorsys
+
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 1.0)) for i in range(n)]
+
+
+def _to_uint8(image) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    t = image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else torch.as_tensor(image)
+    return t if t.dtype == torch.uint8 else (t.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.inference_mode()
+def predict_images(model: nn.Module, task: str, images: Sequence, device="cpu", min_size: Optional[int] = None,
+                   batch_size: int = 8) -> List[Dict[str, torch.Tensor]]:
+    """Predictions for PIL images in their own coordinates: detection dicts (boxes, labels, scores[, masks])
+    or segmentation ``{"labels": H x W}`` (argmax of the logits, resized to the image)."""
+    model = model.eval().to(device)
+    out: List[Dict[str, torch.Tensor]] = []
+    for i in range(0, len(images), batch_size):
+        xs = [TF.to_dtype(_to_uint8(im), torch.float32, scale=True) for im in images[i:i + batch_size]]
+        if task == "detection":  # torchvision resizes inside and maps the boxes back to each image
+            out += [{k: v.cpu() for k, v in o.items()} for o in model([x.to(device) for x in xs])]
+            continue
+        for x in xs:
+            h, w = x.shape[-2:]
+            xin = TF.resize(x, int(min_size), antialias=True) if min_size else x
+            logits = model(xin[None].to(device)).float()
+            if tuple(logits.shape[-2:]) != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            out.append({"labels": logits.argmax(1)[0].cpu()})
+    return out
+
+
+def _font() -> Optional[str]:
+    """A TrueType font for legible labels (matplotlib's bundled DejaVu Sans) when there is one."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return str(path) if path.is_file() else None
+    except ImportError:
+        return None
+
+
+def _enlarge(img: torch.Tensor, min_side: int) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    f = max(1, int(np.ceil(min_side / min(h, w))))
+    return img if f == 1 else img.repeat_interleave(f, -2).repeat_interleave(f, -1)
+
+
+def draw_detections(image, pred: Dict[str, torch.Tensor], class_names: Optional[Sequence[str]] = None,
+                    score_thresh: float = 0.3, min_side: int = 288) -> torch.Tensor:
+    """The image (uint8 3 x H x W, enlarged to ``min_side``) with boxes labelled "class score" and masks."""
+    img = _to_uint8(image)
+    h, w = img.shape[-2:]
+    big = _enlarge(img, min_side)
+    H, W = big.shape[-2:]
+    keep = pred["scores"] >= score_thresh
+    labels = pred["labels"][keep].tolist()
+    colours = palette(max(len(class_names or []), max(labels, default=0) + 1))
+    if "masks" in pred and keep.any():
+        m = pred["masks"][keep]
+        m = (m[:, 0] if m.ndim == 4 else m) > 0.5
+        m = TF.resize(tv_tensors.Mask(m.to(torch.uint8)), [H, W],
+                      interpolation=TF.InterpolationMode.NEAREST).as_subclass(torch.Tensor).bool()
+        big = draw_segmentation_masks(big, m, alpha=0.4, colors=[colours[c] for c in labels])
+    if keep.any():
+        boxes = TF.resize(tv_tensors.BoundingBoxes(pred["boxes"][keep].float(), format="XYXY", canvas_size=(h, w)),
+                          [H, W]).as_subclass(torch.Tensor)
+        names = [f"{class_names[c] if class_names and c < len(class_names) else c} {s:.2f}"
+                 for c, s in zip(labels, pred["scores"][keep].tolist())]
+        font = _font()
+        big = draw_bounding_boxes(big, boxes, labels=names, colors=[colours[c] for c in labels], width=2,
+                                  **({"font": font, "font_size": 13} if font else {}))
+    return big
+
+
+def draw_segmentation(image, labels: torch.Tensor, num_classes: int, ignore: Sequence[int] = (0,),
+                      min_side: int = 288, class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """The image with each predicted class (except ``ignore``, e.g. the background) painted over it and
+    named (with ``class_names``) at the middle of its pixels."""
+    img = _enlarge(_to_uint8(image), min_side)
+    H, W = img.shape[-2:]
+    lab = TF.resize(tv_tensors.Mask(labels[None]), [H, W],
+                    interpolation=TF.InterpolationMode.NEAREST).as_subclass(torch.Tensor)[0]
+    present = [c for c in lab.unique().tolist() if c not in ignore and c < num_classes]
+    if not present:
+        return img
+    masks = torch.stack([lab == c for c in present])
+    colours = palette(num_classes)
+    img = draw_segmentation_masks(img, masks, alpha=0.55, colors=[colours[c] for c in present])
+    if not class_names:
+        return img
+    from PIL import ImageDraw, ImageFont
+
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.truetype(_font(), 14) if _font() else ImageFont.load_default()
+    for c, m in zip(present, masks):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        draw.text((float(xs.float().median()), float(ys.float().median())), str(class_names[c]), fill=(255, 255, 255),
+                  font=font, anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+
+
+def visualize_dense(model: nn.Module, task: str, images: Sequence, out_dir, names: Optional[Sequence[str]] = None,
+                    class_names: Optional[Sequence[str]] = None, score_thresh: float = 0.3, device="cpu",
+                    min_size: Optional[int] = None, grid_name: str = "predictions.png") -> List[Path]:
+    """Draw ``model``'s predictions on ``images`` (PIL): one PNG per image and a grid of all; returns the
+    paths (the grid last)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    preds = predict_images(model, task, list(images), device=device, min_size=min_size)
+    drawn, paths = [], []
+    for i, (im, p) in enumerate(zip(images, preds)):
+        if task == "detection":
+            pic = draw_detections(im, p, class_names, score_thresh)
+        else:
+            k = len(class_names) if class_names else int(p["labels"].max()) + 1
+            bg = (0,) if class_names and class_names[0] == "background" else ()
+            pic = draw_segmentation(im, p["labels"], k, ignore=bg, class_names=class_names)
+        stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in (names[i] if names else str(i)))[:60]
+        path = out / f"{i:03d}_{stem}.png"
+        Image.fromarray(pic.permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+        drawn.append(pic)
+    side = max(max(d.shape[-2] for d in drawn), max(d.shape[-1] for d in drawn))
+    padded = [F.pad(d, (0, side - d.shape[-1], 0, side - d.shape[-2])) for d in drawn]
+    grid = make_grid(padded, nrow=min(4, len(padded)), padding=4, pad_value=255)
+    gpath = out / grid_name
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(gpath)
+    paths.append(gpath)
+    return paths
