@@ -212,7 +212,10 @@ def _validate_more(cfg: Dict[str, Any]) -> None:
     """Types and ranges of the settings a typo in ``--set`` would otherwise turn into a traceback."""
     img = cfg["img_size"]
     sizes = list(img) if isinstance(img, (list, tuple)) else [img]
-    if not 1 <= len(sizes) <= 2 or not all(_number(v, True) and v > 0 for v in sizes):
+    dense = cfg.get("task") in ("detection", "segmentation") or bool(cfg.get("detector") or cfg.get("segmenter"))
+    if img is None and dense:  # a dense backbone that takes any input size (e.g. pvt_v2)
+        sizes = []
+    elif not 1 <= len(sizes) <= 2 or not all(_number(v, True) and v > 0 for v in sizes):
         raise LeanvitError(f"img_size must be a positive integer or [H, W], got {img!r}")
     for key in ("opt_eps", "min_lr", "warmup_lr", "lr"):
         if not _number(cfg[key]) or cfg[key] < 0:
