@@ -175,7 +175,7 @@ def test_demo_detect_quick(tmp_path, capsys):
     rc, text, err = cli(capsys, "demo", "--task", "detect", "--quick", "--output", tmp_path, "--no-progress")
     assert rc == 0, err
     report = (tmp_path / "detect" / "report.md").read_text()
-    assert "PVT v2 baseline" in report and "AP small" in report
+    assert "PVT v2 baseline" in report and "AP small" in report and "At equal training" in report
     assert (tmp_path / "detect" / "boxes_shunted_t_fcos_demo" / "predictions.png").exists()
 
 

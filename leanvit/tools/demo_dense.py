@@ -62,7 +62,8 @@ def run_detect(args) -> int:
         r = _train(label, recipe, out, args.quick, progress)
         steps = int(read_checkpoint(r["last"]).get("step", 0))
         ev = _evaluate(r["best"], progress)
-        rows.append({"label": label, "recipe": recipe, "train_s": r["seconds"], "steps": steps,
+        evals = {h["epoch"]: h for h in r["history"] if "val_map" in h}  # per-epoch validation, for equal steps
+        rows.append({"label": label, "recipe": recipe, "train_s": r["seconds"], "steps": steps, "evals": evals,
                      "steps_per_s": steps / max(r["seconds"], 1e-9), **ev})
         print(f"{label}: mAP {ev['val_map']:.3f}  mAP@0.5 {ev['val_map50']:.3f}  AP small {ev['val_map_small']:.3f}  "
               f"({steps} steps in {r['seconds']:.0f} s)", flush=True)
@@ -98,6 +99,17 @@ def _table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _equal_steps(rows: List[dict]) -> str:
+    """The two models at the same number of steps: their last common validation epoch (same epoch length)."""
+    common = sorted(set(rows[0]["evals"]) & set(rows[1]["evals"]))
+    if not common:
+        return ""
+    e = common[-1]
+    parts = [f"{r['label']} mAP {r['evals'][e]['val_map']:.3f}, mAP@0.5 {r['evals'][e]['val_map50']:.3f}, "
+             f"AP small {_fmt(r['evals'][e]['val_map_small'])}" for r in rows]
+    return f" At equal training (after epoch {e + 1}, the last both validated): " + "; ".join(parts) + "."
+
+
 def _report(rows, pictures, env: str, quick: bool, seconds: float) -> str:
     cfg = rows[0]["config"]
     d = cfg.get("digits_dense") or {}
@@ -121,7 +133,7 @@ Machine: {env}. CPU time is shared with whatever else runs: steps/s says how muc
 
 {_table(rows)}
 
-Higher val mAP here: {better}.{caveat} Total time: {seconds:.0f} s.
+Higher val mAP here: {better}.{caveat}{_equal_steps(rows)} Total time: {seconds:.0f} s.
 
 {pics}
 """
