@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from leanvit.errors import LeanvitError
+
 # command -> (module, one-line help)
 COMMANDS = {
     "train": ("leanvit.tools.train", "train or fine-tune a model with a recipe"),
@@ -67,8 +69,6 @@ def setup_logging() -> None:
 
 
 def main(argv=None) -> int:
-    from leanvit.errors import LeanvitError
-
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)

@@ -28,6 +28,7 @@ from torch.export import Dim
 
 from leanvit.errors import LeanvitError
 from leanvit.measure.runtimes import OnnxRuntimeModel, require
+from leanvit.models.shunted import ShuntedTransformer, min_input_size
 from leanvit.runtime import to_2tuple
 
 __all__ = ["FORMATS", "export_model", "load_exported", "verify_export", "VerifyResult", "supports_dynamic_size",
@@ -48,16 +49,12 @@ def format_from_path(path) -> Optional[str]:
 def supports_dynamic_size(model: nn.Module) -> bool:
     """Whether the model's graph can keep height and width symbolic (Shunted: yes; ViTs: their position
     embedding and EViT's kept-token counts follow one patch grid, so no)."""
-    from leanvit.models.shunted import ShuntedTransformer
-
     return isinstance(model, ShuntedTransformer)
 
 
 def min_dynamic_side(model: nn.Module) -> int:
     """The smallest side a dynamic-size export accepts: every stage grid at least 2 and at least twice its
     aggregation rate, so that no feature map is 1 x 1 (sizes 0 and 1 are specialized by torch.export)."""
-    from leanvit.models.shunted import min_input_size
-
     rates = tuple(getattr(model, "sr_ratios", (8, 4, 2, 1)))[:getattr(model, "num_stages", 4)]
     return min_input_size(tuple(max(2, 2 * r) for r in rates))
 

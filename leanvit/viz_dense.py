@@ -10,6 +10,7 @@ labels are legible.
 from __future__ import annotations
 
 import logging
+import colorsys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 def palette(n: int) -> List[tuple]:
     """``n`` distinct bright RGB colours (a fixed golden-ratio hue walk)."""
-    import colorsys
-
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 1.0)) for i in range(n)]
 
 
@@ -123,8 +122,6 @@ def draw_segmentation(image, labels: torch.Tensor, num_classes: int, ignore: Seq
     img = draw_segmentation_masks(img, masks, alpha=0.55, colors=[colours[c] for c in present])
     if not class_names:
         return img
-    from PIL import ImageDraw, ImageFont
-
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(pil)
     font = ImageFont.truetype(_font(), 14) if _font() else ImageFont.load_default()

@@ -33,6 +33,9 @@ Determinism and split
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -206,6 +209,17 @@ class DigitsKind(DatasetKind):
 
     def classes(self, data, split="val", options=None):
         return list(CLASSES)
+
+    def check_options(self, options):
+        known = [p for p in inspect.signature(DigitsDataset.__init__).parameters
+                 if p not in ("self", "split", "transform")]
+        for k, v in options.items():
+            if k not in known:
+                close = difflib.get_close_matches(str(k), known, n=3)
+                hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(known)}"
+                raise LeanvitError(f"unknown setting 'digits.{k}'{hint}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise LeanvitError(f"digits.{k} must be a number, got {v!r}")
 
 
 register_dataset(DigitsKind())

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from leanvit.data.registry import DatasetKind, register_dataset
@@ -38,8 +39,6 @@ def _to_rgb8(img: "Image.Image") -> "Image.Image":
     (almost all white) instead of scaling them: scale their full range (16-bit: /257) first."""
     mode = img.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
-        import numpy as np
-
         a = np.asarray(img, dtype=np.float64)
         if mode == "F":
             top = 1.0 if a.size and a.max() <= 1.0 else 255.0

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from leanvit.errors import LeanvitError
 
 __all__ = ["DatasetKind", "register_dataset", "resolve_dataset_kind", "create_dataset", "dataset_classes",
-           "list_dataset_kinds", "dataset_options"]
+           "list_dataset_kinds", "dataset_options", "check_dataset_options"]
 
 
 class DatasetKind:
@@ -38,6 +38,9 @@ class DatasetKind:
 
     def classes(self, data: str, split: str = "val", options: Optional[Dict[str, Any]] = None) -> List[str]:
         raise NotImplementedError
+
+    def check_options(self, options: Dict[str, Any]) -> None:
+        """A clear error for an unknown or malformed option (recipes and ``--set KEY.option=...``)."""
 
 
 _KINDS: List[DatasetKind] = []
@@ -74,6 +77,18 @@ def dataset_options(data, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if not kind.options_key or not isinstance(config, dict):
         return {}
     return dict(config.get(kind.options_key) or {})
+
+
+def check_dataset_options(cfg: Dict[str, Any]) -> None:
+    """Check every kind's options mapping in a config (``digits:``, ...), whatever ``data`` is: a typo in an
+    option of another kind would otherwise be ignored silently."""
+    for kind in _KINDS:
+        key = kind.options_key
+        if not key or cfg.get(key) is None:
+            continue
+        if not isinstance(cfg[key], dict):
+            raise LeanvitError(f"{key} must be a mapping, got {cfg[key]!r}")
+        kind.check_options(cfg[key])
 
 
 def create_dataset(data, split: str = "train", transform: Optional[Callable] = None,

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from leanvit.errors import LeanvitError
 from leanvit.measure.flops import gmacs
 from leanvit.measure.memory import forward_peak_memory_mb
+from leanvit.measure.runtimes import RUNTIMES, prepare_runtime
 from leanvit.measure.timing import interleaved_measure
 from leanvit.models.factory import create_model
 from leanvit.reduction import ReductionMethod, applied_reduction, get_reduction
@@ -159,8 +160,6 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
 
 def _with_runtimes(configs: dict, runtimes: Sequence[str], batch_size: int, device, dtype, workdir):
     """One entry per (configuration, runtime), the eager one first under its own label."""
-    from leanvit.measure.runtimes import RUNTIMES, prepare_runtime
-
     bad = [r for r in runtimes if r not in RUNTIMES]
     if bad or not runtimes:
         raise LeanvitError(f"unknown runtime(s) {', '.join(bad) or '(none)'} (known: {', '.join(RUNTIMES)})")

@@ -14,6 +14,7 @@ when an ONNX runtime is asked for.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import tempfile
 import time
@@ -34,8 +35,6 @@ RUNTIMES = ("eager", "compile", "onnxruntime")
 
 def require(module: str, extra: str = "export"):
     """Import an optional dependency, or a clear error naming the extra that installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -34,6 +34,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models import resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source
 
 from leanvit.errors import LeanvitError
 
@@ -533,8 +535,6 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
 def _check_weights_source(variant: str, pretrained_cfg, overlay) -> None:
     """``pretrained=True`` needs a file (or another source) given by the user: the official weights are
     on Google Drive / Baidu Pan, which timm cannot download."""
-    from timm.models import resolve_pretrained_cfg
-    from timm.models._builder import _resolve_pretrained_source
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
     load_from, _ = _resolve_pretrained_source(cfg.to_dict())

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from leanvit.data.registry import check_dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import get_reduction, parse_reduction_spec
 
@@ -231,27 +232,9 @@ def _validate_more(cfg: Dict[str, Any]) -> None:
     for key in ("eval_every", "log_every", "workers"):
         if not _number(cfg[key], integer=True) or cfg[key] < (0 if key == "workers" else 1):
             raise LeanvitError(f"{key} must be an integer >= {0 if key == 'workers' else 1}, got {cfg[key]!r}")
-    for key in ("model_kwargs", "digits"):
-        if cfg[key] is not None and not isinstance(cfg[key], dict):
-            raise LeanvitError(f"{key} must be a mapping, got {cfg[key]!r}")
-    _check_digits_options(cfg.get("digits") or {})
-
-
-def _check_digits_options(options: Dict[str, Any]) -> None:
-    """Unknown ``digits.<key>`` settings are an error whatever the data (a typo would be ignored)."""
-    import inspect
-
-    from leanvit.data.digits import DigitsDataset
-
-    known = [p for p in inspect.signature(DigitsDataset.__init__).parameters if p not in ("self", "split",
-                                                                                           "transform")]
-    for k, v in options.items():
-        if k not in known:
-            close = difflib.get_close_matches(str(k), known, n=3)
-            hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(known)}"
-            raise LeanvitError(f"unknown setting 'digits.{k}'{hint}")
-        if not _number(v):
-            raise LeanvitError(f"digits.{k} must be a number, got {v!r}")
+    if cfg["model_kwargs"] is not None and not isinstance(cfg["model_kwargs"], dict):
+        raise LeanvitError(f"model_kwargs must be a mapping, got {cfg['model_kwargs']!r}")
+    check_dataset_options(cfg)  # e.g. digits.<key>: a typo is an error whatever the data
 
 
 _SCHEDULE_KEYS = ("start_epoch", "epochs")

@@ -27,8 +27,12 @@ import torch.nn.functional as F
 from leanvit.checkpoints import read_checkpoint, load_checkpoint
 from leanvit.data import create_dataset, dataset_classes, dataset_options, resolve_dataset_kind
 from leanvit.data.dense import IGNORE_INDEX, collate_fn, detection_transform, segmentation_transform, stack_masks
+from leanvit.dense import DETECTORS, SEGMENTERS, create_detector, create_segmenter
+from leanvit.evaluate_dense import evaluate_detection, evaluate_segmentation
 from leanvit.errors import LeanvitError
 from leanvit.runtime import to_2tuple
+from leanvit.train.loop import StepContext
+from leanvit.train.setup import ResumableSampler, SeededSamples, TrainData, _train_sampler, build_state
 
 __all__ = ["Task", "ClassificationTask", "DetectionTask", "SegmentationTask", "get_task", "task_name",
            "dense_model_spec", "build_dense_model", "load_dense_model", "TASKS"]
@@ -86,8 +90,6 @@ def dense_model_spec(cfg: Dict[str, Any], num_classes: int, task: str) -> Dict[s
 
 def build_dense_model(spec: Dict[str, Any], pretrained_backbone=None, drop_path: float = 0.0) -> nn.Module:
     """A detector or segmenter from a :func:`dense_model_spec`."""
-    from leanvit.dense import create_detector, create_segmenter
-
     kwargs = dict(spec.get("kwargs") or {})
     img = kwargs.pop("img_size", None)
     if img is not None:
@@ -188,8 +190,6 @@ class _DenseTask(Task):
         self.cfg = cfg
 
     def check(self, cfg: Dict[str, Any]) -> None:
-        from leanvit.dense import DETECTORS, SEGMENTERS
-
         key, names = ("detector", DETECTORS) if self.name == "detection" else ("segmenter", SEGMENTERS)
         if cfg.get(key) not in names:
             raise LeanvitError(f"a {self.name} run needs {key}: one of {', '.join(names)} (got {cfg.get(key)!r})")
@@ -200,9 +200,6 @@ class _DenseTask(Task):
     # -- the run
     def build_run(self, run) -> None:
         """Fill ``run`` (an :class:`~leanvit.train.engine.Run`): classes, model, data, state, step context."""
-        from leanvit.train.loop import StepContext
-        from leanvit.train.setup import ResumableSampler, SeededSamples, TrainData, _train_sampler, build_state
-
         cfg, env = run.cfg, run.env
         self.check(cfg)
         options = dense_data_options(cfg, self.name)
@@ -288,8 +285,6 @@ class DetectionTask(_DenseTask):
         return loss, len(xs)
 
     def validate(self, model, loader, env, amp):
-        from leanvit.evaluate_dense import evaluate_detection
-
         res = evaluate_detection(model, loader, env.device, amp=amp, num_classes=getattr(model, "num_object_classes", None))
         if res["images"] == 0:
             raise LeanvitError("the validation set is empty")
@@ -320,8 +315,6 @@ class SegmentationTask(_DenseTask):
         return loss, x.shape[0]
 
     def validate(self, model, loader, env, amp):
-        from leanvit.evaluate_dense import evaluate_segmentation
-
         ds = loader.dataset.dataset if isinstance(loader.dataset, torch.utils.data.Subset) else loader.dataset
         res = evaluate_segmentation(model, loader, int(model.num_classes), env.device, amp=amp,
                                     miou_classes=getattr(ds, "miou_classes", None))
