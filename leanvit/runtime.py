@@ -85,12 +85,14 @@ def machine_load() -> Optional[Tuple[float, int]]:
     return os.getloadavg()[0], cores
 
 
-def busy_note(device="cpu", threshold: float = 0.75) -> Optional[str]:
-    """A warning when other work keeps the CPU cores busy (CPU timings are then not trustworthy)."""
+def busy_note(device="cpu") -> Optional[str]:
+    """A warning when the load is above the cores available (other work competes: CPU timings are then not
+    trustworthy). The same rule as :class:`leanvit.measure.load.LoadWatch`; a measurement's own threads alone
+    do not trip it."""
     if torch.device(device).type != "cpu":
         return None
     load = machine_load()
-    if load is None or load[0] < threshold * load[1]:
+    if load is None or load[0] <= load[1]:
         return None
     return (f"the machine is busy (load {load[0]:.1f} on {load[1]} cores): timings vary with the other work; "
             "compare configurations from one run (they are interleaved) or use --threads 1")
