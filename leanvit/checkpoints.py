@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from leanvit.errors import LeanvitError
 
 __all__ = ["read_checkpoint", "read_state_dict", "state_dict_from", "load_checkpoint", "save_checkpoint",
-           "LoadResult"]
+           "write_atomically", "LoadResult"]
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -162,22 +162,16 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifi
     return LoadResult(missing, unexpected, skipped)
 
 
-def save_checkpoint(obj: Any, path) -> Path:
-    """``torch.save(obj, path)`` atomically: temp file in the same folder, fsync, then rename.
-
-    A ``.safetensors`` path stores a flat state dict of tensors (``obj`` or ``obj["model"]``)."""
+def write_atomically(path, write: Callable[[Any], None], binary: bool = True) -> Path:
+    """Write ``path`` through ``write(file)`` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over ``path``; on any failure the temporary file is removed and ``path`` is
+    untouched. Checkpoints and the metrics log are written this way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import save
-
-                sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-                f.write(save({k: v.detach().contiguous().cpu() for k, v in sd.items()}))
-            else:
-                torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -188,3 +182,21 @@ def save_checkpoint(obj: Any, path) -> Path:
             pass
         raise
     return path
+
+
+def save_checkpoint(obj: Any, path) -> Path:
+    """``torch.save(obj, path)`` atomically (:func:`write_atomically`).
+
+    A ``.safetensors`` path stores a flat state dict of tensors (``obj`` or ``obj["model"]``)."""
+    path = Path(path)
+
+    def write(f) -> None:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save
+
+            sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+            f.write(save({k: v.detach().contiguous().cpu() for k, v in sd.items()}))
+        else:
+            torch.save(obj, f)
+
+    return write_atomically(path, write)

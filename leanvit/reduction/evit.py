@@ -310,8 +310,6 @@ def _evit_class(base: type, mixin: type) -> type:
     return _SUBCLASSES[key]
 
 
-
-
 def is_evit(model: nn.Module) -> bool:
     return isinstance(model, EViTModelMixin)
 

@@ -10,10 +10,10 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import List
+
+from leanvit.checkpoints import write_atomically
 
 __all__ = ["MetricsLog"]
 
@@ -21,19 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomically(path, lambda f: f.write(text), binary=False)
 
 
 class MetricsLog:
