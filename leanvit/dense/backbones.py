@@ -35,7 +35,7 @@ from leanvit.checkpoints import load_checkpoint
 from leanvit.errors import LeanvitError
 from leanvit.models import create_model
 
-__all__ = ["DenseBackbone", "FeatureBackbone", "SimpleFeaturePyramid", "create_backbone", "is_plain_vit",
+__all__ = ["resolve_backbone", "DenseBackbone", "FeatureBackbone", "SimpleFeaturePyramid", "create_backbone", "is_plain_vit",
            "load_pretrained"]
 
 _log = logging.getLogger(__name__)
@@ -253,3 +253,17 @@ def create_backbone(name: str, out_indices: Optional[Sequence[int]] = None, pret
     if grad_checkpointing:
         bb.set_grad_checkpointing(True)
     return bb
+
+
+def resolve_backbone(backbone, pretrained=None, **kwargs) -> DenseBackbone:
+    """A backbone for a detector or segmenter: built from a model name (``kwargs`` are its options), or a
+    built :class:`DenseBackbone` used as it is (``pretrained`` weights loaded into it if given)."""
+    if isinstance(backbone, str):
+        return create_backbone(backbone, pretrained=pretrained, **kwargs)
+    if not isinstance(backbone, DenseBackbone):
+        raise LeanvitError(f"backbone must be a model name or a leanvit.dense backbone, got {type(backbone).__name__}")
+    if kwargs:
+        raise LeanvitError(f"backbone options {sorted(kwargs)} need a backbone name, not a built backbone")
+    if pretrained is not None:
+        backbone.load_report = load_pretrained(backbone, pretrained)
+    return backbone

@@ -35,7 +35,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from leanvit.dense.backbones import DenseBackbone, create_backbone, load_pretrained
+from leanvit.dense.backbones import DenseBackbone, resolve_backbone
 from leanvit.errors import LeanvitError
 
 __all__ = ["FPNBackbone", "LeanFasterRCNN", "LeanMaskRCNN", "DETECTORS", "create_detector", "detector_options"]
@@ -166,15 +166,7 @@ def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=N
     det_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in det_keys}
     if isinstance(backbone, str):
         kwargs.setdefault("out_indices", spec["out_indices"])
-        body = create_backbone(backbone, pretrained=pretrained_backbone, **kwargs)
-    elif isinstance(backbone, DenseBackbone):
-        if kwargs:
-            raise LeanvitError(f"backbone options {sorted(kwargs)} need a backbone name, not a built backbone")
-        body = backbone
-        if pretrained_backbone is not None:
-            body.load_report = load_pretrained(body, pretrained_backbone)
-    else:
-        raise LeanvitError(f"backbone must be a model name or a leanvit.dense backbone, got {type(backbone).__name__}")
+    body = resolve_backbone(backbone, pretrained_backbone, **kwargs)
     fpn_channels = int(det_kw.pop("fpn_channels", 256))
     fpn = FPNBackbone(body, fpn_channels, spec["extra"])
     anchors = _anchor_generator(fpn.strides, spec, det_kw.pop("anchor_sizes", None),

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from leanvit.dense.backbones import DenseBackbone, create_backbone, load_pretrained
+from leanvit.dense.backbones import DenseBackbone, resolve_backbone
 from leanvit.errors import LeanvitError
 
 __all__ = ["SemanticFPNHead", "UperNetHead", "Segmenter", "SEGMENTERS", "create_segmenter"]
@@ -172,16 +172,7 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
         raise LeanvitError(f"num_classes must be a positive integer, got {num_classes!r}")
     head_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_OPTIONS[name]}
     normalize = bool(kwargs.pop("normalize", True))
-    if isinstance(backbone, str):
-        body = create_backbone(backbone, pretrained=pretrained_backbone, **kwargs)
-    elif isinstance(backbone, DenseBackbone):
-        if kwargs:
-            raise LeanvitError(f"backbone options {sorted(kwargs)} need a backbone name, not a built backbone")
-        body = backbone
-        if pretrained_backbone is not None:
-            body.load_report = load_pretrained(body, pretrained_backbone)
-    else:
-        raise LeanvitError(f"backbone must be a model name or a leanvit.dense backbone, got {type(backbone).__name__}")
+    body = resolve_backbone(backbone, pretrained_backbone, **kwargs)
     if name == "semantic_fpn":
         head = SemanticFPNHead(body.out_channels, body.strides, num_classes, **head_kw)
     else:
