@@ -111,12 +111,7 @@ def run(args) -> int:
           f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
           f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads)")
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
-        out.write_text(json.dumps(safe, indent=2) + "\n")
-        print(f"wrote {out}")
+    _write_json(res, args.output)
     return 0
 
 
@@ -155,10 +150,16 @@ def _run_dense(args) -> int:
           f"{torch.get_num_threads()} threads)")
     for line in getattr(getattr(dataset, "skips", None), "lines", lambda: [])():
         print(f"note: {line}")
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
-        out.write_text(json.dumps(safe, indent=2) + "\n")
-        print(f"wrote {out}")
+    _write_json(res, args.output)
     return 0
+
+
+def _write_json(res: dict, path) -> None:
+    """The result as JSON at ``path`` (if given); non-finite numbers as null."""
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
+    out.write_text(json.dumps(safe, indent=2) + "\n")
+    print(f"wrote {out}")
