@@ -130,3 +130,30 @@ def test_configurations_measure_each_once():
     assert [e["keep_rate"] for _, _, e in cfg.values()] == ["0.7", "0.5"]
     with pytest.raises(LeanvitError, match="smaller than"):
         build_configurations(["deit_tiny_patch16_224"], [None], [(8, 8)])
+
+
+def test_interleaved_measure_balances_the_order():
+    """Every model follows every other equally often, so a runtime that leaves its threads busy after a
+    run (onnxruntime spinning) slows all the others alike, not always the one timed after it."""
+    from leanvit.measure import interleaved_measure
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x.mean()
+
+    res = interleaved_measure({n: Recorder(n) for n in "abc"}, batch_size=1, img_size=8, warmup=0, repeats=6)
+    assert sorted(res) == ["a", "b", "c"] and calls.count("a") == 6
+    follows = {}
+    for start in range(0, len(calls), 3):  # within each round of three timed runs
+        rnd = calls[start:start + 3]
+        assert sorted(rnd) == ["a", "b", "c"]
+        for pair in zip(rnd, rnd[1:]):
+            follows[pair] = follows.get(pair, 0) + 1
+    assert len(follows) == 6 and set(follows.values()) == {2}  # each ordered pair twice

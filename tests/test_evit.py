@@ -145,6 +145,45 @@ def test_fused_token_weighted_sum():
     torch.testing.assert_close(dropped, out[:, :3])
 
 
+@pytest.mark.parametrize("prefix", [1, 2])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_reorganize_matches_per_sample_reference(prefix, fuse):
+    """The batched row gather gives, sample by sample, the prefix, then the top-k tokens in descending
+    score order, then (fusing) the score-weighted sum of the others."""
+    from leanvit.reduction.reorg import reorganize
+
+    torch.manual_seed(0)
+    B, n, C, k = 3, 9, 4, 5
+    x = torch.randn(B, prefix + n, C)
+    scores = torch.rand(B, n)
+    out, ids = reorganize(x, scores, k, fuse=fuse, num_prefix_tokens=prefix,
+                          token_ids=torch.arange(n).expand(B, -1))
+    assert out.shape == (B, prefix + k + int(fuse), C)
+    for b in range(B):
+        order = scores[b].argsort(descending=True)
+        want = [x[b, :prefix], x[b, prefix + order[:k]]]
+        if fuse:
+            rest = order[k:]
+            want.append((x[b, prefix + rest] * scores[b, rest, None]).sum(0, keepdim=True))
+        torch.testing.assert_close(out[b], torch.cat(want), atol=1e-6, rtol=1e-6)
+        assert ids[b, :k].tolist() == order[:k].tolist()
+
+
+def test_explicit_attention_gives_the_same_tokens_and_outputs():
+    """timm's ``fused_attn=False``: the reorganizing blocks read the scores off the explicit attention
+    probabilities instead of computing the class row beside SDPA; same kept tokens, same logits."""
+    torch.manual_seed(0)
+    model = timm.create_model("evit_deit_small_patch16_224", img_size=64, keep_rate=0.6).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        fused, fused_kept = model.forward_features(x, return_kept_indices=True)
+        for blk in model.blocks:
+            blk.attn.fused_attn = False
+        explicit, explicit_kept = model.forward_features(x, return_kept_indices=True)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(explicit_kept, fused_kept))
+
+
 def test_batch_independence():
     model = timm.create_model("evit_deit_small_patch16_224", keep_rate=0.6).eval()
     x = torch.randn(5, 3, 224, 224)

@@ -46,14 +46,21 @@ class OnnxRuntimeModel(nn.Module):
     """An ONNX file run by onnxruntime (CPU), callable like the PyTorch model: image tensor in, logits out.
 
     ``threads``: onnxruntime's intra-op threads (default: torch's current thread count, so that the
-    runtimes compare at equal parallelism)."""
+    runtimes compare at equal parallelism).
 
-    def __init__(self, path, threads: Optional[int] = None):
+    ``spinning``: onnxruntime's worker threads busy-wait after each run by default. That keeps the cores
+    busy while whatever runs next (PyTorch, another session) competes with them: in an interleaved
+    benchmark on 2 cores it slowed the following model up to 2x and made batch-1 comparisons meaningless.
+    Off by default here (it costs onnxruntime itself ~5 %); turn it on for a process that only serves this
+    one session."""
+
+    def __init__(self, path, threads: Optional[int] = None, spinning: bool = False):
         super().__init__()
         ort = require("onnxruntime")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = str(path)
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -77,12 +77,32 @@ def measure(model: nn.Module, batch_size: int = 32, img_size=224, device="cpu", 
 
 
 @torch.inference_mode()
+def balanced_orders(n: int) -> List[List[int]]:
+    """Orders of ``n`` runs in which each run directly follows each other one equally often (a Williams
+    Latin square: ``n`` rows for even ``n``, those and their mirror images for odd ``n``).
+
+    Timing a round in these orders means no model is always timed right after the same other one, whose
+    leftovers (busy threads, a cold cache) would then always land on it."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(j + i) % n for j in first] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def interleaved_measure(models: dict, batch_size: int = 32, img_size=224, device="cpu", dtype=torch.float32,
                         warmup: int = 2, repeats: int = 5, steps: int = 1, in_chans: int = 3) -> dict:
-    """Like :func:`measure` for several models, with their timed runs interleaved (A B C A B C ...).
+    """Like :func:`measure` for several models, with their timed runs interleaved, in a different order
+    every round (:func:`balanced_orders`).
 
     Interleaving spreads slow drifts of a shared machine (other processes, clock changes) evenly over
-    the models, so the ratios between them are fairer than from back-to-back measurements."""
+    the models, so the ratios between them are fairer than from back-to-back measurements. Changing the
+    order makes each model follow each other one equally often: a runtime that leaves threads busy after its run
+    (onnxruntime spinning, OpenMP wait policies) then slows every model alike, not always the same one."""
     prepared = {}
     dev, hw = torch.device(device), to_2tuple(img_size)
     for name, model in models.items():
@@ -91,7 +111,10 @@ def interleaved_measure(models: dict, batch_size: int = 32, img_size=224, device
             m(x)
         prepared[name] = (m, x)
     times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, (m, x) in prepared.items():
-            times[name].append(_timed_run(m, x, steps, dev))
+    names = list(prepared)
+    orders = balanced_orders(len(names))
+    for i in range(repeats):
+        for j in orders[i % len(orders)]:
+            m, x = prepared[names[j]]
+            times[names[j]].append(_timed_run(m, x, steps, dev))
     return {name: _measurement(ts, batch_size, hw, dev, dtype) for name, ts in times.items()}

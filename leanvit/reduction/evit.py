@@ -86,18 +86,24 @@ class EViTBlockMixin(_PicklableMixin):
     num_prefix_tokens: int = 1
 
     def _attention_with_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """timm ``Attention.forward`` plus the head-averaged class-token attention scores."""
+        """timm ``Attention.forward`` plus the head-averaged class-token attention scores.
+
+        Fused attention (SDPA) does not return probabilities, so beside it the scores come from the class
+        row alone (:func:`class_token_attention`). When the attention is computed explicitly (timm's
+        ``fused_attn=False``), they are read off its probabilities.
+        """
         attn = self.attn
         B, N, C = x.shape
         gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        scores = class_token_attention(q, k, attn.scale, self.num_prefix_tokens)
         if attn.fused_attn:
+            scores = class_token_attention(q, k, attn.scale, self.num_prefix_tokens)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
         else:
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            scores = a[:, :, 0, self.num_prefix_tokens:].mean(dim=1)
             out = attn.attn_drop(a) @ v
         out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
         out = attn.norm(out)
