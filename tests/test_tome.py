@@ -242,3 +242,18 @@ def test_trains_with_gradients_in_train_mode():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_tome_models_pickle():
+    """ToMe's classes are made at run time, like EViT's: pickling (torch.save(model), spawn workers)
+    records the timm class and the mixin and rebuilds the same class."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval(), r=2)
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model) and type(again.blocks[0]) is type(model.blocks[0])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert again.r == 2

@@ -22,9 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from timm.models._features import feature_take_indices
 
 from leanvit.errors import LeanvitError
-from leanvit.reduction.registry import ReductionMethod, cosine_schedule, register_reduction
+from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
 from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, class_token_attention, kept_token_masks,
                                     num_kept, reorganize, tokens_to_grid)
+from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
 
 __all__ = [
     "apply_evit", "remove_evit", "is_evit", "default_locations", "keep_rate_schedule",
@@ -57,25 +58,8 @@ def keep_rate_schedule(iteration: int, target: float, start_iter: int = 0, span_
 
 
 # ---------------------------------------------------------------------------------------------
-# Pickling
-def _new_evit_object(base: type, mixin: type):
-    """Unpickling: an empty instance of the EViT subclass of ``base`` (its state is set afterwards)."""
-    cls = _evit_class(base, mixin)
-    return cls.__new__(cls)
-
-
-class _PicklableMixin:
-    """The EViT classes are made at run time and cannot be found by name, so pickle (``torch.save(model)``,
-    spawn multiprocessing) records the importable base class and mixin instead and rebuilds the class."""
-
-    def __reduce__(self):
-        state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
-        return _new_evit_object, (self._evit_base, self._evit_mixin), state
-
-
-# ---------------------------------------------------------------------------------------------
 # Block
-class EViTBlockMixin(_PicklableMixin):
+class EViTBlockMixin(SwappedClass):
     """Added to a timm ``Block`` subclass: reorganize tokens between attention and MLP.
 
     Attributes: ``keep_rate`` (float, the block's own rate) and ``fuse`` (bool).
@@ -138,7 +122,7 @@ class EViTBlockMixin(_PicklableMixin):
 
 # ---------------------------------------------------------------------------------------------
 # Model
-class EViTModelMixin(_PicklableMixin):
+class EViTModelMixin(SwappedClass):
     """Added to a timm ``VisionTransformer`` subclass: per-call keep rate and kept-index bookkeeping."""
 
     evit_locations: Tuple[int, ...] = ()
@@ -306,16 +290,6 @@ def per_layer_keep_rates(value: KeepRate, n: int) -> Tuple[float, ...]:
     return tuple(check_keep_rate(v, f"keep_rate[{i}]") for i, v in enumerate(values))
 
 
-_SUBCLASSES: dict = {}
-
-
-def _evit_class(base: type, mixin: type) -> type:
-    key = (base, mixin)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"EViT{base.__name__}", (mixin, base), {"_evit_base": base, "_evit_mixin": mixin})
-    return _SUBCLASSES[key]
-
-
 def is_evit(model: nn.Module) -> bool:
     return isinstance(model, EViTModelMixin)
 
@@ -326,22 +300,8 @@ def remove_evit(model: nn.Module) -> nn.Module:
         return model
     for blk in model.blocks:
         if isinstance(blk, EViTBlockMixin):
-            blk.__class__ = blk._evit_base
-            for attr in ("keep_rate", "fuse", "num_prefix_tokens"):
-                blk.__dict__.pop(attr, None)
-    model.__class__ = model._evit_base
-    model.__dict__.pop("evit_locations", None)
-    return model
-
-
-def _check_block(blk: nn.Module, i: int) -> None:
-    needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-    missing = [a for a in needed if not hasattr(blk, a)]
-    attn = getattr(blk, "attn", None)
-    if missing or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "proj")):
-        raise LeanvitError(
-            f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with a fused-qkv Attention; "
-            "EViT supports timm VisionTransformer blocks (DeiT, DeiT III, ViT)")
+            restore_class(blk, ("keep_rate", "fuse", "num_prefix_tokens"))
+    return restore_class(model, ("evit_locations",))
 
 
 def apply_evit(model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[Sequence[int]] = None,
@@ -355,14 +315,11 @@ def apply_evit(model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[
         locations: 0-indexed blocks that reorganize; default :func:`default_locations` (3, 6, 9 for 12).
         fuse: fuse the inattentive tokens into one (EViT) instead of dropping them.
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
-        raise LeanvitError(f"apply_evit needs a timm VisionTransformer, got {type(model).__name__}")
+    check_timm_vit(model, "EViT", ())
+    blocks = model.blocks
     if getattr(model, "cls_token", None) is None or not getattr(model, "has_class_token", True):
         raise LeanvitError("EViT needs a class token (its attention scores the image tokens); "
                            "this model has none (class_token=False)")
-    if is_evit(model):
-        remove_evit(model)
     depth = len(blocks)
     locations = default_locations(depth) if locations is None else tuple(int(i) for i in locations)
     if not locations:
@@ -374,15 +331,16 @@ def apply_evit(model: nn.Module, keep_rate: KeepRate = 0.7, locations: Optional[
         raise LeanvitError(f"locations must be distinct, got {list(locations)}")
     locations = tuple(sorted(locations))
     rates = per_layer_keep_rates(keep_rate, len(locations))
-    for i in locations:
-        _check_block(blocks[i], i)
+    check_timm_vit(model, "EViT", locations)
+    other = applied_reduction(model)  # EViT with other settings, or another method: undo it first
+    if other is not None:
+        other.remove(model)
     for i, r in zip(locations, rates):
-        blk = blocks[i]
-        blk.__class__ = _evit_class(type(blk), EViTBlockMixin)
+        blk = swap_class(blocks[i], EViTBlockMixin, "EViT")
         blk.keep_rate = r
         blk.fuse = bool(fuse)
         blk.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
-    model.__class__ = _evit_class(type(model), EViTModelMixin)
+    swap_class(model, EViTModelMixin, "EViT")
     model.evit_locations = locations
     return model
 

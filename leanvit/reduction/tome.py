@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
+from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
 
 __all__ = ["apply_tome", "remove_tome", "is_tome", "check_r", "per_layer_r", "decreasing_schedule",
            "bipartite_soft_matching", "merge_tokens", "tokens_per_block", "ToMeMethod", "SCHEDULES"]
@@ -157,7 +158,7 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], src: torch.Tenso
 
 # ---------------------------------------------------------------------------------------------
 # Block
-class ToMeBlockMixin:
+class ToMeBlockMixin(SwappedClass):
     """Added to a timm ``Block`` subclass: merge ``tome_r`` tokens between attention and MLP."""
 
     tome_r: int = 0
@@ -218,7 +219,7 @@ class ToMeBlockMixin:
 
 # ---------------------------------------------------------------------------------------------
 # Model
-class ToMeModelMixin:
+class ToMeModelMixin(SwappedClass):
     """Added to a timm ``VisionTransformer`` subclass: per-call ``r``, sizes and merge-group bookkeeping."""
 
     tome_schedule: str = "constant"
@@ -296,16 +297,6 @@ class ToMeModelMixin:
         return super().forward_intermediates(x, *args, **kwargs)
 
 
-_SUBCLASSES: dict = {}
-
-
-def _tome_class(base: type, mixin: type) -> type:
-    key = (base, mixin)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"ToMe{base.__name__}", (mixin, base), {"_tome_base": base})
-    return _SUBCLASSES[key]
-
-
 def is_tome(model: nn.Module) -> bool:
     return isinstance(model, ToMeModelMixin)
 
@@ -316,23 +307,8 @@ def remove_tome(model: nn.Module) -> nn.Module:
         return model
     for blk in model.blocks:
         if isinstance(blk, ToMeBlockMixin):
-            blk.__class__ = blk._tome_base
-            for attr in ("tome_r", "num_prefix_tokens", "prop_attn"):
-                blk.__dict__.pop(attr, None)
-    model.__class__ = model._tome_base
-    for attr in ("tome_schedule", "tome_value"):
-        model.__dict__.pop(attr, None)
-    return model
-
-
-def _check_block(blk: nn.Module, i: int) -> None:
-    needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-    missing = [a for a in needed if not hasattr(blk, a)]
-    attn = getattr(blk, "attn", None)
-    if missing or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "proj")):
-        raise LeanvitError(
-            f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with a fused-qkv Attention; "
-            "ToMe supports timm VisionTransformer blocks (DeiT, DeiT III, ViT)")
+            restore_class(blk, ("tome_r", "num_prefix_tokens", "prop_attn"))
+    return restore_class(model, ("tome_schedule", "tome_value"))
 
 
 def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop_attn: bool = True) -> nn.Module:
@@ -347,25 +323,21 @@ def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop
             schedule from ``2r`` to 0).
         prop_attn: proportional attention (``+ log size`` in the attention logits), as the paper.
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
-        raise LeanvitError(f"ToMe needs a timm VisionTransformer, got {type(model).__name__}")
+    check_timm_vit(model, "ToMe", ())
+    blocks = model.blocks
     if schedule not in SCHEDULES:
         raise LeanvitError(f"ToMe schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if is_tome(model):
-        remove_tome(model)
-    other = applied_reduction(model)  # another method applied: remove it first
+    check_timm_vit(model, "ToMe", range(len(blocks)))
+    rs = per_layer_r(r, len(blocks), schedule)  # validate before touching the model
+    other = applied_reduction(model)  # ToMe with other settings, or another method: undo it first
     if other is not None:
         other.remove(model)
-    for i, blk in enumerate(blocks):
-        _check_block(blk, i)
-    rs = per_layer_r(r, len(blocks), schedule)  # validate before touching the model
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     for blk in blocks:
-        blk.__class__ = _tome_class(type(blk), ToMeBlockMixin)
+        swap_class(blk, ToMeBlockMixin, "ToMe")
         blk.num_prefix_tokens = prefix
         blk.prop_attn = bool(prop_attn)
-    model.__class__ = _tome_class(type(model), ToMeModelMixin)
+    swap_class(model, ToMeModelMixin, "ToMe")
     model.tome_schedule = schedule
     model.r = tuple(rs) if isinstance(r, (list, tuple)) else r
     return model
