@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             print(f"  {c.backbone:>10} + {c.head:<9}: timed step {r + 1}: {c.times[-1]:.1f} s "
                   f"(load {machine_load()})", flush=True)
 
-    print(f"\n| backbone | head | params (M) | peak train-step memory (MiB) | s / step |")
+    print("\n| backbone | head | params (M) | peak train-step memory (MiB) | s / step |")
     print("|---|---|---|---|---|")
     for c in cases:
         print(f"| {c.backbone} | {c.head} | {c.params_m:.1f} | {c.peak_mb:,.0f} | {c.seconds:.1f} |")

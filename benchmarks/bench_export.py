@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path

@@ -127,7 +127,7 @@ def check_sigterm(recipe, base, ref):
     secs = time.time() - t0
     err = p.stderr.read().strip().splitlines()
     ck = torch.load(out / "last.pth", weights_only=True)
-    r = run(_cmd(recipe, out, "--resume"))
+    run(_cmd(recipe, out, "--resume"))  # raises if the resumed run fails
     return (f"exit {p.returncode} {secs:.1f} s after SIGTERM (including the 2 s pause in step 5), last.pth at "
             f"step {ck['step']} (epoch {ck['epoch'] + 1}, step {ck.get('epoch_step')}); message: "
             f"'{err[-1] if err else ''}'; --resume: {same_weights(ref, out / 'last.pth')}")

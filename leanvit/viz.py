@@ -226,6 +226,13 @@ def visualize(model: nn.Module, images: Sequence, output_dir, names: Optional[Se
     images = _as_images(images)
     rows, titles = _run_eval(model, lambda: _rows(model, images, names, transform, keep_rate, class_names,
                                                   batch_size, device))
+    return write_rows(rows, titles, names, output_dir, grid_name, per_image)
+
+
+def write_rows(rows, titles, names: Sequence[str], output_dir, grid_name: str, per_image: bool = True
+               ) -> List[Path]:
+    """Picture rows into the folder ``output_dir``: one PNG per row (``NNN_<name>.png``, if ``per_image``)
+    and the grid of all rows (``grid_name``), last in the returned list."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise LeanvitError(f"output {out} exists and is not a folder")

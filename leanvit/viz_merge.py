@@ -24,7 +24,7 @@ import torch.nn as nn
 from leanvit.errors import LeanvitError
 from leanvit.reduction.tome import is_tome, per_layer_r, tokens_per_block
 from leanvit.runtime import model_input_size, to_2tuple
-from leanvit.viz import _as_images, _default_names, _normalize_params, _run_eval, _safe_name, draw_rows, viz_transform
+from leanvit.viz import _as_images, _default_names, _normalize_params, _run_eval, draw_rows, viz_transform, write_rows
 
 __all__ = ["shown_blocks", "merge_groups", "paint_groups", "render_merged_tokens", "visualize_merges"]
 
@@ -143,13 +143,4 @@ def visualize_merges(model: nn.Module, images: Sequence, output_dir, names: Opti
     images = _as_images(images)
     rows, titles = _run_eval(model, lambda: _rows(model, images, names, transform, r, class_names,
                                                   batch_size, device))
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise LeanvitError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if per_image:
-        for k, row in enumerate(rows):
-            paths.append(draw_rows([row], titles, out / f"{k:03d}_{_safe_name(names[k])}.png"))
-    paths.append(draw_rows(rows, titles, out / grid_name))
-    return paths
+    return write_rows(rows, titles, names, output_dir, grid_name, per_image)

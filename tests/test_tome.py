@@ -257,3 +257,15 @@ def test_tome_models_pickle():
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
     assert again.r == 2
+
+
+def test_switching_methods_undoes_the_previous_one():
+    torch.manual_seed(0)
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    model = apply_tome(copy.deepcopy(base), r=2)
+    leanvit.apply_evit(model, keep_rate=0.5)
+    assert not is_tome(model) and not any(is_tome(b) or "ToMe" in type(b).__name__ for b in model.blocks)
+    want = leanvit.apply_evit(copy.deepcopy(base), keep_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), want(x))

@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
