@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-import leanvit
+import leanvit  # noqa: F401  (registers the models with timm)
 from leanvit import LeanvitError, load_checkpoint, save_checkpoint
 from leanvit.checkpoints import read_state_dict
 
