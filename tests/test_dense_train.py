@@ -58,6 +58,9 @@ def test_detection_run_logs_coco_metrics_and_keeps_best(det_run):
     best = torch.load(out / "best.pth", weights_only=True)
     assert best["val_map"] == pytest.approx(max(r["val_map"] for r in rows))
     assert best["model_spec"]["task"] == "detection" and best["model_spec"]["head"] == "fcos"
+    last = torch.load(out / "last.pth", weights_only=True)  # the best so far, named for what it measures
+    assert last["main_metric"] == "val_map" and last["best_metric"] == pytest.approx(best["val_map"])
+    assert "best_top1" not in last
 
 
 def test_detection_run_resumes(det_run, tmp_path):

@@ -204,7 +204,7 @@ class Run:
         loss_sum, seen = env.all_sum(list(self.ctx.running)) if env.distributed else self.ctx.running
         if env.is_main:
             extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                     "epoch_step": int(k), "iters": self.data.iters, "world_size": env.world_size,
+                     "main_metric": self.task.main_metric, "epoch_step": int(k), "iters": self.data.iters, "world_size": env.world_size,
                      "running": [float(loss_sum), int(seen)]}
             save_checkpoint(st.checkpoint(**extra), self.last_path)
             keep_last_copies(self.last_path, st.step, self.cfg.get("keep_last"))
@@ -222,7 +222,7 @@ class Run:
     def save(self, row: Dict[str, Any], is_best: bool, metrics: MetricsLog) -> None:
         """``last.pth`` (resumable), ``best.pth`` when it improved, and the metrics row; rank 0 only."""
         extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                 "iters": self.data.iters, "world_size": self.env.world_size}
+                 "main_metric": self.task.main_metric, "iters": self.data.iters, "world_size": self.env.world_size}
         save_checkpoint(self.state.checkpoint(**extra), self.last_path)
         keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:

@@ -32,7 +32,7 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch, "step": self.step, "best_top1": self.best, "history": self.history,
+                "epoch": self.epoch, "step": self.step, "best_metric": self.best, "history": self.history,
                 **extra}
 
     def load(self, obj: Dict[str, Any]) -> None:
@@ -45,5 +45,5 @@ class TrainState:
             self.scaler.load_state_dict(obj["scaler"])
         self.epoch = int(obj["epoch"])
         self.step = int(obj.get("step", 0))
-        self.best = float(obj.get("best_top1", -1.0))
+        self.best = float(obj.get("best_metric", obj.get("best_top1", -1.0)))  # best_top1: older checkpoints
         self.history = list(obj.get("history", []))
