@@ -11,6 +11,12 @@ COCOeval reports it). Predictions are mapped back to each image's original size 
 with torchvision's ``v2.functional.resize`` on ``BoundingBoxes`` and scored against the ground truth the
 dataset keeps in original coordinates (``gt_boxes``, ``gt_labels``, ``gt_area``, ``gt_iscrowd``).
 
+Instance segmentation (Mask R-CNN: the model returns ``masks``, the dataset keeps ``gt_segms``, COCO RLEs in
+original coordinates) adds the same six figures for masks (``COCOeval`` segm): ``val_mask_map``,
+``val_mask_map50``, ... (:data:`MASK_KEYS`). Predicted masks are resized bilinearly to the original size
+and thresholded at 0.5, as torchvision's and mmdetection's COCO evaluation do; object sizes for the
+small / medium / large split are mask areas.
+
 Segmentation metrics come from one confusion matrix over all pixels whose label is not ignored, at each
 image's original resolution (logits resized bilinearly to ``gt_mask``): ``val_miou`` is the mean IoU over
 ``miou_classes`` (default: all; classes absent from both prediction and ground truth are left out),
@@ -36,15 +42,16 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from leanvit.data.dense import IGNORE_INDEX
+from leanvit.data.dense import IGNORE_INDEX, encode_masks
 from leanvit.errors import LeanvitError
 
 __all__ = ["coco_map", "evaluate_detection", "evaluate_segmentation", "confusion_matrix", "segmentation_scores",
-           "DETECTION_KEYS", "SEGMENTATION_KEYS", "predict_detection"]
+           "DETECTION_KEYS", "MASK_KEYS", "SEGMENTATION_KEYS", "predict_detection", "encode_masks"]
 
 log = logging.getLogger(__name__)
 
 DETECTION_KEYS = ("val_map", "val_map50", "val_map75", "val_map_small", "val_map_medium", "val_map_large")
+MASK_KEYS = tuple(k.replace("val_map", "val_mask_map") for k in DETECTION_KEYS)
 SEGMENTATION_KEYS = ("val_miou", "val_miou_all", "val_pixel_acc")
 
 
@@ -61,23 +68,41 @@ def _xyxy_to_xywh(b: np.ndarray) -> np.ndarray:
     return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
+def _cocoeval(gt, dets, iou_type: str, image_ids: List[int], keys: Sequence[str]) -> Dict[str, float]:
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, iou_type)
+        ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # stats: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
+    return {k: float(v) for k, v in zip(keys, ev.stats[:6])}
+
+
 def coco_map(predictions: Sequence[Dict[str, Any]], ground_truth: Sequence[Dict[str, Any]],
              num_classes: Optional[int] = None) -> Dict[str, float]:
-    """COCO box AP with pycocotools.
+    """COCO box AP with pycocotools, and mask AP where masks are given.
 
     Args:
-        predictions: per image ``{"image_id", "boxes" (N x 4 XYXY), "scores", "labels"}``.
+        predictions: per image ``{"image_id", "boxes" (N x 4 XYXY), "scores", "labels", "segms"?}``.
         ground_truth: per image ``{"image_id", "height", "width", "boxes" (XYXY), "labels", "area"?,
-            "iscrowd"?}``; every evaluated image must be here (images without objects included).
+            "iscrowd"?, "segms"?}``; every evaluated image must be here (images without objects included).
+            ``segms``: one COCO RLE per object (:func:`encode_masks`), in the image's coordinates.
         num_classes: labels are 0..num_classes-1 (default: those seen); COCO category ids are label + 1.
-    Returns: :data:`DETECTION_KEYS` as fractions in [0, 1] (-1: no ground truth of that kind).
+    Returns: :data:`DETECTION_KEYS` as fractions in [0, 1] (-1: no ground truth of that kind), plus
+    :data:`MASK_KEYS` when every prediction and ground truth has ``segms``.
     """
+    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     if not ground_truth:
         raise LeanvitError("the validation set is empty: nothing to compute mAP on")
-    images, anns = [], []
+    with_masks = all(g.get("segms") is not None for g in ground_truth) and \
+        all(p.get("segms") is not None for p in predictions)
+    images, anns, mask_anns = [], [], []
     seen_labels = set()
     for g in ground_truth:
         images.append({"id": int(g["image_id"]), "height": int(g["height"]), "width": int(g["width"])})
@@ -89,29 +114,53 @@ def coco_map(predictions: Sequence[Dict[str, Any]], ground_truth: Sequence[Dict[
             seen_labels.add(int(lab) + 1)
             anns.append({"id": len(anns) + 1, "image_id": int(g["image_id"]), "category_id": int(lab) + 1,
                          "bbox": [float(v) for v in b], "area": float(a), "iscrowd": int(c)})
-    cats = range(1, int(num_classes) + 1) if num_classes else sorted(seen_labels)
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": int(c)} for c in cats]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
+        if with_masks:
+            segms = list(g["segms"])
+            if len(segms) != len(labels):
+                raise LeanvitError(f"image {g['image_id']}: {len(segms)} ground-truth masks for {len(labels)} objects")
+            for ann, rle in zip(anns[len(anns) - len(labels):], segms):
+                mask_anns.append({**ann, "segmentation": rle, "area": float(mask_utils.area(rle)),
+                                  "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+    cats = [{"id": int(c)} for c in (range(1, int(num_classes) + 1) if num_classes else sorted(seen_labels))]
+    image_ids = [im["id"] for im in images]
+
+    def ground(annotations):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations, "categories": cats}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+        return gt
+
     dets = []
     for p in predictions:
         boxes = _xyxy_to_xywh(np.asarray(p["boxes"]))
         for b, s, lab in zip(boxes, np.asarray(p["scores"]).reshape(-1), np.asarray(p["labels"]).reshape(-1)):
             dets.append([int(p["image_id"]), *[float(v) for v in b], float(s), int(lab) + 1])
-    keys = DETECTION_KEYS
     if not dets or not anns:
-        return {k: (0.0 if anns else -1.0) for k in keys}
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(np.asarray(dets, dtype=np.float64))
-        ev = COCOeval(gt, dt, "bbox")
-        ev.params.imgIds = [im["id"] for im in images]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    s = ev.stats  # AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
-    return {"val_map": float(s[0]), "val_map50": float(s[1]), "val_map75": float(s[2]),
-            "val_map_small": float(s[3]), "val_map_medium": float(s[4]), "val_map_large": float(s[5])}
+        res = {k: (0.0 if anns else -1.0) for k in DETECTION_KEYS}
+    else:
+        res = _cocoeval(ground(anns), np.asarray(dets, dtype=np.float64), "bbox", image_ids, DETECTION_KEYS)
+    if with_masks:
+        mask_dets = [{"image_id": int(p["image_id"]), "category_id": int(lab) + 1, "segmentation": rle,
+                      "score": float(s)}
+                     for p in predictions
+                     for rle, s, lab in zip(p["segms"], np.asarray(p["scores"]).reshape(-1),
+                                            np.asarray(p["labels"]).reshape(-1))]
+        if not mask_dets or not mask_anns:
+            res.update({k: (0.0 if mask_anns else -1.0) for k in MASK_KEYS})
+        else:
+            res.update(_cocoeval(ground(mask_anns), mask_dets, "segm", image_ids, MASK_KEYS))
+    return res
+
+
+def _masks_to_original(masks: torch.Tensor, orig_size) -> np.ndarray:
+    """Mask probabilities (N x 1 x h x w, on the model's input image) as binary masks of ``orig_size``."""
+    m = masks.float()
+    if m.ndim == 3:
+        m = m.unsqueeze(1)
+    if tuple(m.shape[-2:]) != tuple(int(v) for v in orig_size) and len(m):
+        m = F.interpolate(m, size=tuple(int(v) for v in orig_size), mode="bilinear", align_corners=False)
+    return (m[:, 0] >= 0.5).to(torch.uint8).numpy()
 
 
 def _to_original(boxes: torch.Tensor, size, orig_size) -> torch.Tensor:
@@ -147,12 +196,15 @@ def predict_detection(model: nn.Module, loader, device="cpu", amp: bool = False,
         for x, o, t in zip(xs, out, targets):
             orig = t.get("orig_size", x.shape[-2:])
             boxes = _to_original(o["boxes"].float().cpu(), x.shape[-2:], orig)
+            with_masks = "masks" in o and t.get("gt_segms") is not None
             preds.append({"image_id": int(t["image_id"]), "boxes": boxes.numpy(),
-                          "scores": o["scores"].float().cpu().numpy(), "labels": o["labels"].cpu().numpy()})
+                          "scores": o["scores"].float().cpu().numpy(), "labels": o["labels"].cpu().numpy(),
+                          "segms": encode_masks(_masks_to_original(o["masks"].cpu(), orig)) if with_masks else None})
             gts.append({"image_id": int(t["image_id"]), "height": int(orig[0]), "width": int(orig[1]),
                         "boxes": np.asarray(t["gt_boxes"]), "labels": np.asarray(t["gt_labels"]),
                         "area": np.asarray(t["gt_area"]) if "gt_area" in t else None,
-                        "iscrowd": np.asarray(t["gt_iscrowd"]) if "gt_iscrowd" in t else None})
+                        "iscrowd": np.asarray(t["gt_iscrowd"]) if "gt_iscrowd" in t else None,
+                        "segms": t.get("gt_segms") if with_masks else None})
         n += len(xs)
     return preds, gts, n, fwd
 

@@ -132,6 +132,8 @@ def test_coco_layout_is_recognized_and_cleaned(tmp_path):
     assert len(t2["labels"]) == 0  # a negative
     x, t3 = detection_transform(False, min_size=80, max_size=200)(*ds[1])
     assert x.shape == (3, 80, 120) and t3["boxes"].tolist() == [[100.0, 60.0, 120.0, 80.0]]
+    # mask ground truth for mask AP: one RLE per evaluated object, at the original size, past the transforms
+    assert len(t3["gt_segms"]) == len(t3["gt_labels"]) and t3["gt_segms"][0]["size"] == [40, 60]
 
 
 @pytest.mark.parametrize("case,needle", [
@@ -222,6 +224,29 @@ def test_coco_map_perfect_and_wrong_predictions():
     shifted = [{**perfect[0], "boxes": np.array([[12, 12, 22, 22], [2, 2, 100, 100]], float)}]
     r2 = coco_map(shifted, gts, num_classes=2)
     assert r2["val_map_small"] < 0.5 and r2["val_map_large"] == pytest.approx(1.0)
+
+
+def test_coco_mask_map_perfect_and_wrong_masks():
+    """Mask AP: the boxes are right in both cases, the masks only in the first; object sizes are mask areas."""
+    from leanvit.data.dense import encode_masks
+
+    masks = np.zeros((2, 100, 100), np.uint8)
+    masks[0, 10:20, 10:20] = 1       # small (100 px)
+    masks[1, 2:100, 2:100] = 1       # large (9,604 px)
+    gts = [{**_gt([[10, 10, 20, 20], [2, 2, 100, 100]], [0, 1]), "segms": encode_masks(masks)}]
+    pred = {"image_id": 1, "boxes": np.array([[10, 10, 20, 20], [2, 2, 100, 100]], float),
+            "scores": np.array([0.9, 0.8]), "labels": np.array([0, 1]), "segms": encode_masks(masks)}
+    r = coco_map([pred], gts, num_classes=2)
+    assert r["val_mask_map"] == pytest.approx(1.0) and r["val_map"] == pytest.approx(1.0)
+    assert r["val_mask_map_small"] == pytest.approx(1.0) and r["val_mask_map_medium"] == -1.0
+    hollow = masks.copy()
+    hollow[1, 10:90, 10:90] = 0      # the large mask loses two thirds of its pixels: IoU 0.33
+    r2 = coco_map([{**pred, "segms": encode_masks(hollow)}], gts, num_classes=2)
+    assert r2["val_map"] == pytest.approx(1.0)  # boxes unchanged
+    assert r2["val_mask_map_large"] == pytest.approx(0.0) and r2["val_mask_map_small"] == pytest.approx(1.0)
+    assert "val_mask_map" not in coco_map([{k: v for k, v in pred.items() if k != "segms"}], gts, num_classes=2)
+    with pytest.raises(LeanvitError, match="N x H x W"):
+        encode_masks(masks[0])
 
 
 def test_miou_from_a_known_confusion():

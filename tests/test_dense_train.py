@@ -216,6 +216,7 @@ def test_maskrcnn_trains_on_instance_masks_with_amp(tmp_path):
                      head_kwargs={"fpn_channels": 32}), device="cpu", progress=False)
     row = res["history"][-1]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and "val_map" in row
+    assert 0.0 <= row["val_mask_map"] <= 1.0 and "val_mask_map50" in row  # mask AP beside box AP
     assert torch.load(tmp_path / "m" / "best.pth", weights_only=True)["config"]["detector"] == "maskrcnn"
 
 

@@ -171,6 +171,7 @@ class CocoDetection:
             ms = [self.coco.annToMask(a) for a, c in zip(anns, crowd.tolist()) if c == 0]
             m = np.stack(ms) if ms else np.zeros((0, h, w), dtype=np.uint8)
             out["masks"] = tv_tensors.Mask(torch.from_numpy(m.astype(np.uint8)))
+            out["gt_segms"] = [self.coco.annToRLE(a) for a in anns]  # crowd regions too, as COCOeval wants
         return out
 
     def __getitem__(self, index: int):

@@ -7,7 +7,8 @@ Sample format (every dense dataset kind returns ``(image, target)``):
   every detector), optionally ``masks`` (``tv_tensors.Mask``, N x H x W instance masks, for Mask R-CNN),
   ``image_id`` (int), ``orig_size`` (H, W before any transform) and the ground truth for evaluation in the
   original image's coordinates, which the transforms leave alone (plain tensors): ``gt_boxes``,
-  ``gt_labels``, ``gt_area``, ``gt_iscrowd``;
+  ``gt_labels``, ``gt_area``, ``gt_iscrowd`` and, with masks, ``gt_segms`` (one COCO RLE per object,
+  :func:`encode_masks`; a list, which the transforms pass by);
 * segmentation: ``image`` a ``tv_tensors.Image``; ``target`` a dict with ``mask`` (``tv_tensors.Mask``,
   H x W int64 class indices, :data:`IGNORE_INDEX` = not counted), ``image_id``, ``orig_size`` and, for
   evaluation, ``gt_mask`` (the untransformed label map).
@@ -22,14 +23,17 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from leanvit.errors import LeanvitError
+
 
 __all__ = ["IGNORE_INDEX", "DENSE_TASKS", "SkipCounter", "detection_transform", "segmentation_transform",
-           "collate_detection", "collate_segmentation", "collate_fn", "DenseTransform"]
+           "collate_detection", "collate_segmentation", "collate_fn", "DenseTransform", "encode_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +166,15 @@ def stack_masks(targets: Sequence[Dict[str, Any]], h: int, w: int) -> torch.Tens
 
 def collate_fn(task: str):
     return collate_detection if task == "detection" else collate_segmentation
+
+
+def encode_masks(masks) -> List[Dict[str, Any]]:
+    """COCO run-length encodings of binary masks (N x H x W, any integer or bool type)."""
+    from pycocotools import mask as mask_utils
+
+    m = np.asarray(masks, dtype=np.uint8)
+    if m.ndim != 3:
+        raise LeanvitError(f"masks must be N x H x W, got shape {m.shape}")
+    if len(m) == 0:
+        return []
+    return mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0)))

@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from leanvit.data.digits import _color, _resize, load_scans, split_indices
+from leanvit.data.dense import encode_masks
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -185,6 +186,7 @@ class DigitScenes:
         if self.with_masks:
             m = np.stack(masks) if masks else np.zeros((0, *s), dtype=bool)
             t["masks"] = tv_tensors.Mask(torch.from_numpy(m.astype(np.uint8)))
+            t["gt_segms"] = encode_masks(m)
         return t
 
     def __getitem__(self, index: int):

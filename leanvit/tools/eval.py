@@ -120,7 +120,7 @@ def run(args) -> int:
 
 def _run_dense(args) -> int:
     """COCO mAP (detection) or mIoU / pixel accuracy (segmentation) of a dense ``leanvit train`` checkpoint."""
-    from leanvit.evaluate_dense import DETECTION_KEYS, evaluate_detection, evaluate_segmentation
+    from leanvit.evaluate_dense import DETECTION_KEYS, MASK_KEYS, evaluate_detection, evaluate_segmentation
 
     device = resolve_device(args.device)
     model, spec, config, classes = load_dense_model(args.checkpoint)
@@ -137,7 +137,7 @@ def _run_dense(args) -> int:
     common = dict(device=device, amp=args.amp, progress=not args.no_progress, max_batches=args.max_batches)
     if task == "detection":
         res = evaluate_detection(model, loader, num_classes=int(spec["num_classes"]), **common)
-        shown = "  ".join(f"{k[4:]} {res[k]:.4f}" for k in DETECTION_KEYS)
+        shown = "  ".join(f"{k[4:]} {res[k]:.4f}" for k in DETECTION_KEYS + MASK_KEYS if k in res)
     else:
         res = evaluate_segmentation(model, loader, int(spec["num_classes"]),
                                     miou_classes=getattr(dataset, "miou_classes", None), **common)

@@ -293,8 +293,9 @@ class DetectionTask(_DenseTask):
     def message(self, row):
         if "val_map" not in row:
             return ""
+        masks = f" mask mAP {row['val_mask_map']:.3f}" if "val_mask_map" in row else ""
         return (f", val mAP {row['val_map']:.3f} mAP@0.5 {row['val_map50']:.3f} "
-                f"AP small {row['val_map_small']:.3f}")
+                f"AP small {row['val_map_small']:.3f}{masks}")
 
 
 class SegmentationTask(_DenseTask):
