@@ -354,3 +354,18 @@ def test_load_checkpoint_strict_round_trip(tmp_path, tiny):
     # fine-tuning to another number of classes
     res = leanvit.load_checkpoint(timm.create_model("shunted_t", num_classes=5), path, ignore_classifier=True)
     assert sorted(res.skipped_keys) == ["head.bias", "head.weight"]
+
+
+def test_builds_on_the_meta_device():
+    """No tensor value is read while building (drop-path rates are plain floats), so the model can be made
+    on the meta device, materialized with to_empty() and loaded: the way large models are initialized."""
+    torch.manual_seed(0)
+    ref = timm.create_model("shunted_t", drop_path_rate=0.1).eval()
+    with torch.device("meta"):
+        meta = timm.create_model("shunted_t", drop_path_rate=0.1)
+    assert all(p.is_meta for p in meta.parameters())
+    model = meta.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref(x))

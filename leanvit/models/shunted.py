@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models import resolve_pretrained_cfg
@@ -309,7 +309,7 @@ class ShuntedTransformer(nn.Module):
         self.drop_rate = drop_rate
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # plain floats: also on the meta device
         cur = 0
         self.feature_info = []
         for i in range(num_stages):
