@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.distributed as dist
 
 __all__ = ["DistEnv", "seed_everything", "seed_step"]
@@ -78,6 +79,13 @@ class DistEnv:
                 t = t.to(self.device)
             dist.all_reduce(t)
         return t.cpu().tolist()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model the training step calls: ``model`` in DistributedDataParallel when distributed."""
+        if not self.distributed:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def barrier(self) -> None:
         if self.distributed:

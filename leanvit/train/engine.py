@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
-import torch.nn as nn
 import yaml
 
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
@@ -127,10 +126,7 @@ class Run:
         self.state = build_state(cfg, model, self.data.iters, env)
         if self.resume:
             self._load_resume()
-        forward_model = model
-        if env.distributed:
-            forward_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        forward_model = env.wrap(model)
         mixup = build_mixup(cfg, self.num_classes)
         red = reduction_settings(cfg)
         self.ctx = StepContext(cfg, env, forward_model, build_loss(cfg, mixup is not None), mixup, red,

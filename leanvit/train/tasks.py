@@ -237,10 +237,7 @@ class _DenseTask(Task):
         run.state = build_state(cfg, model, iters, env)
         if run.resume:
             run._load_resume()
-        forward_model = model
-        if env.distributed:
-            forward_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        forward_model = env.wrap(model)
         run.ctx = StepContext(cfg, env, forward_model, None, None, None, None, iters)
         run.ctx.task_step = self.step
 
