@@ -141,6 +141,12 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
     sizes = list(dict.fromkeys(None if s is None else to_2tuple(s) for s in img_sizes)) or [None]
     if None not in sizes:
         sizes = [None] + sizes  # the baseline lives at the model's own size
+
+    def eval_loader(model, hw):
+        dataset = _limited(build_eval_dataset(data, model, hw, config=config, options=dataset_options(data, config)),
+                           limit_images)
+        return dataset, DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, num_workers=workers)
+
     points: List[dict] = []
     own_hw = None
     bar = tqdm(total=len(sizes) * (len(grid) + 1), desc="sweep: accuracy", unit="point", disable=not progress,
@@ -154,51 +160,62 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
             continue
         base = base.eval()
         plain = remove_reduction(copy.deepcopy(base))
-        per_method: Dict[str, nn.Module] = {}
-        dataset = _limited(build_eval_dataset(data, plain, hw, config=config,
-                                              options=dataset_options(data, config)), limit_images)
-        loader = _cached(DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, num_workers=workers),
-                         len(dataset), hw, cache_mb)
-        wanted = [(None, None)] + [p for p in grid if p != (None, None)]  # each size's unreduced point first
-        for method, value in wanted:
-            if method is None:
-                model, kwargs = plain, {}
-            else:
-                m = get_reduction(method)
-                value = m.check_strength(value)
-                if method not in per_method:
-                    if applied_reduction(base) is m:
-                        per_method[method] = copy.deepcopy(base)
-                    else:
-                        per_method[method] = m.apply(copy.deepcopy(plain), **{m.knob: value})
-                model, kwargs = per_method[method], m.forward_kwargs(value)
-            res = evaluate(model, loader, device=device, keep_rate=value if method else None, progress=False)
-            points.append(dict(label=_label(method, value, hw), reduction=method or "none",
-                               strength="-" if method is None else get_reduction(method).format_strength(value),
-                               value=value, hw=hw, img_size=f"{hw[0]}x{hw[1]}", top1=res["top1"], top5=res["top5"],
-                               loss=res["loss"], images=res["images"], gmacs=gmacs(model, hw, **kwargs),
-                               _model=model, _kwargs=kwargs))
+        dataset, loader = eval_loader(plain, hw)
+        loader = _cached(loader, len(dataset), hw, cache_mb)
+        for point in _size_points(base, plain, hw, grid, loader, device):
+            points.append(point)
             bar.update()
-            bar.set_postfix_str(points[-1]["label"])
+            bar.set_postfix_str(point["label"])
         if size is None:
             for name, model in (extra_models or {}).items():
-                model = model.eval()
                 mhw = to_2tuple(model_input_size(model))
-                mloader = loader
-                if mhw != hw:
-                    mloader = DataLoader(_limited(build_eval_dataset(data, model, mhw, config=config,
-                                                                     options=dataset_options(data, config)),
-                                                  limit_images), batch_size=eval_batch_size, num_workers=workers)
-                res = evaluate(model, mloader, device=device, progress=False)
-                method = applied_reduction(model)
-                strength = method.format_strength(method.get_strength(model)) if method else "-"
-                points.append(dict(label=f"{name} @{mhw[0]}x{mhw[1]}", reduction=name, strength=strength,
-                                   value=None, hw=mhw, img_size=f"{mhw[0]}x{mhw[1]}", top1=res["top1"],
-                                   top5=res["top5"], loss=res["loss"], images=res["images"],
-                                   gmacs=gmacs(model, mhw), _model=model, _kwargs={}))
+                points.append(_extra_point(name, model.eval(), mhw, loader if mhw == hw else eval_loader(model, mhw)[1],
+                                           device))
     bar.close()
+    rows = _timed_rows(points, batch_size, device, warmup, repeats, latency_repeats, progress)
+    return SweepResult(rows, rows[0], dict(batch_size=batch_size, repeats=repeats, latency_repeats=latency_repeats,
+                                           device=str(device), threads=torch.get_num_threads()))
 
-    # speed: all points in one interleaved run, at a large batch and at batch 1
+
+def _point(label: str, reduction: str, strength: str, value, hw, res: dict, model: nn.Module, kwargs: dict) -> dict:
+    return dict(label=label, reduction=reduction, strength=strength, value=value, hw=hw,
+                img_size=f"{hw[0]}x{hw[1]}", top1=res["top1"], top5=res["top5"], loss=res["loss"],
+                images=res["images"], gmacs=gmacs(model, hw, **kwargs), _model=model, _kwargs=kwargs)
+
+
+def _size_points(base: nn.Module, plain: nn.Module, hw, grid: Sequence[SweepPoint], loader, device):
+    """The points of one input size, evaluated (the unreduced one first); one model copy per method, its
+    strength set per call."""
+    per_method: Dict[str, nn.Module] = {}
+    for method, value in [(None, None)] + [p for p in grid if p != (None, None)]:
+        if method is None:
+            model, kwargs = plain, {}
+        else:
+            m = get_reduction(method)
+            value = m.check_strength(value)
+            if method not in per_method:
+                if applied_reduction(base) is m:
+                    per_method[method] = copy.deepcopy(base)
+                else:
+                    per_method[method] = m.apply(copy.deepcopy(plain), **{m.knob: value})
+            model, kwargs = per_method[method], m.forward_kwargs(value)
+        res = evaluate(model, loader, device=device, keep_rate=value if method else None, progress=False)
+        strength = "-" if method is None else get_reduction(method).format_strength(value)
+        yield _point(_label(method, value, hw), method or "none", strength, value, hw, res, model, kwargs)
+
+
+def _extra_point(name: str, model: nn.Module, hw, loader, device) -> dict:
+    """A given model among the points, at its own input size and strength."""
+    res = evaluate(model, loader, device=device, progress=False)
+    method = applied_reduction(model)
+    strength = method.format_strength(method.get_strength(model)) if method else "-"
+    return _point(f"{name} @{hw[0]}x{hw[1]}", name, strength, None, hw, res, model, {})
+
+
+def _timed_rows(points: List[dict], batch_size: int, device, warmup: int, repeats: int, latency_repeats: int,
+                progress: bool) -> List[dict]:
+    """Speed of all points in one interleaved run at ``batch_size`` and one at batch 1; the rows with
+    throughput, speed-up over the first point, latency and the Pareto fronts."""
     steps = tqdm(total=2, desc="sweep: timing", unit="run", disable=not progress, leave=False)
     inputs: Dict[tuple, torch.Tensor] = {}  # one random batch per (batch size, input size), shared
 
@@ -228,8 +245,7 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
     quick = pareto_front(rows, "latency_ms", higher=False)
     for i, row in enumerate(rows):
         row["front"] = "+".join(n for n, f in (("thr", fast), ("lat", quick)) if i in f) or "-"
-    return SweepResult(rows, rows[0], dict(batch_size=batch_size, repeats=repeats, latency_repeats=latency_repeats,
-                                           device=str(device), threads=torch.get_num_threads()))
+    return rows
 
 
 def pareto_front(rows: Sequence[dict], speed_key: str, higher: bool = True) -> List[int]:
