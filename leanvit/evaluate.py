@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction
-from leanvit.runtime import sync_device
+from leanvit.runtime import timed_forward
 
 __all__ = ["evaluate", "accumulate", "strength_kwargs"]
 
@@ -48,21 +48,16 @@ def accumulate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_batches is not None:
         total = min(total, max_batches)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     bar = tqdm(loader, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
     for i, (x, y) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
         x = x.to(device, non_blocking=True)
         y = torch.as_tensor(y).to(device, non_blocking=True)
-        sync_device(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            logits = model(x, **kwargs)
+        logits, secs = timed_forward(model, x, device, amp, **kwargs)
+        fwd_time += secs
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        sync_device(device)
-        fwd_time += time.perf_counter() - t0
         logits = logits.float()
         num_classes = logits.shape[-1]
         if int(y.max()) >= num_classes or int(y.min()) < 0:

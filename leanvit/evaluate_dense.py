@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -44,6 +43,7 @@ from tqdm import tqdm
 
 from leanvit.data.dense import IGNORE_INDEX, encode_masks
 from leanvit.errors import LeanvitError
+from leanvit.runtime import timed_forward
 
 __all__ = ["coco_map", "evaluate_detection", "evaluate_segmentation", "confusion_matrix", "segmentation_scores",
            "DETECTION_KEYS", "MASK_KEYS", "SEGMENTATION_KEYS", "predict_detection", "encode_masks"]
@@ -180,19 +180,14 @@ def predict_detection(model: nn.Module, loader, device="cpu", amp: bool = False,
     Returns (predictions, ground truth, images, forward seconds) for :func:`coco_map`, in original coordinates."""
     device = torch.device(device)
     preds, gts, fwd, n = [], [], 0.0, 0
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     for i, (images, targets) in enumerate(tqdm(loader, total=total, desc=desc, unit="batch", disable=not progress,
                                                leave=False)):
         if max_batches is not None and i >= max_batches:
             break
         xs = [im.as_subclass(torch.Tensor).to(device, non_blocking=True) for im in images]
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            out = model(xs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        fwd += time.perf_counter() - t0
+        out, secs = timed_forward(model, xs, device, amp)
+        fwd += secs
         for x, o, t in zip(xs, out, targets):
             orig = t.get("orig_size", x.shape[-2:])
             boxes = _to_original(o["boxes"].float().cpu(), x.shape[-2:], orig)
@@ -273,7 +268,6 @@ def evaluate_segmentation(model: nn.Module, loader, num_classes: int, device="cp
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     n, fwd = 0, 0.0
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     try:
@@ -282,12 +276,8 @@ def evaluate_segmentation(model: nn.Module, loader, num_classes: int, device="cp
             if max_batches is not None and i >= max_batches:
                 break
             x = x.to(device, non_blocking=True)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                logits = model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            fwd += time.perf_counter() - t0
+            logits, secs = timed_forward(model, x, device, amp)
+            fwd += secs
             if logits.shape[1] != num_classes:
                 raise LeanvitError(f"the model predicts {logits.shape[1]} classes but the data has {num_classes}")
             for j, t in enumerate(targets):

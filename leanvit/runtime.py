@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ from leanvit.checkpoints import load_checkpoint, read_checkpoint, state_dict_fro
 from leanvit.errors import LeanvitError
 from leanvit.models.factory import create_model
 
-__all__ = ["to_2tuple", "img_size_arg", "resolve_device", "sync_device", "environment", "machine_load",
+__all__ = ["to_2tuple", "img_size_arg", "resolve_device", "sync_device", "timed_forward", "environment", "machine_load",
            "busy_note", "check_input_size", "model_input_size", "checkpoint_num_classes", "BuiltModel",
            "build_model", "recorded_spec"]
 
@@ -68,6 +69,17 @@ def resolve_device(name: Optional[str]) -> torch.device:
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_forward(model, inputs, device: torch.device, amp: bool = False, **kwargs):
+    """``model(inputs, **kwargs)`` under autocast when ``amp`` (fp16 on CUDA, bf16 on CPU), and the seconds
+    it took with the device synchronized before and after: what evaluations report as forward time."""
+    sync_device(device)
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp):
+        out = model(inputs, **kwargs)
+    sync_device(device)
+    return out, time.perf_counter() - t0
 
 
 def environment(device="cpu") -> str:

@@ -78,6 +78,18 @@ def split_indices(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) 
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def split_scans(split: str, renders_per_epoch: int, val_renders: int, val_fraction: float, seed: int):
+    """The scans and labels of ``split`` (train or val), their indices among all scans, and how many times
+    each is rendered per epoch (a clear error below 1)."""
+    renders = int(renders_per_epoch if split == "train" else val_renders)
+    if renders < 1:
+        raise LeanvitError(f"renders per epoch must be >= 1, got {renders}")
+    scans, labels = load_scans()
+    train_idx, val_idx = split_indices(labels, val_fraction, seed)
+    idx = train_idx if split == "train" else val_idx
+    return scans[idx], labels[idx], idx, renders
+
+
 def _resize(a: np.ndarray, size: int) -> np.ndarray:
     img = Image.fromarray(a.astype(np.float32), mode="F")
     return np.clip(np.asarray(img.resize((size, size), Image.BICUBIC)), 0.0, 1.0)
@@ -144,16 +156,11 @@ class DigitsDataset:
             raise LeanvitError(f"digit_size must be in [8, canvas_size={canvas_size}], got {digit_size}")
         if max_offset < 0:
             raise LeanvitError(f"max_offset must be >= 0, got {max_offset}")
-        renders = int(renders_per_epoch if split == "train" else val_renders)
-        if renders < 1:
-            raise LeanvitError(f"renders per epoch must be >= 1, got {renders}")
-        scans, labels = load_scans()
-        train_idx, val_idx = split_indices(labels, val_fraction, seed)
-        idx = train_idx if split == "train" else val_idx
+        scans, labels, idx, renders = split_scans(split, renders_per_epoch, val_renders, val_fraction, seed)
         self.split = split
         self.transform = transform
-        self.scans = scans[idx]
-        self.labels = labels[idx]
+        self.scans = scans
+        self.labels = labels
         self.source_indices = idx
         self.renders = renders
         self.seed = int(seed)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from leanvit.data.digits import _color, _resize, load_scans, split_indices
+from leanvit.data.digits import _color, _resize, split_scans
 from leanvit.data.dense import encode_masks
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
@@ -118,14 +118,9 @@ class DigitScenes:
                                f"{canvas_size}")
         if not 1 <= min_objects <= max_objects:
             raise LeanvitError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-        renders = int(renders_per_epoch if split == "train" else val_renders)
-        if renders < 1:
-            raise LeanvitError(f"renders per epoch must be >= 1, got {renders}")
-        scans, labels = load_scans()
-        train_idx, val_idx = split_indices(labels, val_fraction, seed)
-        idx = train_idx if split == "train" else val_idx
+        scans, labels, idx, renders = split_scans(split, renders_per_epoch, val_renders, val_fraction, seed)
         self.split, self.task, self.transform = split, task, transform
-        self.scans, self.labels, self.source_indices = scans[idx], labels[idx], idx
+        self.scans, self.labels, self.source_indices = scans, labels, idx
         self.renders, self.seed, self.epoch = renders, int(seed), 0
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.render_kwargs = dict(canvas_size=int(canvas_size), min_digit=int(min_digit), max_digit=int(max_digit),
