@@ -145,6 +145,7 @@ def test_interleaved_measure_balances_the_order():
             self.name = name
 
         def forward(self, x):
+            assert torch.is_inference_mode_enabled()  # no autograd graph: timing and memory of inference
             calls.append(self.name)
             return x.mean()
 

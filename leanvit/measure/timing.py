@@ -76,7 +76,6 @@ def measure(model: nn.Module, batch_size: int = 32, img_size=224, device="cpu", 
     return _measurement(times, batch_size, hw, device, dtype, peak)
 
 
-@torch.inference_mode()
 def balanced_orders(n: int) -> List[List[int]]:
     """Orders of ``n`` runs in which each run directly follows each other one equally often (a Williams
     Latin square: ``n`` rows for even ``n``, those and their mirror images for odd ``n``).
@@ -94,6 +93,7 @@ def balanced_orders(n: int) -> List[List[int]]:
     return rows + [row[::-1] for row in rows] if n % 2 else rows
 
 
+@torch.inference_mode()
 def interleaved_measure(models: dict, batch_size: int = 32, img_size=224, device="cpu", dtype=torch.float32,
                         warmup: int = 2, repeats: int = 5, steps: int = 1, in_chans: int = 3) -> dict:
     """Like :func:`measure` for several models, with their timed runs interleaved, in a different order
