@@ -125,7 +125,11 @@ def latency(deit, evit, files: dict, threads: int, repeats: int) -> None:
 
 
 def compile_study(evit, threads: int, repeats: int) -> None:
-    print("\n4. torch.compile of EViT-S: compile time (first call) per keep rate, batch-1 latency at the second")
+    print("\n4. torch.compile of EViT-S: compile time (first call) per keep rate, batch-1 latency at the second "
+          "(inductor's on-disk caches off: cold compiles)")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = True  # an earlier run's cache would make the next compile look free
     x = torch.randn(1, 3, 224, 224)
     eager = copy.deepcopy(evit)
     eager.keep_rate = 0.5
