@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reliability import _kill_tree  # noqa: E402  (the same kill of a torchrun tree; torch only, no leanvit)
+
 # name -> (torchrun options, extra environment)
 CONFIGS = {
     "--standalone": (["--standalone"], {}),
@@ -51,17 +54,6 @@ def worker():
     dist.barrier()
     print(f"rank {rank} attempt {attempt} done", flush=True)
     dist.destroy_process_group()
-
-
-def _kill_tree(pid: int) -> None:
-    """torchrun's workers live in their own sessions: kill the children first, then torchrun."""
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    for k in kids:
-        _kill_tree(int(k))
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def main():

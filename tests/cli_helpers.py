@@ -30,3 +30,20 @@ def one_line_error(rc, err, *needles):
     assert len(err.strip().splitlines()) == 1, err
     for n in needles:
         assert n in err, err
+
+
+def image_tree(root, classes=("a", "b"), per_class=4, size=24):
+    """An ImageFolder tree (train/ and val/, one folder per class) of random RGB PNGs under ``root``."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            d = Path(root) / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return Path(root)

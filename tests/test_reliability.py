@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import cli, cli_error, one_line_error
+from cli_helpers import cli, cli_error, image_tree, one_line_error
 from leanvit.errors import LeanvitError
 from leanvit.train import train
 
@@ -166,21 +166,10 @@ def test_orphans_removed_and_metrics_rebuilt_from_the_checkpoint(tmp_path, caplo
 
 
 # ------------------------------------------------------------------ 2. eval checks the class names
-def _tree(root: Path, classes, per_class=3, size=24):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
-
-
 def test_eval_refuses_data_with_other_class_names(tmp_path, capsys):
-    trained = _run(tmp_path / "run", data=str(_tree(tmp_path / "ab", ("a", "b"))), batch_size=2, epochs=1, digits={},
+    trained = _run(tmp_path / "run", data=str(image_tree(tmp_path / "ab", ("a", "b"), per_class=3)), batch_size=2, epochs=1, digits={},
                    max_train_batches=1)
-    other = _tree(tmp_path / "az", ("a", "z"))
+    other = image_tree(tmp_path / "az", ("a", "z"), per_class=3)
     rc, err = cli_error(capsys, "eval", "--checkpoint", trained["last"], "--data", other, "--no-progress")
     one_line_error(rc, err, "class names", "'b'", "'z'", "--ignore-class-names")
     rc, out, _ = cli(capsys, "eval", "--checkpoint", trained["last"], "--data", other, "--no-progress",
@@ -213,7 +202,7 @@ def test_train_bad_values_one_line(tmp_path, capsys, args, needle):
 
 
 def test_unknown_digits_key_with_folder_data_and_output_files(tmp_path, capsys):
-    tree = _tree(tmp_path / "ab", ("a", "b"))
+    tree = image_tree(tmp_path / "ab", ("a", "b"), per_class=3)
     rc, err = cli_error(capsys, *_TRAIN, "--data", tree, "--output", tmp_path / "o", "--set", "digits.canvas=40")
     one_line_error(rc, err, "digits.canvas")
     f = tmp_path / "file.txt"
@@ -259,7 +248,7 @@ def test_resume_from_any_recovery_checkpoint_equals_the_uninterrupted_run(tmp_pa
     if data == "repeated_aug":  # timm's RepeatAugSampler (3 repeats, each with its own augmentation)
         kw.update(repeated_aug=True)
     if data == "folder":
-        kw.update(data=str(_tree(tmp_path / "tree", ("a", "b", "c"), per_class=8)), digits={}, batch_size=4,
+        kw.update(data=str(image_tree(tmp_path / "tree", ("a", "b", "c"), per_class=8)), digits={}, batch_size=4,
                   workers=2, max_train_batches=4)
     straight = _run(tmp_path / "a", **kw)
     iters = torch.load(straight["last"], weights_only=True)["iters"]

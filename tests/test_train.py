@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 from leanvit.errors import LeanvitError
+from cli_helpers import image_tree
 from leanvit.train import list_recipes, load_recipe, resolve_config, train
 
 TINY = dict(model="deit3_small_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
@@ -180,19 +180,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert state["epoch"] >= 1 and "pos_embed" in state["model"]  # the epoch-end checkpoint before the failure
 
 
-def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=24):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
-
-
 def test_image_folder_training_and_bad_data(tmp_path):
-    root = _image_tree(tmp_path / "data")
+    root = image_tree(tmp_path / "data")
     res = _run(tmp_path, "folder", data=str(root), batch_size=4, epochs=1, digits={})
     assert res["best_top1"] >= 0
     (root / "train" / "a" / "1.png").write_bytes(b"not an image")
