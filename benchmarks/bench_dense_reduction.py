@@ -20,12 +20,14 @@ eval mode, inference mode, warm-up, median of ``--repeats`` runs in balanced ord
 
 Printed per configuration: ms per batch, ratio over the unreduced backbone / whole model, the head's share
 of the whole model (1 - backbone / whole), GMACs (one image) and, with ``--memory``, peak inference memory.
+``--fpn-study``: the Semantic FPN head alone on the same maps and weights, computed step by step as
+published (NCHW, each branch upsampled on its own) vs leanvit's head, interleaved, with their max difference.
 ``--train-memory``: peak *training* memory (forward + backward of one batch with pixel cross-entropy,
 ``_LiveTensorBytes`` on CPU, the CUDA allocator's peak on CUDA) of the DeiT III-S segmenters, reduced vs
 unreduced.
 
     python benchmarks/bench_dense_reduction.py [--batch-sizes 1 4] [--repeats 5] [--heads linear semantic_fpn
-        upernet retinanet] [--threads 2] [--memory] [--train-memory] [--quick]
+        upernet retinanet] [--threads 2] [--memory] [--train-memory] [--fpn-study] [--quick]
 
 Targets (``keep`` restoration, EViT 0.5 and ToMe at its budget): >= 1.8x on the backbone, >= 1.5x on the
 whole model with Semantic FPN, >= 1.8x on the whole model with the linear head; reduced training memory
@@ -152,6 +154,61 @@ class DetectorBackbone(nn.Module):
 
     def forward(self, x):
         return self.det.backbone.body((x - self.mean) / self.std)
+
+
+class StepByStepFPN(nn.Module):
+    """A Semantic FPN head computed as published, step by step in NCHW: every branch upsampled to the finest
+    stride on its own, then summed (``--fpn-study``: what ``SemanticFPNHead``'s reordering and channels-last
+    layout save, on the same weights)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, feats):
+        from collections import OrderedDict
+        h = self.head
+        levels = list(h.fpn(OrderedDict((str(i), f.contiguous()) for i, f in enumerate(feats))).values())
+        out = None
+        for branch, f in zip(h.branches, levels):
+            y = f
+            for layer in branch:
+                y = layer(y.contiguous())
+            if out is not None and y.shape[-2:] != out.shape[-2:]:
+                y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            out = y if out is None else out + y
+        return h.classifier(h.dropout(out))
+
+
+class OnFeatures(nn.Module):
+    """A head applied to fixed backbone maps (the input batch is ignored): times the head alone."""
+
+    def __init__(self, head: nn.Module, feats):
+        super().__init__()
+        self.head, self.feats = head, feats
+
+    def forward(self, x):
+        return self.head(self.feats)
+
+
+def fpn_study(size: int, batch_sizes, repeats: int, device) -> None:
+    torch.manual_seed(0)
+    seg = create_segmenter("semantic_fpn", "deit3_small_patch16_224", 150, img_size=size).eval().to(device)
+    print(f"\n## Semantic FPN head alone (DeiT III-S maps at {size}x{size}, 150 classes): step by step in NCHW "
+          "vs leanvit's (coarse branches summed before one upsampling, channels-last)")
+    for bs in batch_sizes:
+        with torch.inference_mode():
+            feats = seg.backbone(torch.rand(bs, 3, size, size, device=device))
+            a, b = StepByStepFPN(seg.head)(feats), seg.head(feats)
+        diff = (a - b).abs().max().item() / a.abs().max().item()
+        watch = LoadWatch()
+        res = interleaved_measure({"step by step": OnFeatures(StepByStepFPN(seg.head), feats),
+                                   "leanvit": OnFeatures(seg.head, feats)},
+                                  batch_size=1, img_size=8, device=device, warmup=1, repeats=repeats)
+        watch.stop()
+        s, n = res["step by step"].latency_ms, res["leanvit"].latency_ms
+        print(f"batch {bs}: step by step {s:.1f} ms, leanvit {n:.1f} ms: {s / n:.2f}x faster; max |diff| "
+              f"{diff:.1e} of the largest logit; {watch.line}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ building
@@ -295,6 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory", action="store_true", help="also peak inference memory of every whole model")
     p.add_argument("--train-memory", action="store_true", help="peak training memory of the segmenters")
     p.add_argument("--train-batch", type=int, default=1)
+    p.add_argument("--fpn-study", action="store_true",
+                   help="also time the Semantic FPN head alone, step by step vs leanvit's, on the same weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="128 px, batch 1, one repeat: a smoke run")
     args = p.parse_args(argv)
@@ -308,6 +367,8 @@ def main(argv=None) -> int:
     for kind in args.heads:
         size = args.det_size if kind == "retinanet" else args.seg_size
         bench_model(kind, size, args.batch_sizes, args.repeats, args.memory, device)
+    if args.fpn_study:
+        fpn_study(args.seg_size, args.batch_sizes, args.repeats, device)
     if args.train_memory:
         train_memory(args.seg_size, args.train_batch, device)
     return 0
