@@ -119,3 +119,23 @@ def test_linear_head_trains_and_takes_one_map():
         create_segmenter("linear", create_backbone("vit_tiny_patch16_224", **VIT), 3)
     with pytest.raises(LeanvitError, match="unknown segmenter 'linaer'.*linear"):
         create_segmenter("linaer", "vit_tiny_patch16_224", 3, **VIT)
+
+
+@pytest.mark.parametrize("name", ["vit_linear_seg_demo", "vit_semfpn_seg_demo", "vit_fcos_det_demo"])
+def test_embedded_vit_dense_recipes_build_their_models(name):
+    """The embedded plain-ViT dense recipes: a DeiT III-style ViT (LayerScale, patch 8: 144 tokens at 96 px)
+    under the head they name, built with the options they give."""
+    from leanvit.dense import create_detector
+    from leanvit.train.recipes import resolve_config
+
+    c = resolve_config(name)
+    assert c["data"] in ("digits-seg", "digits-det") and c["img_size"] == 96
+    opts = dict(c["model_kwargs"], **c["head_kwargs"], img_size=c["img_size"])
+    if c["task"] == "detection":
+        m = create_detector(c["detector"], c["model"], 10, min_size=96, max_size=96, **opts)
+        vit = m.backbone.body.vit
+    else:
+        m = create_segmenter(c["segmenter"], c["model"], 11, **opts)
+        vit = m.backbone.vit
+        assert m(torch.rand(1, 3, 96, 96)).shape == (1, 11, 96, 96)
+    assert vit.patch_embed.num_patches == 144 and float(vit.blocks[0].ls1.gamma.max()) == pytest.approx(0.1)
