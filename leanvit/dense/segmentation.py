@@ -154,7 +154,8 @@ _HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout", "norm"}
 _SEGMENTER_OPTIONS = {"normalize"}
 
 
-def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, **kwargs) -> Segmenter:
+def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, reduction=None, restore=None,
+                     **kwargs) -> Segmenter:
     """A semantic segmenter ``name`` (``semantic_fpn`` or ``upernet``) on ``backbone``.
 
     Args:
@@ -162,6 +163,8 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
             (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride).
         num_classes: K classes; logits (B, K, H, W).
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
+        reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
+            (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
         kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn, ``pool_scales`` for upernet,
             ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
             ``grad_checkpointing``, model options).
@@ -172,7 +175,7 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
         raise LeanvitError(f"num_classes must be a positive integer, got {num_classes!r}")
     head_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_OPTIONS[name]}
     normalize = bool(kwargs.pop("normalize", True))
-    body = resolve_backbone(backbone, pretrained_backbone, **kwargs)
+    body = resolve_backbone(backbone, pretrained_backbone, reduction=reduction, restore=restore, **kwargs)
     if name == "semantic_fpn":
         head = SemanticFPNHead(body.out_channels, body.strides, num_classes, **head_kw)
     else:
