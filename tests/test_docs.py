@@ -85,15 +85,15 @@ def test_readme_links_resolve():
             assert anchor in _anchors(file), f"README.md links to {target}: no such heading"
 
 
-def _code_blocks(md: Path):
-    """The shell code blocks (fenced ```bash, ```sh or plain ```) of a markdown file."""
+def _code_blocks(md: Path, langs=("", "bash", "sh", "console")):
+    """The code blocks of a markdown file in these languages (default: shell, fenced ```bash, ```sh or ```)."""
     blocks, lang, lines = [], None, []
     for line in md.read_text().splitlines():
         if line.startswith("```"):
             if lang is None:
                 lang, lines = line[3:].strip(), []
             else:
-                if lang in ("", "bash", "sh", "console"):
+                if lang in langs:
                     blocks.append("\n".join(lines) + "\n")
                 lang = None
         elif lang is not None:
@@ -140,3 +140,13 @@ def test_doc_commands_parse():
                 assert recipe in recipes, f"no recipe {recipe}: {where}"
             seen += 1
     assert seen >= 30  # the docs show every command; this test must not pass by finding none
+
+
+def test_doc_python_examples_compile():
+    blocks = [(md, code) for md in DOC_FILES for code in _code_blocks(md, langs=("python",))]
+    assert len(blocks) >= 8
+    for md, code in blocks:
+        try:
+            compile(code, str(md), "exec")
+        except SyntaxError as e:
+            pytest.fail(f"{md.relative_to(ROOT)}: a Python example does not compile: {e}")
