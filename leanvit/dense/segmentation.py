@@ -195,7 +195,8 @@ _DEFAULT_LEVELS = {"linear": (2,)}  # the patch-stride map only: the other pyram
 _SEGMENTER_OPTIONS = {"normalize"}
 
 
-def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, **kwargs) -> Segmenter:
+def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, reduction=None, restore=None,
+                     **kwargs) -> Segmenter:
     """A semantic segmenter ``name`` (``semantic_fpn``, ``upernet`` or ``linear``) on ``backbone``.
 
     Args:
@@ -204,6 +205,8 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
             takes exactly one map and builds a named backbone with ``out_indices=(2,)``, stride 16).
         num_classes: K classes; logits (B, K, H, W).
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
+        reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
+            (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
         kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn, ``pool_scales`` for upernet,
             ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
             ``grad_checkpointing``, model options).
@@ -216,7 +219,7 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
     normalize = bool(kwargs.pop("normalize", True))
     if isinstance(backbone, str) and name in _DEFAULT_LEVELS:
         kwargs.setdefault("out_indices", _DEFAULT_LEVELS[name])
-    body = resolve_backbone(backbone, pretrained_backbone, **kwargs)
+    body = resolve_backbone(backbone, pretrained_backbone, reduction=reduction, restore=restore, **kwargs)
     if name == "semantic_fpn":
         head = SemanticFPNHead(body.out_channels, body.strides, num_classes, **head_kw)
     elif name == "linear":
