@@ -139,3 +139,28 @@ def test_embedded_vit_dense_recipes_build_their_models(name):
         vit = m.backbone.vit
         assert m(torch.rand(1, 3, 96, 96)).shape == (1, 11, 96, 96)
     assert vit.patch_embed.num_patches == 144 and float(vit.blocks[0].ls1.gamma.max()) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("reduction,restore", [("evit:1.0", "keep"), ("tome:0", "unmerge")])
+def test_linear_head_with_reduction_off_is_the_unreduced_segmenter(reduction, restore):
+    torch.manual_seed(0)
+    plain = create_segmenter("linear", "vit_tiny_patch16_224", 4, **VIT).eval()
+    torch.manual_seed(0)
+    reduced = create_segmenter("linear", "vit_tiny_patch16_224", 4, reduction=reduction, restore=restore, **VIT).eval()
+    reduced.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(x), plain(x))
+
+
+def test_linear_head_under_a_reduction_keeps_the_full_map():
+    torch.manual_seed(0)
+    seg = create_segmenter("linear", "vit_tiny_patch16_224", 4, reduction="evit:0.5", restore="keep",
+                           depth=4, embed_dim=64, num_heads=2, img_size=64).eval()
+    plain = create_segmenter("linear", "vit_tiny_patch16_224", 4, depth=4, embed_dim=64, num_heads=2, img_size=64).eval()
+    plain.load_state_dict(seg.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        y, y0 = seg(x), plain(x)
+    assert y.shape == y0.shape == (2, 4, 64, 64) and torch.isfinite(y).all()
+    assert not torch.allclose(y, y0)  # the reduction changed the computation
