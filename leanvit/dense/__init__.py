@@ -9,7 +9,7 @@
   targets and in the outputs, for every detector (R-CNN's background class is handled inside).
   Train: ``model(images, targets) -> dict of losses``; eval: ``model(images) -> [dict(boxes, labels,
   scores[, masks])]``; images are lists of float (3, H, W) tensors in [0, 1].
-- :func:`create_segmenter` -> ``semantic_fpn`` or ``upernet``; ``forward(x)`` takes a (B, 3, H, W) float
+- :func:`create_segmenter` -> ``semantic_fpn``, ``upernet`` or ``linear``; ``forward(x)`` takes a (B, 3, H, W) float
   batch in [0, 1] and returns logits (B, K, H, W) at the input resolution.
 
 Each takes ``reduction=`` (``"evit:0.7"``, ``"tome:8"`` or a mapping) for a plain-ViT backbone and ``restore=``

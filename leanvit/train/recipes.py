@@ -85,7 +85,7 @@ DEFAULTS: Dict[str, Any] = {
     # dense prediction (issue 10; leanvit.train.tasks, leanvit.dense)
     "task": None,                # classification | detection | segmentation (default: the data's kind)
     "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
-    "segmenter": None,           # semantic_fpn | upernet (task segmentation; backbone: model)
+    "segmenter": None,           # semantic_fpn | upernet | linear (task segmentation; backbone: model)
     "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
     "min_size": None,            # shorter image side (detection: resize; segmentation: base of the random resize)
     "max_size": None,            # longer image side at most (detection)
