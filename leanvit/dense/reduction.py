@@ -23,26 +23,29 @@ __all__ = ["reduction_options", "dense_backbone_of", "apply_dense_reduction", "d
 _SCHEDULE_KEYS = ("start_epoch", "epochs", "ramp")
 
 
-def reduction_options(reduction) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """``(method name, apply options)`` from a reduction as the command line writes it (``"evit:0.7"``,
-    ``"tome:8"``, ``"evit"`` for the method's default) or a mapping (``{"method": "evit", "keep_rate": 0.7}``);
+def reduction_options(reduction) -> Optional[Tuple[str, Dict[str, Any], Any]]:
+    """``(method name, apply options, restore)`` from a reduction as the command line writes it
+    (``"evit:0.7"``, ``"tome:8"``, ``"evit"`` for the method's default) or a mapping, as recipes and
+    checkpoints write it (``{"method": "evit", "keep_rate": 0.7, "restore": "keep"}``: ``restore`` is the
+    restoration strategy, None when not given; a schedule's ``start_epoch`` / ``epochs`` are ignored here).
     None for None, ``""`` or ``"none"``. One strength only: a dense model runs at one point."""
-    if reduction is None or (isinstance(reduction, str) and reduction.strip().lower() in ("", "none")):
+    if reduction is None or (isinstance(reduction, str) and reduction.strip().lower() in ("", "none", "off")):
         return None
     if isinstance(reduction, str):
         method, values = parse_reduction_spec(reduction)
         if len(values) > 1:
             raise LeanvitError(f"reduction '{reduction}': give one {method.knob} for a model, not {len(values)}")
-        return method.name, ({method.knob: values[0]} if values else {})
+        return method.name, ({method.knob: values[0]} if values else {}), None
     if isinstance(reduction, dict):
         options = {k: v for k, v in reduction.items() if k not in _SCHEDULE_KEYS}
         name = options.pop("method", None)
+        restore = options.pop("restore", None)
         if name is None:
             raise LeanvitError(f"a reduction mapping needs 'method', got {reduction!r}")
         method = get_reduction(name)
         if method.knob in options:
             options[method.knob] = method.check_strength(options[method.knob])
-        return method.name, options
+        return method.name, options, restore
     raise LeanvitError(f"reduction must be text such as 'evit:0.7' or a mapping, got {reduction!r}")
 
 
