@@ -107,7 +107,7 @@ def test_demo_sweep_section(tmp_path):
     """The demo's sweep step on a tiny trained DeiT III model and its EViT version: report section,
     sweep.csv and pareto.png."""
     from leanvit.reduction.evit import apply_evit
-    from leanvit.runtime import build_model
+    from leanvit.models.build import build_model
     from leanvit.tools import demo
     from leanvit.train import train
 

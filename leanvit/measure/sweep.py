@@ -33,7 +33,7 @@ from leanvit.evaluate import evaluate
 from leanvit.measure.flops import gmacs
 from leanvit.measure.timing import interleaved_measure
 from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec, remove_reduction
-from leanvit.runtime import model_input_size, to_2tuple
+from leanvit.utils import model_input_size, to_2tuple
 
 logger = logging.getLogger(__name__)
 

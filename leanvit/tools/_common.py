@@ -8,7 +8,8 @@ from leanvit.errors import LeanvitError
 from leanvit.models.factory import reduction_from_options
 from leanvit.reduction import parse_reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
-from leanvit.runtime import BuiltModel, build_model, img_size_arg
+from leanvit.utils import img_size_arg
+from leanvit.models.build import BuiltModel, build_model
 
 __all__ = ["add_model_arguments", "reduction_from_args", "build_from_args", "check_output_folder"]
 

@@ -13,11 +13,11 @@ import torch
 from leanvit.errors import LeanvitError
 from leanvit.measure import BENCH_COLUMNS, benchmark_models, build_configurations, format_table, plot_benchmark, write_csv
 from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
-from leanvit.measure.runtimes import RUNTIMES
+from leanvit.deploy.runtimes import RUNTIMES
 from leanvit.reduction import parse_reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
 from leanvit.measure.load import LoadWatch
-from leanvit.runtime import busy_note, environment, resolve_device
+from leanvit.utils import busy_note, environment, resolve_device
 from leanvit.tools._common import check_output_folder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

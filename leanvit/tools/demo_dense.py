@@ -19,10 +19,10 @@ from typing import Dict, List
 from leanvit.checkpoints import read_checkpoint
 from leanvit.evaluate_dense import evaluate_detection
 from leanvit.measure import gmacs
-from leanvit.runtime import environment
+from leanvit.utils import environment
 from leanvit.train import train
 from leanvit.train.tasks import build_dense_eval_dataset, dense_loader, load_dense_model
-from leanvit.viz_dense import visualize_dense
+from leanvit.viz.dense import visualize_dense
 
 __all__ = ["run_detect", "DETECT_STAGES"]
 

@@ -21,7 +21,7 @@ from leanvit.data import build_eval_dataset, dataset_classes, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
 from leanvit.reduction import applied_reduction
-from leanvit.runtime import resolve_device
+from leanvit.utils import resolve_device
 from leanvit.tools._common import add_model_arguments, build_from_args
 from leanvit.train.tasks import (build_dense_eval_dataset, checkpoint_task, dense_data_options, dense_loader,
                                  load_dense_model)

@@ -20,7 +20,8 @@ from leanvit.data import dataset_classes
 from leanvit.errors import LeanvitError
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import SWEEP_COLUMNS, apply_line, choose, parse_grid, plot_pareto, run_sweep
-from leanvit.runtime import build_model, busy_note, environment, img_size_arg, resolve_device
+from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
+from leanvit.models.build import build_model
 from leanvit.tools._common import check_output_folder
 
 

@@ -1,5 +1,5 @@
-"""``leanvit viz``: draw which tokens EViT kept (library: :mod:`leanvit.viz`), or, for a ToMe model
-(``--reduction tome:8`` or a ToMe checkpoint), which patches were merged together (:mod:`leanvit.viz_merge`).
+"""``leanvit viz``: draw which tokens EViT kept (library: :mod:`leanvit.viz.tokens`), or, for a ToMe model
+(``--reduction tome:8`` or a ToMe checkpoint), which patches were merged together (:mod:`leanvit.viz.merges`).
 
     leanvit viz --model evit_deit_small_patch16_224 --checkpoint evit.pth --images a.jpg b.png --output viz/
     leanvit viz --checkpoint runs/evit_demo/best.pth --data digits --num-images 8 --output viz/
@@ -17,11 +17,11 @@ from leanvit.data.folder import load_image
 from leanvit.errors import LeanvitError
 from leanvit.reduction.evit import is_evit
 from leanvit.reduction.tome import is_tome
-from leanvit.runtime import resolve_device
+from leanvit.utils import resolve_device
 from leanvit.tools._common import add_model_arguments, build_from_args, check_output_folder
 from leanvit.viz import visualize
 from leanvit.train.tasks import checkpoint_task, dense_data_options, load_dense_model
-from leanvit.viz_merge import visualize_merges
+from leanvit.viz.merges import visualize_merges
 
 
 def add_arguments(p) -> None:
@@ -87,8 +87,8 @@ def run(args) -> int:
 
 def _run_dense(args, out: Path, device) -> int:
     """Predicted boxes (class and score) and masks of a detection checkpoint, or the predicted label map of
-    a segmentation checkpoint, drawn over images (library: :mod:`leanvit.viz_dense`)."""
-    from leanvit.viz_dense import visualize_dense
+    a segmentation checkpoint, drawn over images (library: :mod:`leanvit.viz.dense`)."""
+    from leanvit.viz.dense import visualize_dense
 
     if args.images:
         items = [(Path(f).name, load_image(f)) for f in args.images]

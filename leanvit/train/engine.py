@@ -31,7 +31,7 @@ from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.data import dataset_classes, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import get_reduction
-from leanvit.runtime import check_input_size, to_2tuple
+from leanvit.utils import check_input_size, to_2tuple
 from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch, validate
 from leanvit.train.metrics import MetricsLog

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.layers import to_2tuple
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
@@ -21,7 +22,6 @@ from leanvit.data import build_eval_dataset, build_train_dataset, dataset_option
 from leanvit.data.folder import check_same_classes
 from leanvit.errors import LeanvitError
 from leanvit.models.factory import create_model
-from leanvit.runtime import to_2tuple
 from leanvit.train.distributed import DistEnv
 from leanvit.train.recipes import reduction_settings
 from leanvit.train.state import TrainState

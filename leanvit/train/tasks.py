@@ -23,6 +23,7 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 
 from leanvit.checkpoints import read_checkpoint, load_checkpoint
 from leanvit.data import create_dataset, dataset_classes, dataset_options, resolve_dataset_kind
@@ -30,7 +31,6 @@ from leanvit.data.dense import IGNORE_INDEX, collate_fn, detection_transform, se
 from leanvit.dense import DETECTORS, SEGMENTERS, create_detector, create_segmenter
 from leanvit.evaluate_dense import evaluate_detection, evaluate_segmentation
 from leanvit.errors import LeanvitError
-from leanvit.runtime import to_2tuple
 from leanvit.train.loop import StepContext
 from leanvit.train.setup import ResumableSampler, SeededSamples, TrainData, _train_sampler, build_state
 
