@@ -32,7 +32,7 @@ from leanvit.errors import LeanvitError
 from leanvit.evaluate import evaluate
 from leanvit.measure.flops import gmacs
 from leanvit.measure.timing import interleaved_measure
-from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec, remove_reduction
+from leanvit.reduction import applied_reduction, get_reduction, is_none_text, parse_strengths, remove_reduction
 from leanvit.utils import model_input_size, to_2tuple
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,10 @@ def parse_grid(specs: Sequence[str]) -> List[SweepPoint]:
     out: List[SweepPoint] = []
     for text in specs:
         for part in str(text).split():
-            if part.lower() in ("none", "off", "-"):
+            if is_none_text(part):
                 out.append((None, None))
                 continue
-            method, values = parse_reduction_spec(part)
+            method, values = parse_strengths(part)
             out += [(method.name, v) for v in (values or [method.none_value])]
     return list(dict.fromkeys(out))
 
@@ -96,7 +96,7 @@ def _limited(dataset, limit: Optional[int]):
     if limit is None or limit >= len(dataset):
         return dataset
     if limit < 1:
-        raise LeanvitError(f"--limit-images must be >= 1, got {limit}")
+        raise LeanvitError(f"`limit_images` must be >= 1, got {limit}")
     n = len(dataset)
     return Subset(dataset, [int(i * n / limit) for i in range(limit)])  # spread: every class represented
 
@@ -132,11 +132,11 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Tuple[nn.Module, Tupl
     Returns a :class:`SweepResult`; each row has ``label, reduction, strength, value, img_size, top1, top5,
     loss, images, top1_drop, gmacs, img_per_s, speedup, latency_ms, p90_ms, front`` and the setting fields."""
     if not grid:
-        raise LeanvitError("the sweep grid is empty: give --reduction, e.g. evit:1.0,0.7 tome:0,8")
-    for flag, v in (("--batch-size", batch_size), ("--eval-batch-size", eval_batch_size),
-                    ("--repeats", repeats), ("--latency-repeats", latency_repeats)):
+        raise LeanvitError("the sweep grid is empty: give `reduction`, e.g. evit:1.0,0.7 tome:0,8")
+    for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                    ("repeats", repeats), ("latency_repeats", latency_repeats)):
         if v < 1:
-            raise LeanvitError(f"{flag} must be >= 1, got {v}")
+            raise LeanvitError(f"`{name}` must be >= 1, got {v}")
     device = torch.device(device)
     sizes = list(dict.fromkeys(None if s is None else to_2tuple(s) for s in img_sizes)) or [None]
     if None not in sizes:

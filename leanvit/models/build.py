@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -11,9 +12,10 @@ import torch.nn as nn
 from leanvit.checkpoints import load_checkpoint, read_checkpoint, state_dict_from
 from leanvit.errors import LeanvitError
 from leanvit.models.factory import create_model
+from leanvit.reduction.spec import ReductionSpec
 from leanvit.utils import Size, check_input_size, img_size_arg, model_input_size, to_2tuple
 
-__all__ = ["BuiltModel", "build_model", "checkpoint_num_classes", "recorded_spec"]
+__all__ = ["BuiltModel", "build_model", "checkpoint_num_classes", "recorded_spec", "describe_model"]
 
 _CLASSIFIER_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "head.l.weight")
 
@@ -64,6 +66,29 @@ def _create(name: str, **kwargs) -> nn.Module:
         raise LeanvitError(f"cannot build {name} ({opts}): {e}") from None
 
 
+#: model options that change the architecture a registered name stands for, and how descriptions show them
+_ARCH_OPTIONS = (("embed_dim", "embed"), ("embed_dims", "dims"), ("depth", "depth"), ("depths", "depths"),
+                 ("num_heads", "heads"), ("patch_size", "patch"), ("mlp_ratio", "mlp ratio"))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "/".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_model(name: str, model: Optional[nn.Module] = None, kwargs: Optional[dict] = None) -> str:
+    """How logs and reports name a model as built. The registered name when the model is that architecture
+    (``deit3_small_patch16_224 (22.06M params)``); when ``kwargs`` change the architecture, the family and what
+    was changed (``deit3 (embed 96, depth 4, heads 3, patch 8; 0.47M params)``), so that a small model built
+    from a larger one's name does not read as the larger one."""
+    changed = [f"{label} {_fmt(kwargs[key])}" for key, label in _ARCH_OPTIONS if (kwargs or {}).get(key) is not None]
+    params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params" if model is not None else ""
+    if not changed:
+        return f"{name} ({params})" if params else name
+    return f"{name.split('_')[0]} ({', '.join(changed)}{'; ' + params if params else ''})"
+
+
 class BuiltModel(NamedTuple):
     model: nn.Module
     name: str
@@ -71,8 +96,15 @@ class BuiltModel(NamedTuple):
     config: Optional[dict]        # the training settings a ``leanvit train`` checkpoint records
     checkpoint: Optional[dict]    # the whole checkpoint as read (None without one)
 
+    @property
+    def description(self) -> str:
+        """:func:`describe_model` with the options the checkpoint recorded."""
+        spec = recorded_spec(self.checkpoint)
+        kwargs = spec.get("kwargs") if spec is not None and spec["name"] == self.name else None
+        return describe_model(self.name, self.model, kwargs if isinstance(kwargs, dict) else None)
 
-def build_model(name: Optional[str] = None, checkpoint=None, reduction: Optional[dict] = None,
+
+def build_model(name: Optional[str] = None, checkpoint=None, reduction: Any = None,
                 img_size: Optional[Size] = None, num_classes: Optional[int] = None,
                 data_classes: Optional[int] = None) -> BuiltModel:
     """A model ready for evaluation, benchmarking or visualization (eval mode, weights loaded strictly).
@@ -81,7 +113,10 @@ def build_model(name: Optional[str] = None, checkpoint=None, reduction: Optional
         name: a registered model name; may be None with a checkpoint written by ``leanvit train``, which
             records its model (``model_spec``: name, options and token reduction).
         checkpoint: a local file (see :func:`leanvit.load_checkpoint`), read once.
-        reduction: ``{"method": "evit", "keep_rate": 0.7, ...}`` applied on top (replaces a recorded one).
+        reduction: applied on top, in any form :meth:`leanvit.reduction.ReductionSpec.parse` reads
+            (``"evit:0.7"``, ``{"method": "evit", "keep_rate": 0.7}``, a spec). It replaces a recorded
+            reduction; for the same method, the recorded options it does not set are kept (e.g. the layers
+            EViT was trained to reorganize at).
         img_size: int or (H, W); default: the recorded one, else the size of the checkpoint's position
             embedding, else the model's own.
         num_classes: default: the checkpoint's classifier, else the recorded one, else ``data_classes``.
@@ -89,33 +124,34 @@ def build_model(name: Optional[str] = None, checkpoint=None, reduction: Optional
     if img_size is not None:
         img_size = img_size_arg(img_size)
     if num_classes is not None and num_classes < 1:
-        raise LeanvitError(f"--num-classes must be >= 1, got {num_classes}")
+        raise LeanvitError(f"`num_classes` must be >= 1, got {num_classes}")
     opts: Dict[str, Any] = {}
-    sd = obj = None
+    sd = obj = recorded = None
     if checkpoint is not None:
         obj = read_checkpoint(checkpoint)
         spec = recorded_spec(obj)
         if name is None:
             if spec is None:
-                raise LeanvitError(f"{checkpoint} does not record its model; name it with --model")
+                raise LeanvitError(f"{checkpoint} does not record its model; name it with `model`")
             name = spec["name"]
         if spec is not None and spec["name"] == name:
             opts = {k: v for k, v in dict(spec.get("kwargs") or {}).items() if k != "pretrained"}
-            if spec.get("reduction") and reduction is None:
-                opts["reduction"] = dict(spec["reduction"])
+            in_kwargs = opts.pop("reduction", None)
+            recorded = ReductionSpec.parse(spec.get("reduction") or in_kwargs, keep_rate=opts.pop("keep_rate", None),
+                                           locations=opts.pop("locations", None))
         sd = state_dict_from(obj, checkpoint)
         if num_classes is None:
             num_classes = checkpoint_num_classes(sd)
     elif name is None:
-        raise LeanvitError("name a model with --model (or give a --checkpoint written by leanvit train)")
+        raise LeanvitError("name a model with `model` (or give a `checkpoint` written by leanvit train)")
     if num_classes is None and opts.get("num_classes") is None:
         num_classes = data_classes
+    reduction = ReductionSpec.parse(reduction)
+    if reduction is not None and recorded is not None and recorded.method == reduction.method:
+        reduction = replace(reduction, options={**recorded.options, **reduction.options})  # e.g. trained layers
+    if reduction is None:
+        reduction = recorded
     if reduction is not None:
-        opts.pop("keep_rate", None)
-        opts.pop("locations", None)
-        old = opts.pop("reduction", None) or {}
-        if old.get("method") == reduction.get("method") and "locations" in old and "locations" not in reduction:
-            reduction = {**reduction, "locations": old["locations"]}  # same method: keep the trained layers
         opts["reduction"] = reduction
     for key, value in (("img_size", img_size), ("num_classes", num_classes)):
         if value is not None:
