@@ -57,7 +57,7 @@ def test_eval_recorded_checkpoint_json(ckpts, tmp_path):
 
     from leanvit.data import build_eval_dataset
     from leanvit.tasks.classification_eval import evaluate
-    from leanvit.runtime import build_model
+    from leanvit.models.build import build_model
 
     model = build_model(None, ckpts / "recorded.pth").model
     ds = Subset(build_eval_dataset("digits", model, (64, 64)), range(32))

@@ -16,7 +16,8 @@ from leanvit.checkpoints import load_checkpoint, read_checkpoint, save_checkpoin
 from leanvit.data import create_dataset, dataset_options
 from leanvit.data.dense import detection_transform
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
-from leanvit.runtime import BuiltModel, to_2tuple
+from leanvit.models.build import BuiltModel
+from leanvit.utils import to_2tuple
 from leanvit.tasks import Task, TrainData, get_task, list_tasks, unregister_task
 
 SCENES = {"canvas_size": 32, "min_digit": 8, "max_digit": 16, "max_objects": 3, "val_fraction": 0.03}

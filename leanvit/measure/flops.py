@@ -11,9 +11,9 @@ charged for the tokens it really processes.
 from __future__ import annotations
 
 import torch
+from timm.layers import to_2tuple
 from torch.utils.flop_counter import FlopCounterMode
 
-from leanvit.runtime import to_2tuple
 
 __all__ = ["gmacs", "count_macs"]
 

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from leanvit.measure.timing import prepare_model_input
-from leanvit.runtime import sync_device
+from leanvit.utils import sync_device
 
 __all__ = ["forward_peak_memory_mb"]
 

@@ -32,10 +32,11 @@ from tqdm import tqdm
 from leanvit.errors import LeanvitError
 from leanvit.measure.flops import gmacs
 from leanvit.measure.timing import interleaved_measure
-from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec, remove_reduction
-from leanvit.runtime import BuiltModel, model_input_size, to_2tuple
+from leanvit.models.build import BuiltModel
+from leanvit.reduction import applied_reduction, get_reduction, is_none_text, parse_strengths, remove_reduction
 from leanvit.tasks import Task
 from leanvit.tasks.registry import DEFAULT_TASK, get_task
+from leanvit.utils import model_input_size, to_2tuple
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ def parse_grid(specs: Sequence[str]) -> List[SweepPoint]:
     out: List[SweepPoint] = []
     for text in specs:
         for part in str(text).split():
-            if part.lower() in ("none", "off", "-"):
+            if is_none_text(part):
                 out.append((None, None))
                 continue
-            method, values = parse_reduction_spec(part)
+            method, values = parse_strengths(part)
             out += [(method.name, v) for v in (values or [method.none_value])]
     return list(dict.fromkeys(out))
 
@@ -99,7 +100,7 @@ def _limited(dataset, limit: Optional[int]):
     if limit is None or limit >= len(dataset):
         return dataset
     if limit < 1:
-        raise LeanvitError(f"limit_images must be >= 1, got {limit}")
+        raise LeanvitError(f"`limit_images` must be >= 1, got {limit}")
     n = len(dataset)
     return Subset(dataset, [int(i * n / limit) for i in range(limit)])  # spread: every class represented
 
@@ -138,7 +139,7 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
     """Evaluate and time every (input size, configuration) point.
 
     Args:
-        build: ``build(img_size)`` -> a :class:`leanvit.runtime.BuiltModel` (or a (model, (H, W)) pair);
+        build: ``build(img_size)`` -> a :class:`leanvit.models.build.BuiltModel` (or a (model, (H, W)) pair);
             ``None`` = the model's own size. Called once per size.
         grid: points from :func:`parse_grid`; the task turns them into configurations
             (:meth:`leanvit.tasks.Task.sweep_variants`; the unreduced model is always the first).
@@ -157,11 +158,11 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
     img_per_s, speedup, latency_ms, p90_ms, front`` and the setting fields."""
     task = task or get_task(DEFAULT_TASK)
     if not grid:
-        raise LeanvitError("the sweep grid is empty: give reductions, e.g. evit:1.0,0.7 tome:0,8")
-    for what, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+        raise LeanvitError("the sweep grid is empty: give `reduction`, e.g. evit:1.0,0.7 tome:0,8")
+    for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                     ("repeats", repeats), ("latency_repeats", latency_repeats)):
         if v < 1:
-            raise LeanvitError(f"{what} must be >= 1, got {v}")
+            raise LeanvitError(f"`{name}` must be >= 1, got {v}")
     device = torch.device(device)
     sizes = list(dict.fromkeys(None if s is None else to_2tuple(s) for s in img_sizes)) or [None]
     if None not in sizes:

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from leanvit.runtime import sync_device, to_2tuple
+from leanvit.utils import sync_device, to_2tuple
 
 __all__ = ["Measurement", "measure", "interleaved_measure"]
 

@@ -137,7 +137,7 @@ class Task:
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name: Optional[str] = None, reduction: Optional[dict] = None,
                    img_size=None, num_classes: Optional[int] = None, data=None, split: str = "val"):
-        """A :class:`leanvit.runtime.BuiltModel` in eval mode (the checkpoint's weights loaded strictly)."""
+        """A :class:`leanvit.models.build.BuiltModel` in eval mode (the checkpoint's weights loaded strictly)."""
         raise NotImplementedError
 
     def eval_data(self, built, data, split: str = "val", batch_size: int = 64, workers: int = 0,

@@ -24,12 +24,13 @@ from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
 from leanvit.reduction.evit import is_evit
 from leanvit.reduction.tome import is_tome
-from leanvit.runtime import build_model, check_input_size, to_2tuple
+from leanvit.models.build import build_model
+from leanvit.utils import check_input_size, to_2tuple
 from leanvit.tasks.base import Task, TrainData
 from leanvit.tasks.classification_eval import accumulate, evaluate
 from leanvit.tasks.registry import register_task
-from leanvit.viz import visualize
-from leanvit.viz_merge import visualize_merges
+from leanvit.viz.tokens import visualize
+from leanvit.viz.merges import visualize_merges
 
 __all__ = ["ClassificationTask", "build_data", "model_spec_from_config", "build_training_model", "finetune_from",
            "build_mixup", "build_loss", "check_class_names", "FINETUNE_MIN_SHARE"]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction
-from leanvit.runtime import timed_forward
+from leanvit.utils import timed_forward
 
 __all__ = ["evaluate", "accumulate", "strength_kwargs"]
 

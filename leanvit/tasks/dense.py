@@ -19,10 +19,11 @@ from leanvit.data import create_dataset, dataset_classes, dataset_options
 from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
-from leanvit.runtime import BuiltModel, to_2tuple
+from leanvit.models.build import BuiltModel
+from leanvit.utils import to_2tuple
 from leanvit.tasks.base import Task, TrainData
 from leanvit.tasks.registry import get_task
-from leanvit.viz_dense import visualize_dense
+from leanvit.viz.dense import visualize_dense
 
 __all__ = ["DenseTask", "dense_loader", "load_dense_model", "build_dense_model"]
 

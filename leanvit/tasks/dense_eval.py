@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from leanvit.data.dense import IGNORE_INDEX, encode_masks
 from leanvit.errors import LeanvitError
-from leanvit.runtime import timed_forward
+from leanvit.utils import timed_forward
 
 __all__ = ["coco_map", "evaluate_detection", "evaluate_segmentation", "confusion_matrix", "segmentation_scores",
            "DETECTION_KEYS", "MASK_KEYS", "SEGMENTATION_KEYS", "predict_detection", "encode_masks"]

@@ -18,7 +18,7 @@ from typing import Dict, List
 
 from leanvit.checkpoints import read_checkpoint
 from leanvit.measure import gmacs
-from leanvit.runtime import environment
+from leanvit.utils import environment
 from leanvit.train import train
 from leanvit.tasks import task_of_checkpoint
 

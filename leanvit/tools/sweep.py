@@ -23,7 +23,7 @@ import torch
 from leanvit.errors import LeanvitError
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import apply_line, choose, parse_grid, plot_pareto, run_sweep, sweep_columns
-from leanvit.runtime import busy_note, environment, img_size_arg, resolve_device
+from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
 from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import check_output_folder
 

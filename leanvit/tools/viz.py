@@ -1,7 +1,7 @@
 """``leanvit viz``: pictures of what a model does, as its task draws them (:meth:`leanvit.tasks.Task.draw`):
-which tokens EViT kept (:mod:`leanvit.viz`) or, for a ToMe model (``--reduction tome:8`` or a ToMe
-checkpoint), which patches were merged together (:mod:`leanvit.viz_merge`); a detector's boxes or a
-segmenter's label map (:mod:`leanvit.viz_dense`).
+which tokens EViT kept (:mod:`leanvit.viz.tokens`) or, for a ToMe model (``--reduction tome:8`` or a ToMe
+checkpoint), which patches were merged together (:mod:`leanvit.viz.merges`); a detector's boxes or a
+segmenter's label map (:mod:`leanvit.viz.dense`).
 
     leanvit viz --model evit_deit_small_patch16_224 --checkpoint evit.pth --images a.jpg b.png --output viz/
     leanvit viz --checkpoint runs/evit_demo/best.pth --data digits --num-images 8 --output viz/
@@ -17,7 +17,7 @@ from typing import List
 from leanvit.data import dataset_classes
 from leanvit.data.folder import load_image
 from leanvit.errors import LeanvitError
-from leanvit.runtime import img_size_arg, resolve_device
+from leanvit.utils import img_size_arg, resolve_device
 from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import add_model_arguments, check_output_folder, reduction_from_args
 
