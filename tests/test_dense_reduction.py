@@ -268,7 +268,7 @@ def test_switching_reduction_on_a_built_model_and_spec():
 
 @pytest.mark.parametrize("reduction,restore,message", [
     ("evit:1.5", None, "1.5"), ("evit:0", None, "0"), ("tome:-1", None, "-1"), ("tome:abc", None, "abc"),
-    ("evit:0.5,0.7", None, "one keep_rate"), ("nope:3", None, "nope"), ("evit:0.5", "unmerge", "unmerge"),
+    ("evit:0.5,0.7", None, "one strength"), ("nope:3", None, "nope"), ("evit:0.5", "unmerge", "unmerge"),
     ("tome:4", "fused", "fused"), ("evit:0.5", "bogus", "bogus"), ("evit:0.5", "reactivate:2", "reactivate:2"),
     ("tome:4", {"name": "reactivate", "blocks": 6}, "reactivate:6"), ("evit:0.5", "keep:2", "keep:2"),
     ("evit:0.5", "reactivate:0", "reactivate:0"), (None, "keep", "needs a reduction"),
