@@ -54,7 +54,7 @@ from leanvit.errors import LeanvitError
 from leanvit.measure import count_macs, forward_peak_memory_mb, interleaved_measure
 from leanvit.measure.load import LoadWatch
 from leanvit.measure.memory import _LiveTensorBytes
-from leanvit.runtime import environment, sync_device
+from leanvit.utils import environment, sync_device
 
 SEG_HEADS = ("linear", "semantic_fpn", "upernet")
 EVIT_RESTORES = ("keep", "reactivate", "fused")

@@ -268,7 +268,7 @@ def test_switching_reduction_on_a_built_model_and_spec():
 
 @pytest.mark.parametrize("reduction,restore,message", [
     ("evit:1.5", None, "1.5"), ("evit:0", None, "0"), ("tome:-1", None, "-1"), ("tome:abc", None, "abc"),
-    ("evit:0.5,0.7", None, "one keep_rate"), ("nope:3", None, "nope"), ("evit:0.5", "unmerge", "unmerge"),
+    ("evit:0.5,0.7", None, "one strength"), ("nope:3", None, "nope"), ("evit:0.5", "unmerge", "unmerge"),
     ("tome:4", "fused", "fused"), ("evit:0.5", "bogus", "bogus"), ("evit:0.5", "reactivate:2", "reactivate:2"),
     ("tome:4", {"name": "reactivate", "blocks": 6}, "reactivate:6"), ("evit:0.5", "keep:2", "keep:2"),
     ("evit:0.5", "reactivate:0", "reactivate:0"), (None, "keep", "needs a reduction"),
@@ -291,3 +291,17 @@ def test_hierarchical_backbones_refuse_a_reduction():
         create_backbone("shunted_t", reduction="evit:0.7", depths=[1, 1, 1, 1], embed_dims=[64, 64, 128, 128],
                         num_heads=[2, 2, 4, 4], mlp_ratios=[4, 4, 4, 4])
     assert parse_restore("reactivate:3").blocks == 3
+
+
+def test_mapping_with_restore_and_strength_knob_reaches_the_vit():
+    """As recipes and checkpoints write it; the engine's schedule sets the knob on the whole model."""
+    from leanvit.reduction import get_reduction
+    seg = create_segmenter("linear" if "linear" in leanvit.dense.SEGMENTERS else "upernet", "deit_small_patch16_224",
+                           3, reduction={"method": "tome", "r": 4, "restore": {"name": "reactivate", "blocks": 2},
+                                         "start_epoch": 0, "epochs": 1}, **VIT)
+    assert dense_reduction_spec(seg)["restore"] == {"name": "reactivate", "blocks": 2}
+    tome = get_reduction("tome")
+    tome.set_strength(seg, 2)
+    assert tome.get_strength(seg) == 2 and seg.backbone.vit.r_per_block == (2,) * 6
+    with pytest.raises(LeanvitError, match="no evit"):
+        get_reduction("evit").set_strength(seg, 0.5)

@@ -192,6 +192,8 @@ class SimpleFeaturePyramid(DenseBackbone):
 
     def set_reduction(self, reduction, restore=None) -> None:
         options = reduction_options(reduction)
+        if restore is None and options is not None:
+            restore = options[2]  # a mapping's own "restore"
         restore = parse_restore(restore)
         before = reduction_spec(self.vit)
         if options is None:

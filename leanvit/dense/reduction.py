@@ -10,40 +10,37 @@ for the restoration strategies and what each costs.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
+from leanvit.dense.restore import RESTORATIONS, Restore, method_family, parse_restore, restoration_for
 from leanvit.errors import LeanvitError
-from leanvit.reduction import get_reduction, parse_reduction_spec, reduction_spec
+from leanvit.reduction import ReductionSpec, get_reduction, reduction_spec
 
-__all__ = ["reduction_options", "dense_backbone_of", "apply_dense_reduction", "dense_reduction_spec"]
+__all__ = ["reduction_options", "dense_backbone_of", "apply_dense_reduction", "dense_reduction_spec", "ReducedDense",
+           "dense_variants"]
+
+_log = logging.getLogger(__name__)
 
 # keys of a recipe's reduction mapping that schedule training rather than configure the method
-_SCHEDULE_KEYS = ("start_epoch", "epochs", "ramp")
+_SCHEDULE_KEYS = ("start_epoch", "epochs")
 
 
-def reduction_options(reduction) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """``(method name, apply options)`` from a reduction as the command line writes it (``"evit:0.7"``,
-    ``"tome:8"``, ``"evit"`` for the method's default) or a mapping (``{"method": "evit", "keep_rate": 0.7}``);
-    None for None, ``""`` or ``"none"``. One strength only: a dense model runs at one point."""
-    if reduction is None or (isinstance(reduction, str) and reduction.strip().lower() in ("", "none")):
+def reduction_options(reduction) -> Optional[Tuple[str, Dict[str, Any], Any]]:
+    """``(method name, apply options, restore)`` from a reduction in any form
+    :meth:`leanvit.reduction.ReductionSpec.parse` reads: text as the command line writes it (``"evit:0.7"``,
+    ``"tome:8"``, ``"evit"`` for the method's default), a mapping as recipes and checkpoints write it
+    (``{"method": "evit", "keep_rate": 0.7, "restore": "keep"}``), or a spec. ``restore`` is the mapping's
+    restoration strategy (None when not given); a training schedule's ``start_epoch`` / ``epochs`` are
+    ignored here. None for no reduction. One strength only: a dense model runs at one point."""
+    spec = ReductionSpec.parse(reduction, what="reduction")
+    if spec is None:
         return None
-    if isinstance(reduction, str):
-        method, values = parse_reduction_spec(reduction)
-        if len(values) > 1:
-            raise LeanvitError(f"reduction '{reduction}': give one {method.knob} for a model, not {len(values)}")
-        return method.name, ({method.knob: values[0]} if values else {})
-    if isinstance(reduction, dict):
-        options = {k: v for k, v in reduction.items() if k not in _SCHEDULE_KEYS}
-        name = options.pop("method", None)
-        if name is None:
-            raise LeanvitError(f"a reduction mapping needs 'method', got {reduction!r}")
-        method = get_reduction(name)
-        if method.knob in options:
-            options[method.knob] = method.check_strength(options[method.knob])
-        return method.name, options
-    raise LeanvitError(f"reduction must be text such as 'evit:0.7' or a mapping, got {reduction!r}")
+    options = {k: v for k, v in spec.kwargs().items() if k not in _SCHEDULE_KEYS}
+    restore = options.pop("restore", None)
+    return spec.method, options, restore
 
 
 def dense_backbone_of(model: nn.Module):
@@ -76,3 +73,52 @@ def dense_reduction_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
         spec["restore"] = restore.spec()
     return spec
 
+
+
+class ReducedDense(nn.Module):
+    """A dense ``model`` run at one reduction strength and restoration (set before every forward, so one
+    model serves several points of a sweep, interleaved); other attributes are the model's."""
+
+    def __init__(self, model: nn.Module, method: str, value, restore):
+        super().__init__()
+        self.model = model
+        self.method = get_reduction(method)
+        self.value = self.method.check_strength(value)
+        self.restore = parse_restore(restore)
+
+    def forward(self, *args, **kwargs):
+        backbone = dense_backbone_of(self.model)
+        backbone.restore = self.restore
+        self.method.set_strength(self.model, self.value)
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+def dense_variants(model: nn.Module, grid, restores=None):
+    """``(method, value, restore, ReducedDense)`` for every point ``(method, value)`` of ``grid`` and every
+    restoration of ``restores`` that applies to the method (default: all of them), one model copy per
+    method (the unreduced ``model`` copied and reduced). Restorations that cannot apply (e.g. ``reactivate``
+    with no block after EViT's last reorganization) are skipped, with a log line."""
+    import copy
+    per_method: Dict[str, nn.Module] = {}
+    wanted = None if restores is None else [parse_restore(r) for r in restores]
+    for method, value in grid:
+        name = get_reduction(method).name
+        if name not in per_method:
+            per_method[name] = apply_dense_reduction(copy.deepcopy(model), {"method": name,
+                                                                           get_reduction(name).knob: value})
+        reduced = per_method[name]
+        vit = dense_backbone_of(reduced).model
+        family = method_family(vit)
+        for restore in (wanted or [Restore(n) for n in RESTORATIONS[family]]):
+            try:
+                restoration_for(vit, restore)
+            except LeanvitError as e:
+                _log.info("sweep: %s with restore %s skipped (%s)", name, restore, e)
+                continue
+            yield name, value, restore, ReducedDense(reduced, name, value, restore)

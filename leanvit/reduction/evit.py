@@ -352,10 +352,10 @@ class EViTMethod(ReductionMethod):
         return is_evit(model) and model.fuse == self.fuse
 
     def get_strength(self, model: nn.Module):
-        return model.keep_rate
+        return self.reduced_module(model).keep_rate
 
     def set_strength(self, model: nn.Module, value) -> None:
-        model.keep_rate = value
+        self.reduced_module(model).keep_rate = value
 
     def check_strength(self, value):
         if isinstance(value, (list, tuple)):

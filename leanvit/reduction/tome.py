@@ -278,10 +278,10 @@ class ToMeMethod(ReductionMethod):
         return is_tome(model)
 
     def get_strength(self, model: nn.Module):
-        return model.r
+        return self.reduced_module(model).r
 
     def set_strength(self, model: nn.Module, value) -> None:
-        model.r = value
+        self.reduced_module(model).r = value
 
     def check_strength(self, value):
         if isinstance(value, (list, tuple)):
