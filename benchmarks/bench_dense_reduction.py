@@ -265,13 +265,13 @@ def bench_model(kind: str, size: int, batch_sizes, repeats: int, memory: bool, d
     print(f"\n## {kind} on {'ViT-S' if kind == 'retinanet' else 'DeiT III-S'}, {size}x{size} ({patches:,} tokens)"
           + (f"\n(reduced models unavailable: {unavailable})" if unavailable else ""), flush=True)
     gm = {}
-    for label, (conf, whole, bb) in built.items():
+    for label, (_, whole, bb) in built.items():
         gm[label] = (count_macs(bb, size) / 1e9, count_macs(whole, size) / 1e9)
     for budget, (whole, bb) in bounds.items():
         gm[f"bound {budget}"] = (count_macs(bb, size) / 1e9, count_macs(whole, size) / 1e9)
     for bs in batch_sizes:
         models = {}
-        for label, (conf, whole, bb) in built.items():
+        for label, (_, whole, bb) in built.items():
             models[(label, "backbone")] = bb
             models[(label, "whole")] = whole
         for budget, (whole, bb) in bounds.items():
@@ -283,7 +283,7 @@ def bench_model(kind: str, size: int, batch_sizes, repeats: int, memory: bool, d
         watch.stop()
         mem = {}
         if memory:
-            for label, (conf, whole, bb) in built.items():
+            for label, (_, whole, _bb) in built.items():
                 mem[label] = forward_peak_memory_mb(whole, bs, size, device)
         b0, w0 = res[("unreduced", "backbone")].latency_ms, res[("unreduced", "whole")].latency_ms
         print(f"\nbatch {bs}; {watch.line}" + (f"\nWARNING: {watch.warning}" if watch.warning else ""))

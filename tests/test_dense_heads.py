@@ -157,7 +157,8 @@ def test_linear_head_under_a_reduction_keeps_the_full_map():
     torch.manual_seed(0)
     seg = create_segmenter("linear", "vit_tiny_patch16_224", 4, reduction="evit:0.5", restore="keep",
                            depth=4, embed_dim=64, num_heads=2, img_size=64).eval()
-    plain = create_segmenter("linear", "vit_tiny_patch16_224", 4, depth=4, embed_dim=64, num_heads=2, img_size=64).eval()
+    plain = create_segmenter("linear", "vit_tiny_patch16_224", 4, depth=4, embed_dim=64, num_heads=2,
+                             img_size=64).eval()
     plain.load_state_dict(seg.state_dict())
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -207,9 +207,9 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
         reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
             (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
-        kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn, ``pool_scales`` for upernet,
-            ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
-            ``grad_checkpointing``, model options).
+        kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn,
+            ``pool_scales`` for upernet, ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the
+            backbone (``img_size``, ``drop_path_rate``, ``out_indices``, ``grad_checkpointing``, model options).
     """
     if name not in SEGMENTERS:
         raise LeanvitError(f"unknown segmenter '{name}'; choose one of {', '.join(SEGMENTERS)}")
