@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 from leanvit.errors import LeanvitError
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
 from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, class_token_attention, kept_token_masks,
-                                    num_kept, reorganize, tokens_to_grid)
+                                    num_kept, reorganize, reorganize_at_rate, tokens_to_grid)
 from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
 
 __all__ = [
@@ -100,6 +100,10 @@ class EViTBlockMixin(SwappedClass):
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Block forward that may shorten the sequence; also maps ``token_ids`` along."""
         rate = self.keep_rate if keep_rate is None else keep_rate
+        if isinstance(x, torch.fx.Proxy):  # torch.fx: sizes are unknown, the size-dependent step is one leaf
+            out, scores = self._attention_with_scores(self.norm1(x))
+            x = reorganize_at_rate(x + self.drop_path1(self.ls1(out)), scores, rate, self.fuse, self.num_prefix_tokens)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), token_ids
         n = x.shape[1] - self.num_prefix_tokens
         k = num_kept(rate, n)
         if k >= n:  # nothing to remove: the unmodified block, bit for bit
@@ -173,6 +177,8 @@ class EViTModelMixin(SwappedClass):
             rate = None if rates is None else rates[j]
             if ckpt:
                 x, token_ids = checkpoint(blk.forward_reorg, x, rate, token_ids, use_reentrant=False)
+            elif rate is None and token_ids is None:
+                x = blk(x)  # through __call__: forward hooks and torch.fx's module paths see the block
             else:
                 x, token_ids = blk.forward_reorg(x, rate, token_ids)
             if return_kept_indices:
@@ -275,6 +281,8 @@ class EViTModelMixin(SwappedClass):
 
     def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None, return_kept_indices: bool = False):
         """Logits; with ``return_kept_indices=True`` a tuple (logits, kept indices per reorganizing block)."""
+        if isinstance(return_kept_indices, torch.fx.Proxy):  # torch.fx tracing: the model's own keep rates
+            keep_rate, return_kept_indices = None, False
         if return_kept_indices:
             feats, kept = self.forward_features(x, keep_rate, return_kept_indices=True)
             return self.forward_head(feats), kept
