@@ -103,13 +103,22 @@ def list_recipes() -> List[str]:
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LeanvitError(f"recipe {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise LeanvitError(f"cannot read recipe {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise LeanvitError(f"recipe {path} is not valid YAML: {e}") from None
+        raise LeanvitError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise LeanvitError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise LeanvitError(f"recipe {path}: setting names are words, got {bad[0]!r} ({type(bad[0]).__name__})")
+    if "base" in data and data["base"] is not None and not isinstance(data["base"], str):
+        raise LeanvitError(f"recipe {path}: base must name one recipe (a name or a .yaml path), got {data['base']!r}")
     return data
 
 

@@ -1,0 +1,182 @@
+"""Malformed user data: every parser of user files answers with a one-line ``LeanvitError`` naming the file
+and the bad value (the CLI prints it, exit 2), or a counted skip; never a traceback, never a wrong number."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leanvit.data import create_dataset, dataset_classes
+from leanvit.errors import LeanvitError
+from leanvit.train.recipes import load_recipe
+
+
+def _one_line(err, *needles):
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+# ------------------------------------------------------------------------------------------ COCO
+
+def _coco(root, images=None, anns=None, cats=None, split="val2017", raw=None):
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(exist_ok=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 60, 3), 40 * i, np.uint8)).save(root / split / f"{i}.png")
+    images = images if images is not None else [
+        {"id": i + 1, "file_name": f"{i}.png", "height": 40, "width": 60} for i in range(2)]
+    anns = anns if anns is not None else [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 20], "area": 200, "iscrowd": 0}]
+    cats = cats if cats is not None else [{"id": 1, "name": "thing"}]
+    path = root / "annotations" / f"instances_{split}.json"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def _ann(**kw):
+    return dict({"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 20], "area": 200, "iscrowd": 0}, **kw)
+
+
+@pytest.mark.parametrize("anns,needles", [
+    ([_ann(bbox=["5", "5", "10", "20"])], ["annotation 1", "malformed bbox", "'5'"]),
+    ([_ann(bbox=[5, None, 10, 20])], ["annotation 1", "malformed bbox", "None"]),
+    ([_ann(bbox=[5, 5, float("nan"), 20])], ["annotation 1", "malformed bbox", "nan"]),
+    ([_ann(bbox=[5, 5, float("inf"), 20])], ["annotation 1", "malformed bbox", "inf"]),
+    ([_ann(image_id="1")], ["annotation 1", "image_id '1'", "integers"]),
+    ([_ann(category_id=None)], ["annotation 1", "category_id None"]),
+    ([_ann(area="big")], ["annotation 1", "area 'big'"]),
+    ([_ann(iscrowd=2)], ["annotation 1", "iscrowd 2"]),
+    ([_ann(id=None)], ["annotations[0]", "id None"]),
+    (["not an object"], ["annotations[0] is not an object"]),
+])
+def test_coco_malformed_annotations(tmp_path, anns, needles):
+    root = _coco(tmp_path / "c", anns=anns)
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "instances_val2017.json", *needles)
+
+
+@pytest.mark.parametrize("images,needles", [
+    ([{"id": 1, "file_name": "0.png", "width": 60}], ["image 1", "height None"]),
+    ([{"id": 1, "file_name": "0.png", "height": "40", "width": 60}], ["image 1", "height '40'"]),
+    ([{"id": 1, "file_name": "0.png", "height": -4, "width": 60}], ["image 1", "height -4"]),
+    ([{"id": "1", "file_name": "0.png", "height": 40, "width": 60}], ["image images[0]", "id '1'", "integers"]),
+    ([{"id": 1, "height": 40, "width": 60}], ["image 1", "file_name None"]),
+])
+def test_coco_malformed_images(tmp_path, images, needles):
+    root = _coco(tmp_path / "c", images=images)
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "instances_val2017.json", *needles)
+
+
+def test_coco_id_types_mismatch(tmp_path):
+    """String image ids with integer image_id references (or the reverse): an error, not a KeyError."""
+    images = [{"id": str(i + 1), "file_name": f"{i}.png", "height": 40, "width": 60} for i in range(2)]
+    root = _coco(tmp_path / "c", images=images)
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "instances_val2017.json", "id '1'")
+
+
+def test_coco_not_utf8(tmp_path):
+    body = json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\u00e9"}]})
+    root = _coco(tmp_path / "c", raw=body.replace("\\u00e9", "\u00e9").encode("latin-1"))
+    for call in (lambda: create_dataset(root, "val"), lambda: dataset_classes(root)):
+        with pytest.raises(LeanvitError) as e:
+            call()
+        _one_line(e, "instances_val2017.json", "not UTF-8")
+
+
+def test_coco_validation_without_annotations_is_undefined_not_a_score(tmp_path):
+    root = _coco(tmp_path / "c", anns=[])
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "instances_val2017.json", "no (non-crowd) annotations", "undefined")
+    crowd_only = _coco(tmp_path / "d", anns=[_ann(iscrowd=1)])
+    with pytest.raises(LeanvitError):
+        create_dataset(crowd_only, "val")
+    train = _coco(tmp_path / "e", anns=[], split="train2017")  # training on negatives only is allowed
+    assert len(create_dataset(train, "train")) == 2
+
+
+def test_coco_unknown_option(tmp_path):
+    root = _coco(tmp_path / "c")
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val", options={"maks": True})
+    _one_line(e, "'maks'", "masks")
+
+
+def test_coco_good_file_still_loads(tmp_path):
+    ds = create_dataset(_coco(tmp_path / "c"), "val")
+    assert len(ds) == 2 and ds[0][1]["boxes"].tolist() == [[5.0, 5.0, 15.0, 25.0]]
+
+
+# ------------------------------------------------------------------------------------------ mask folders
+
+def _masks(root, classes_txt=None):
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for name in ("a", "b"):
+            Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "images" / split / f"{name}.jpg")
+            Image.fromarray(np.full((20, 20), 1, np.uint8)).save(root / "masks" / split / f"{name}.png")
+    if classes_txt is not None:
+        (root / "classes.txt").write_bytes(classes_txt)
+    return root
+
+
+def test_truncated_mask_without_classes_txt(tmp_path):
+    root = _masks(tmp_path / "s")
+    mask = root / "masks" / "val" / "b.png"
+    noise = np.random.default_rng(0).integers(0, 3, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(mask)
+    mask.write_bytes(mask.read_bytes()[:len(mask.read_bytes()) // 2])
+    with pytest.raises(LeanvitError) as e:
+        dataset_classes(root)
+    _one_line(e, "b.png", "cannot read mask")
+
+
+def test_image_pil_cannot_identify(tmp_path):
+    root = _masks(tmp_path / "s", classes_txt=b"bg\nfg\n")
+    (root / "images" / "val" / "b.jpg").write_bytes(b"this is not a picture")
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "b.jpg", "cannot read image")
+
+
+def test_classes_txt_not_utf8(tmp_path):
+    root = _masks(tmp_path / "s", classes_txt="fond\nb\u00e2timent\n".encode("latin-1"))
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "classes.txt", "not UTF-8")
+
+
+def test_mask_that_is_not_an_image(tmp_path):
+    root = _masks(tmp_path / "s", classes_txt=b"bg\nfg\n")
+    (root / "masks" / "val" / "a.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "val")
+    _one_line(e, "a.png", "cannot read mask")
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+@pytest.mark.parametrize("body,needles", [
+    ("epochs: 3\nopt: caf\u00e9\n".encode("latin-1"), ["not UTF-8"]),
+    (b"- a\n- b\n", ["must be a mapping", "list"]),
+    (b"1: 2\n", ["setting names are words", "1"]),
+    (b"base: [evit_demo, tome_demo]\n", ["base must name one recipe"]),
+    (b"epochs: [1\n", ["not valid YAML"]),
+])
+def test_malformed_recipe_files(tmp_path, body, needles):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(body)
+    with pytest.raises(LeanvitError) as e:
+        load_recipe(str(path))
+    _one_line(e, "r.yaml", *needles)
