@@ -180,3 +180,32 @@ def test_malformed_recipe_files(tmp_path, body, needles):
     with pytest.raises(LeanvitError) as e:
         load_recipe(str(path))
     _one_line(e, "r.yaml", *needles)
+
+
+# ------------------------------------------------------------------------------------------ detection demo report
+
+@pytest.mark.parametrize("maps,expected", [
+    ((0.0, 0.0), "No winner: both models score 0.000"),
+    ((0.0004, 0.0001), "No winner: both models score 0.000"),
+    ((0.5123, 0.5121), "No winner: both models score 0.512"),
+    ((-1.0, 0.3), "No comparison: the val mAP is undefined"),
+    ((0.2, 0.3), "Higher val mAP here: B."),
+    ((0.31, 0.3), "Higher val mAP here: A."),
+])
+def test_detection_demo_verdict(maps, expected):
+    from leanvit.tools.demo_dense import verdict
+
+    assert verdict([{"label": "A", "val_map": maps[0]}, {"label": "B", "val_map": maps[1]}]).startswith(expected)
+
+
+def test_detection_demo_report_states_the_load():
+    from leanvit.measure.load import LoadWatch
+    from leanvit.tools.demo_dense import _report
+
+    row = {"val_map": 0.0, "val_map50": 0.0, "val_map_small": -1.0, "val_map_medium": 0.0, "steps": 10,
+           "train_s": 5.0, "steps_per_s": 2.0, "backbone_params_m": 1.0, "backbone_gmacs": 0.1, "evals": {},
+           "dataset": [0] * 4, "config": {"batch_size": 8, "time_limit": 30}}
+    rows = [dict(row, label="A"), dict(row, label="B")]
+    load = LoadWatch().stop()
+    text = _report(rows, [], "cpu", True, 12.0, load)
+    assert load.line in text and "Higher val mAP" not in text and "No winner" in text
