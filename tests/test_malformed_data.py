@@ -209,3 +209,59 @@ def test_detection_demo_report_states_the_load():
     load = LoadWatch().stop()
     text = _report(rows, [], "cpu", True, 12.0, load)
     assert load.line in text and "Higher val mAP" not in text and "No winner" in text
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _tiny_vit():
+    import timm
+
+    import leanvit  # noqa: F401
+
+    return timm.create_model("evit_deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                             num_heads=2, num_classes=3).eval()
+
+
+@pytest.mark.parametrize("make,needles", [
+    (lambda sd, p: p.write_bytes(_saved(sd)[: len(_saved(sd)) // 2]), ["cannot read checkpoint"]),
+    (lambda sd, p: __import__("torch").save([1, 2, 3], p), ["does not contain a state dict"]),
+    (lambda sd, p: __import__("torch").save({"model": {"w": 1.0}}, p), ["no model state dict"]),
+    (lambda sd, p: __import__("torch").save(__import__("torch").ones(3), p), ["does not contain a state dict"]),
+    (lambda sd, p: __import__("torch").save({"model": {**sd, "head.bias": sd["head.bias"] * float("nan")}}, p),
+     ["NaN or infinite weights", "head.bias"]),
+])
+def test_broken_checkpoints(tmp_path, make, needles):
+    from leanvit import load_checkpoint
+
+    model = _tiny_vit()
+    path = tmp_path / "ckpt.pth"
+    make(model.state_dict(), path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LeanvitError) as e:
+        load_checkpoint(model, path)
+    _one_line(e, "ckpt.pth", *needles)
+    assert all((before[k] == v).all() for k, v in model.state_dict().items())  # the model is left as it was
+
+
+def test_truncated_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from leanvit import load_checkpoint
+
+    model = _tiny_vit()
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(LeanvitError) as e:
+        load_checkpoint(model, path)
+    _one_line(e, "w.safetensors")
+
+
+def _saved(sd):
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()

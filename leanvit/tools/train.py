@@ -122,9 +122,11 @@ def run(args, extra: List[str] = ()) -> int:
     res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=resume,
                 overwrite=args.overwrite, **over)
     if res.get("task", "classification") != "classification":  # detection / segmentation (issue 10)
-        last = res["last_metric"]
-        print(f"done in {res['seconds']:.0f} s: best {res['main_metric']} {res['best_metric']:.4f}, last "
-              f"{'n/a' if last is None else f'{last:.4f}'}; checkpoints in {res['output']}")
+        def shown(v):  # COCOeval's -1 (nothing to score against) is undefined, never a score
+            return "n/a" if v is None else ("undefined" if v < 0 else f"{v:.4f}")
+
+        print(f"done in {res['seconds']:.0f} s: best {res['main_metric']} {shown(res['best_metric'])}, last "
+              f"{shown(res['last_metric'])}; checkpoints in {res['output']}")
         for note in res.get("data_notes") or []:
             print(f"note: {note}")
         return 0
