@@ -109,7 +109,7 @@ def test_coco_unknown_option(tmp_path):
     root = _coco(tmp_path / "c")
     with pytest.raises(LeanvitError) as e:
         create_dataset(root, "val", options={"maks": True})
-    _one_line(e, "'maks'", "masks")
+    _one_line(e, "unknown setting 'coco.maks'", "did you mean: masks")
 
 
 def test_coco_good_file_still_loads(tmp_path):
@@ -265,3 +265,24 @@ def _saved(sd):
     buf = io.BytesIO()
     torch.save(sd, buf)
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ embedded data options
+
+@pytest.mark.parametrize("data,options,needles", [
+    ("digits", {"canvas_size": "abc"}, ["digits.canvas_size", "'abc'"]),
+    ("digits", {"canvas_size": None}, ["digits.canvas_size", "None"]),
+    ("digits", {"seed": 1.5}, ["digits.seed", "1.5"]),
+    ("digits", {"seed": -3}, ["digits.seed", "-3"]),
+    ("digits", {"canvas_size": True}, ["digits.canvas_size", "True"]),
+    ("digits", {"cavnas_size": 40}, ["unknown setting 'digits.cavnas_size'", "canvas_size"]),
+    ("digits-det", {"bogus": 1}, ["unknown setting 'digits_dense.bogus'"]),
+    ("digits-det", {"canvas_size": "x"}, ["digits_dense.canvas_size", "'x'"]),
+    ("digits-seg", {"noise": float("nan")}, ["digits_dense.noise", "nan"]),
+    ("digits-det", {"masks": "yes"}, ["digits_dense.masks", "true or false"]),
+    ("digits-det", [1, 2], ["must be a mapping"]),
+])
+def test_embedded_data_options(data, options, needles):
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(data, "val", options=options)
+    _one_line(e, *needles)

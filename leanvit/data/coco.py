@@ -37,7 +37,7 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 
 from leanvit.data.dense import SkipCounter
 from leanvit.data.folder import load_image
-from leanvit.data.registry import DatasetKind, register_dataset
+from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 
 __all__ = ["CocoDetection", "CocoKind", "find_coco_split"]
@@ -250,10 +250,7 @@ class CocoKind(DatasetKind):
         return bool(_annotation_files(Path(data)))
 
     def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
-        unknown = sorted(set(options or {}) - {"masks"})
-        if unknown:
-            raise LeanvitError(f"unknown coco option(s) {', '.join(map(repr, unknown))}; the coco: mapping takes "
-                               "'masks'")
+        self.check_options(options or {})
         ds = CocoDetection(data, split, transform=transform, **(options or {}))
         scored = [a for a in ds.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
         if not str(split).startswith("train") and not scored:
@@ -263,6 +260,9 @@ class CocoKind(DatasetKind):
             raise LeanvitError(f"the categories of {ds.ann_file} differ from training's ({len(ds.classes)} vs "
                                f"{len(classes)})")
         return ds
+
+    def check_options(self, options):
+        check_keyword_options("coco", options, CocoDetection.__init__, skip=("self", "root", "split", "transform"))
 
     def classes(self, data, split="val", options=None):
         try:  # the validation json is the small one; both declare the same categories
