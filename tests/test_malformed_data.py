@@ -286,3 +286,38 @@ def test_embedded_data_options(data, options, needles):
     with pytest.raises(LeanvitError) as e:
         create_dataset(data, "val", options=options)
     _one_line(e, *needles)
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+def _old_run(out):
+    import torch
+
+    out.mkdir(parents=True)
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, out / "last.pth")
+    (out / "metrics.csv").write_text("epoch,val_map\n1,0.5\n")
+    (out / "config.yaml").write_text("epochs: 3\n")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_overwrite_keeps_the_old_run_when_the_new_data_is_bad(tmp_path, task):
+    """``--overwrite`` removes the previous run only once the new run could be built: malformed data (or any
+    other error while building) leaves the folder as it was."""
+    from leanvit.train import train
+
+    out = tmp_path / "run"
+    before = _old_run(out)
+    if task == "detection":
+        data = _coco(tmp_path / "coco", anns=[_ann(bbox=[1, 2, None, 4])], split="train2017")
+        _coco(tmp_path / "coco", split="val2017")
+        recipe = "shunted_t_fcos_demo"
+    else:
+        data = tmp_path / "tree"
+        (data / "train" / "a").mkdir(parents=True)  # a class folder without images
+        (data / "val" / "a").mkdir(parents=True)
+        recipe = "evit_demo"
+    with pytest.raises(LeanvitError) as e:
+        train(recipe, device="cpu", progress=False, output=str(out), overwrite=True, data=str(data))
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -74,25 +74,25 @@ class Run:
         self._stopping = False
         self.resume = resume_decision(self.out, resume, overwrite)  # every rank, before anyone writes
         try:
-            self._own_folder(overwrite)
+            self._own_folder()
             seed_everything(cfg["seed"], 0, env.rank)
             self._build()
+            if overwrite and not self.resume and env.is_main:
+                # only now that the new run could be built: a data or model error leaves the old run intact
+                clear_run_files(self.out)
         except BaseException:
             self.close()
             raise
 
     # ---------------------------------------------------------------- run folder (see .run_folder)
-    def _own_folder(self, overwrite: bool) -> None:
-        """Rank 0 takes the lock, removes crash leftovers (and, with --overwrite, the old run); every rank
-        stops if it could not."""
+    def _own_folder(self) -> None:
+        """Rank 0 takes the lock and removes crash leftovers; every rank stops if it could not."""
         env, err = self.env, None
         env.barrier()
         if env.is_main:
             try:
                 self.lock.acquire()
                 remove_orphans(self.out)
-                if overwrite and not self.resume:
-                    clear_run_files(self.out)
             except LeanvitError as e:
                 err = e
         failed = env.all_sum([1.0 if err is not None else 0.0])[0] if env.distributed else 0.0
