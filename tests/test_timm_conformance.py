@@ -311,3 +311,17 @@ def test_create_feature_extractor_evit():
     torch.testing.assert_close(out["b2"], torch.cat([b2[1], b2[0]], dim=1))
     torch.testing.assert_close(out["b3"], torch.cat([b3[1], b3[0]], dim=1))
     assert torch.equal(out["norm"], feats)
+
+
+def test_traced_evit_refuses_per_call_arguments():
+    """An FX graph of an EViT model runs the keep rates it was traced with: per-call ones are an error,
+    never silently ignored."""
+    model = create_model("evit_deit_tiny_patch16_224", img_size=64, keep_rate=0.5).eval()
+    fx = create_feature_extractor(model, return_nodes={"head": "logits"}, tracer_kwargs=_fx_kwargs())
+    x = _inputs((3, 64, 64))
+    with torch.inference_mode():
+        assert torch.equal(fx(x)["logits"], model(x))
+        with pytest.raises(leanvit.LeanvitError, match="traced with"):
+            fx(x, keep_rate=0.7)
+        with pytest.raises(leanvit.LeanvitError, match="traced with"):
+            fx(x, return_kept_indices=True)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from timm.layers import register_notrace_function
 from timm.models._features import feature_take_indices
 
 from leanvit.errors import LeanvitError
@@ -282,11 +283,23 @@ class EViTModelMixin(SwappedClass):
     def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None, return_kept_indices: bool = False):
         """Logits; with ``return_kept_indices=True`` a tuple (logits, kept indices per reorganizing block)."""
         if isinstance(return_kept_indices, torch.fx.Proxy):  # torch.fx tracing: the model's own keep rates
+            x = check_traced_call(x, keep_rate, return_kept_indices)
             keep_rate, return_kept_indices = None, False
         if return_kept_indices:
             feats, kept = self.forward_features(x, keep_rate, return_kept_indices=True)
             return self.forward_head(feats), kept
         return self.forward_head(self.forward_features(x, keep_rate))
+
+
+@register_notrace_function  # runs in an FX graph with the call's real arguments
+def check_traced_call(x: torch.Tensor, keep_rate=None, return_kept_indices=False) -> torch.Tensor:
+    """``x``; in an FX-traced EViT model, a clear error for per-call arguments the graph cannot honour (the
+    graph runs the keep rates the model had when it was traced and returns logits only)."""
+    if keep_rate is not None or return_kept_indices:
+        raise LeanvitError("an FX-traced EViT model runs the keep rates it was traced with and returns logits "
+                           "only: set model.keep_rate before tracing instead of passing keep_rate / "
+                           "return_kept_indices")
+    return x
 
 
 def per_layer_keep_rates(value: KeepRate, n: int) -> Tuple[float, ...]:
