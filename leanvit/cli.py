@@ -68,6 +68,18 @@ def setup_logging() -> None:
     root.propagate = False
 
 
+def error_line(e: BaseException) -> str:
+    """The one line the command line prints for a user error. An error raised in a DataLoader worker comes
+    back wrapped with the worker's traceback ("Caught LeanvitError in DataLoader worker process 0 ..."):
+    its own message is the traceback's last line."""
+    msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+    if "Original Traceback" in msg:
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        name = f"{type(e).__module__}.{type(e).__name__}: "
+        msg = lines[-1][len(name):] if lines[-1].startswith(name) else lines[-1]
+    return msg
+
+
 def main(argv=None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -84,7 +96,7 @@ def main(argv=None) -> int:
             return int(args._run(args, extra) or 0)
         return int(args._run(args) or 0)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        msg = error_line(e)
         code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint (issue 11)
         if _is_main_process():
             print(f"leanvit {args.command}: {'error: ' if code == 2 else ''}{msg}", file=sys.stderr)

@@ -321,3 +321,28 @@ def test_overwrite_keeps_the_old_run_when_the_new_data_is_bad(tmp_path, task):
         train(recipe, device="cpu", progress=False, output=str(out), overwrite=True, data=str(data))
     assert "\n" not in str(e.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------ errors from workers
+
+class _BadImages:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise LeanvitError(f"cannot read image /data/x{i}.png: not an image format PIL recognizes")
+
+
+def test_worker_errors_print_as_one_line():
+    """A LeanvitError raised inside a DataLoader worker (a corrupt image met mid-epoch) reaches the user as
+    its own one line, not as the worker's traceback."""
+    import torch
+
+    from leanvit.cli import error_line
+
+    loader = torch.utils.data.DataLoader(_BadImages(), batch_size=1, num_workers=1)
+    with pytest.raises(LeanvitError) as e:
+        next(iter(loader))
+    assert "\n" in str(e.value)  # how torch hands it back
+    assert error_line(e.value) == "cannot read image /data/x0.png: not an image format PIL recognizes"
+    assert error_line(LeanvitError("plain")) == "plain"
