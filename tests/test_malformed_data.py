@@ -346,3 +346,23 @@ def test_worker_errors_print_as_one_line():
     assert "\n" in str(e.value)  # how torch hands it back
     assert error_line(e.value) == "cannot read image /data/x0.png: not an image format PIL recognizes"
     assert error_line(LeanvitError("plain")) == "plain"
+
+
+def test_ade20k_unreadable_class_names_are_reported(tmp_path):
+    """A broken objectInfo150.csv falls back to class_1 ... class_150, and says so (naming the file)."""
+    import logging
+
+    for split in ("training", "validation"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "annotations" / split).mkdir(parents=True)
+    (tmp_path / "objectInfo150.csv").write_bytes("Idx,Ratio,Train,Val,Name\n1,0.1,1,1,b\u00e2timent\n".encode("latin-1"))
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on leanvit's logger itself: the CLI may have stopped its propagation
+    logging.getLogger("leanvit").addHandler(handler)
+    try:
+        names = dataset_classes(tmp_path)
+    finally:
+        logging.getLogger("leanvit").removeHandler(handler)
+    assert names[0] == "class_1" and len(names) == 150
+    assert any("objectInfo150.csv" in r.getMessage() for r in records)

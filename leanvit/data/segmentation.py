@@ -153,13 +153,15 @@ def _ade_classes(root: Path) -> List[str]:
     info = root / "objectInfo150.csv"
     if info.is_file():
         try:
-            with info.open(newline="") as f:
+            with info.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
-            names = [r["Name"].split(";")[0].strip() for r in rows]
+            names = [str(r["Name"]).split(";")[0].strip() for r in rows]
             if len(names) == ADE20K_CLASSES:
                 return names
-        except (KeyError, csv.Error, UnicodeDecodeError):
-            pass
+            problem = f"{len(names)} rows, not {ADE20K_CLASSES}"
+        except (KeyError, AttributeError, csv.Error, UnicodeDecodeError, OSError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        log.warning(f"warning: {info}: {problem}; the classes are named class_1 ... class_{ADE20K_CLASSES}")
     return [f"class_{i}" for i in range(1, ADE20K_CLASSES + 1)]
 
 
