@@ -114,11 +114,11 @@ def _dynamic_shapes(model: nn.Module, hw: Tuple[int, int], dynamic_size: bool):
     if dynamic_size:
         if not supports_dynamic_size(model):
             raise LeanvitError(
-                f"--dynamic-size: {type(model).__name__} computes on a fixed patch grid (position embedding, "
+                f"`dynamic_size`: {type(model).__name__} computes on a fixed patch grid (position embedding, "
                 "EViT's kept-token counts); export one file per input size instead")
         lo = min_dynamic_side(model)
         if min(hw) < lo:
-            raise LeanvitError(f"--dynamic-size needs an example size with each side >= {lo} px, got "
+            raise LeanvitError(f"`dynamic_size` needs an example size with each side >= {lo} px, got "
                                f"{hw[0]}x{hw[1]}")
         dims[2] = Dim("height", min=lo, max=MAX_SIDE)
         dims[3] = Dim("width", min=lo, max=MAX_SIDE)
@@ -136,7 +136,7 @@ def export_model(model: nn.Module, path, fmt: Optional[str] = None, img_size=224
     if fmt not in FORMATS:
         raise LeanvitError(f"unknown export format {fmt!r} (use {' or '.join(FORMATS)}, or a .onnx/.pt2 path)")
     if path.is_dir():
-        raise LeanvitError(f"--output {path} is a folder; give a file name")
+        raise LeanvitError(f"`output` {path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     hw = to_2tuple(img_size)

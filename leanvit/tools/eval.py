@@ -85,10 +85,11 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
 def run(args) -> int:
     _check_args(args)
     if args.checkpoint and checkpoint_task(args.checkpoint) != "classification":
-        return _run_dense(args)  # a detection / segmentation checkpoint (issue 10)
+        return _run_dense(args)  # a detection / segmentation checkpoint
     device = resolve_device(args.device)
     classes = dataset_classes(args.data, args.split)
-    model, name, hw, config, ckpt = build_from_args(args, data_classes=len(classes))
+    built = build_from_args(args, data_classes=len(classes))
+    model, name, hw, config, ckpt = built
     if not args.ignore_class_names:
         check_class_names((ckpt or {}).get("classes"), classes, args.checkpoint, args.data)
     n_out = getattr(model, "num_classes", None)
@@ -107,7 +108,7 @@ def run(args) -> int:
                reduction=method.spec(model) if method else None, keep_rate=keep, batch_size=args.batch_size,
                device=str(device), threads=torch.get_num_threads())
     shown = f" {method.knob}={method.format_strength(method.get_strength(model))}" if method else ""
-    print(f"{name}{shown} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): "
+    print(f"{built.description}{shown} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): "
           f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
           f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads)")
@@ -115,7 +116,7 @@ def run(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------- dense checkpoints (issue 10)
+# --------------------------------------------------------------------- dense checkpoints
 
 
 def _run_dense(args) -> int:

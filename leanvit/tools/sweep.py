@@ -111,7 +111,7 @@ def run(args) -> int:
                        limit_images=args.limit_images, device=device, warmup=args.warmup, repeats=args.repeats,
                        latency_repeats=args.latency_repeats, workers=args.workers, progress=not args.no_progress)
     rows = result.rows
-    name = built["first"].name
+    name = built["first"].description
     print(f"{name} on {args.data} ({rows[0]['images']} images); drop = top-1 points below the unreduced model; "
           "pareto: on the front of top-1 vs throughput (thr) / batch-1 latency (lat)")
     print(format_table(rows, SWEEP_COLUMNS))

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME|FILE.yaml",
                    help="a shipped recipe (see --list-recipes) or a YAML file")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
-    # ---- run folder ownership and preemption (issue 11)
+    # ---- run folder ownership and preemption
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/last.pth (an epoch-end or mid-epoch recovery checkpoint)")
     p.add_argument("--auto-resume", action="store_true",
@@ -121,7 +121,7 @@ def run(args, extra: List[str] = ()) -> int:
     resume = "auto" if args.auto_resume else bool(args.resume)
     res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=resume,
                 overwrite=args.overwrite, **over)
-    if res.get("task", "classification") != "classification":  # detection / segmentation (issue 10)
+    if res.get("task", "classification") != "classification":  # detection / segmentation
         last = res["last_metric"]
         print(f"done in {res['seconds']:.0f} s: best {res['main_metric']} {res['best_metric']:.4f}, last "
               f"{'n/a' if last is None else f'{last:.4f}'}; checkpoints in {res['output']}")

@@ -61,7 +61,7 @@ def run(args) -> int:
     out = check_output_folder(args.output)
     device = resolve_device(args.device)
     if args.checkpoint and checkpoint_task(args.checkpoint) != "classification":
-        return _run_dense(args, out, device)  # boxes / masks of a detection or segmentation checkpoint (issue 10)
+        return _run_dense(args, out, device)  # boxes / masks of a detection or segmentation checkpoint
     class_names = items = None
     if args.images:
         items = [(Path(f).name, load_image(f)) for f in args.images]  # fail early, before building the model
@@ -82,7 +82,7 @@ def run(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------- dense checkpoints (issue 10)
+# --------------------------------------------------------------------- dense checkpoints
 
 
 def _run_dense(args, out: Path, device) -> int:

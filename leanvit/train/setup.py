@@ -202,7 +202,7 @@ def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
     try:
         res = load_checkpoint(model, path, strict=False, ignore_classifier=True)
     except LeanvitError as e:
-        raise LeanvitError(f"--finetune: {e}") from None
+        raise LeanvitError(f"`finetune`: {e}") from None
     loaded = total - len(res.missing_keys) - len(res.skipped_keys)
     notes = [f"loaded {loaded}/{total} tensors"]
     if res.skipped_keys:
@@ -212,9 +212,9 @@ def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
     if res.unexpected_keys:
         notes.append(f"unused: {', '.join(res.unexpected_keys[:6])}")
     if loaded < FINETUNE_MIN_SHARE * total and not partial:
-        raise LeanvitError(f"--finetune {path}: only {loaded}/{total} of the model's tensors loaded (less than "
+        raise LeanvitError(f"`finetune` {path}: only {loaded}/{total} of the model's tensors loaded (less than "
                            f"{FINETUNE_MIN_SHARE:.0%}; is it a checkpoint of another model?); give "
-                           "--finetune-partial to train from it anyway")
+                           "`finetune_partial` to train from it anyway")
     return f"fine-tuning from {path} ({'; '.join(notes)})"
 
 

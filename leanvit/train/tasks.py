@@ -180,7 +180,7 @@ def dense_loader(dataset, task: str, batch_size: int, workers: int = 0, shuffle:
 def _check_kind(data, task: str) -> None:
     kind = resolve_dataset_kind(data)
     if kind.task != task:
-        raise LeanvitError(f"--data {data} is {kind.task} data ({kind.name}), but the task is {task}")
+        raise LeanvitError(f"`data` {data} is {kind.task} data ({kind.name}), but the task is {task}")
 
 
 class _DenseTask(Task):

@@ -42,7 +42,7 @@ def merge_groups(model: nn.Module, x: torch.Tensor, r=None, blocks: Optional[Seq
     tensor: the token each patch belongs to after that block (equal ids = merged together)."""
     if not is_tome(model):
         raise LeanvitError(f"{type(model).__name__} does not merge tokens: apply ToMe first "
-                           "(leanvit.apply_reduction(model, 'tome', r=8) or --reduction tome:8)")
+                           "(leanvit.apply_reduction(model, 'tome', r=8) or `reduction` tome:8)")
     blocks = shown_blocks(len(model.blocks)) if blocks is None else list(blocks)
     logits, groups = model(x, r=r, return_groups=True)
     _, (gh, gw) = patch_grid(model)
