@@ -1,13 +1,13 @@
 """User mistakes: library errors name settings (`num_classes`), never command-line flags; the command line
 shows them as its own flags (--num-classes)."""
-import ast
 import argparse
+import ast
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli_error, one_line_error
 
 import leanvit
-from cli_helpers import cli_error, one_line_error
 from leanvit.cli import flag_names
 from leanvit.errors import LeanvitError
 from leanvit.models.build import build_model

@@ -9,8 +9,8 @@
 - Token reduction settings are fixed in the file: an EViT model exported at keep rate 0.7 always keeps
   70 % of the tokens (the kept count is a constant of the graph). Export one file per keep rate.
 
-:func:`verify_export` runs the file (:class:`OnnxRuntimeModel`, onnxruntime, for ONNX; the loaded ExportedProgram for .pt2) on random
-inputs and returns the max abs difference to eager PyTorch.
+:func:`verify_export` runs the file (:class:`OnnxRuntimeModel`, onnxruntime, for ONNX; the loaded
+ExportedProgram for .pt2) on random inputs and returns the max abs difference to eager PyTorch.
 
 ONNX needs the optional ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install leanvit[export]``).
 """
@@ -25,11 +25,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 from torch.export import Dim
 
 from leanvit.errors import LeanvitError
 from leanvit.models.shunted import ShuntedTransformer, min_input_size
-from timm.layers import to_2tuple
 
 __all__ = ["FORMATS", "export_model", "load_exported", "verify_export", "VerifyResult", "supports_dynamic_size",
            "min_dynamic_side", "keep_rate_path", "format_from_path", "OnnxRuntimeModel", "require"]

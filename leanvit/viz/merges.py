@@ -23,8 +23,17 @@ import torch.nn as nn
 from leanvit.errors import LeanvitError
 from leanvit.reduction.tome import is_tome, per_layer_r, tokens_per_block
 from leanvit.utils import model_input_size
-from leanvit.viz.common import (as_images, default_names, draw_rows, normalize_params, palette, patch_grid,
-                                run_eval, viz_transform, write_rows)
+from leanvit.viz.common import (
+    as_images,
+    default_names,
+    draw_rows,
+    normalize_params,
+    palette,
+    patch_grid,
+    run_eval,
+    viz_transform,
+    write_rows,
+)
 
 __all__ = ["shown_blocks", "merge_groups", "paint_groups", "render_merged_tokens", "visualize_merges",
            "merged_token_rows"]
