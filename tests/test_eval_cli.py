@@ -56,7 +56,7 @@ def test_eval_recorded_checkpoint_json(ckpts, tmp_path):
     from torch.utils.data import DataLoader, Subset
 
     from leanvit.data import build_eval_dataset
-    from leanvit.evaluate import evaluate
+    from leanvit.tasks.classification_eval import evaluate
     from leanvit.models.build import build_model
 
     model = build_model(None, ckpts / "recorded.pth").model

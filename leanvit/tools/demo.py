@@ -19,7 +19,7 @@ import torch
 
 from leanvit.data import build_eval_dataset
 from leanvit.errors import LeanvitError
-from leanvit.evaluate import evaluate
+from leanvit.tasks.classification_eval import evaluate
 from leanvit.measure import benchmark_models
 from leanvit.measure.load import LoadWatch
 from leanvit.reduction.evit import apply_evit

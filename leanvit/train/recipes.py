@@ -82,8 +82,8 @@ DEFAULTS: Dict[str, Any] = {
     "time_limit": None,          # seconds; stop before an epoch that would end past it (demo budget)
     "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
     "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
-    # dense prediction (leanvit.train.tasks, leanvit.dense)
-    "task": None,                # classification | detection | segmentation (default: the data's kind)
+    # the task (leanvit.tasks) and dense prediction (leanvit.dense)
+    "task": None,                # a registered task: classification | detection | segmentation | ... (default: the data's)
     "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
     "segmenter": None,           # semantic_fpn | upernet (task segmentation; backbone: model)
     "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
@@ -213,8 +213,7 @@ def _validate_more(cfg: Dict[str, Any]) -> None:
     """Types and ranges of the settings a typo in ``--set`` would otherwise turn into a traceback."""
     img = cfg["img_size"]
     sizes = list(img) if isinstance(img, (list, tuple)) else [img]
-    dense = cfg.get("task") in ("detection", "segmentation") or bool(cfg.get("detector") or cfg.get("segmenter"))
-    if img is None and dense:  # a dense backbone that takes any input size (e.g. pvt_v2)
+    if img is None:  # a backbone that takes any input size (e.g. pvt_v2 in a detector); tasks that need one say so
         sizes = []
     elif not 1 <= len(sizes) <= 2 or not all(_number(v, True) and v > 0 for v in sizes):
         raise LeanvitError(f"img_size must be a positive integer or [H, W], got {img!r}")
