@@ -56,7 +56,7 @@ def run(args) -> int:
             model.keep_rate = rate
         path = keep_rate_path(args.output, rate) if len(rates) > 1 else args.output
         spec = reduction_spec(model)
-        what = built.name + (f" ({spec['method']} {_spec_value(spec)})" if spec else "")
+        what = built.description + (f" ({spec['method']} {_spec_value(spec)})" if spec else "")
         t0 = time.perf_counter()
         path = export_model(model, path, fmt, hw, dynamic_size=args.dynamic_size, in_chans=in_chans,
                             opset=args.opset)

@@ -30,6 +30,7 @@ import yaml
 
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.errors import LeanvitError
+from leanvit.models.build import describe_model
 from leanvit.reduction import get_reduction
 from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.tasks import check_data, task_for_config
@@ -51,7 +52,7 @@ def _read_resume(path: Path) -> Dict[str, Any]:
     obj = read_checkpoint(path)
     if not isinstance(obj, dict) or "optimizer" not in obj or "epoch" not in obj:
         raise LeanvitError(f"{path} is not a leanvit training checkpoint (no optimizer/epoch state) "
-                           "and cannot be resumed; use --finetune to start from its weights")
+                           "and cannot be resumed; use `finetune` to start from its weights")
     return obj
 
 
@@ -62,8 +63,8 @@ class Run:
                  overwrite: bool = False, stop: Optional[StopRequest] = None):
         self.cfg, self.env, self.progress = cfg, env, progress
         if not cfg["data"]:
-            raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give --data DIR (an ImageFolder tree "
-                               "with train/ and val/) or --data digits")
+            raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give `data` DIR (an ImageFolder tree "
+                               "with train/ and val/) or `data` digits")
         self.out = check_output_path(Path(cfg["output"] or Path("runs") / str(cfg.get("recipe") or cfg["model"])))
         self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
         self.stop = stop or StopRequest()
@@ -159,9 +160,9 @@ class Run:
         full = {**{k: v for k, v in DEFAULTS.items() if k in self.cfg}, **recorded}
         diffs = config_differences(full, self.cfg)
         if diffs:
-            raise LeanvitError(f"--resume with other settings than {self.last_path} was trained with: "
+            raise LeanvitError(f"`resume` with other settings than {self.last_path} was trained with: "
                                f"{'; '.join(diffs)} (only epochs, time_limit, workers, log_every, eval_every, "
-                               "save_every_steps, keep_last and device may change; start a new --output instead)")
+                               "save_every_steps, keep_last and device may change; start a new `output` instead)")
 
     def _check_mid_epoch(self, obj: Dict[str, Any], k: int) -> None:
         ws, iters = obj.get("world_size"), obj.get("iters")
@@ -189,7 +190,7 @@ class Run:
 
     def _stop_message(self) -> str:
         return (f"stopped by {self.stop.name} at step {self.state.step} (epoch {self.state.epoch + 1}); a recovery "
-                f"checkpoint is in {self.last_path}: run the same command with --resume (or --auto-resume)")
+                f"checkpoint is in {self.last_path}: run the same command with `resume` (or `auto_resume`)")
 
     def save_recovery(self, k: int) -> None:
         """``last.pth`` in the middle of an epoch: everything to continue after its step ``k``."""
@@ -206,8 +207,8 @@ class Run:
 
     def _announce(self) -> None:
         cfg, env, d = self.cfg, self.env, self.data
-        n_params = sum(p.numel() for p in self.state.model.parameters())
-        log.info(f"training {self.spec['name']} ({n_params / 1e6:.2f}M params, {self.num_classes} classes) on "
+        what = describe_model(self.spec["name"], self.state.model, self.spec.get("kwargs"))
+        log.info(f"training {what}, {self.num_classes} classes, on "
                  f"{cfg['data']}: {len(d.train_set)} train / {len(d.val_set)} val images, {cfg['epochs']} epochs "
                  f"x {d.iters} iterations, batch {cfg['batch_size']} x {env.world_size} process(es), "
                  f"{env.device}, {torch.get_num_threads()} threads -> {self.out}")
