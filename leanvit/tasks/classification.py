@@ -272,7 +272,7 @@ class ClassificationTask(Task):
         merging = is_tome(model)
         if not merging and not is_evit(model):
             raise LeanvitError(f"{built.name} does not reorganize tokens nor merge them: use an EViT model "
-                               "(evit_*), or pass `keep_rate` / `reduction` evit:R or tome:R to a plain ViT")
+                               "(evit_*), or give a plain ViT `keep_rate` R, or `reduction` evit:R or tome:R")
         draw = visualize_merges if merging else visualize
         return draw(model.to(device), list(images), out_dir, names=list(names), class_names=class_names,
                     batch_size=batch_size)
@@ -280,7 +280,7 @@ class ClassificationTask(Task):
     def title(self, built):
         method = applied_reduction(built.model)
         shown = f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method else ""
-        return f"{built.description}{shown}"  # e.g. "deit3 (embed 96, depth 4, ...; 0.47M params)"
+        return f"{built.description}{shown}"
 
     def record(self, built):
         method = applied_reduction(built.model)

@@ -292,13 +292,14 @@ class Run:
         return self._summary(row, time.perf_counter() - t_run)
 
     def _improves(self, value) -> bool:
-        """Whether this epoch's main metric beats every earlier one (the first evaluated epoch always does)."""
+        """Whether this epoch's main metric beats the best so far (``state.best``: -1 before any evaluation; a
+        lower-is-better metric's first evaluation always counts)."""
         if value is None:
             return False
-        earlier = [r[self.task.main_metric] for r in self.state.history[:-1] if self.task.main_metric in r]
-        if not earlier:
-            return True
-        return value > self.state.best if self.task.higher_is_better else value < self.state.best
+        if self.task.higher_is_better:
+            return value > self.state.best
+        earlier = [r for r in self.state.history[:-1] if self.task.main_metric in r]
+        return not earlier or value < self.state.best
 
     def _summary(self, row: Dict[str, Any], seconds: float) -> Dict[str, Any]:
         skipped = getattr(self.data.train_set, "num_skipped", 0)
@@ -306,7 +307,7 @@ class Run:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
         notes = self.task.data_notes(self.data) if self.env.is_main else []
         st = self.state
-        evaluated = any(self.task.main_metric in r for r in st.history)
+        evaluated = self.best_path.exists()  # best.pth: written at the first evaluation that counted
         return {"task": self.task.name, "main_metric": self.task.main_metric,
                 "best_metric": st.best if evaluated else None,
                 "last_metric": row.get(self.task.main_metric), "data_notes": notes,
