@@ -11,6 +11,7 @@ import argparse
 from typing import Any, Dict, List
 
 from leanvit.errors import LeanvitError
+from leanvit.tasks import get_task
 from leanvit.train.engine import train
 from leanvit.train.recipes import DEFAULTS, RECIPE_DIR, list_recipes, parse_value
 
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME|FILE.yaml",
                    help="a shipped recipe (see --list-recipes) or a YAML file")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
-    # ---- run folder ownership and preemption (issue 11)
+    # ---- run folder ownership and preemption
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/last.pth (an epoch-end or mid-epoch recovery checkpoint)")
     p.add_argument("--auto-resume", action="store_true",
@@ -121,17 +122,9 @@ def run(args, extra: List[str] = ()) -> int:
     resume = "auto" if args.auto_resume else bool(args.resume)
     res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=resume,
                 overwrite=args.overwrite, **over)
-    if res.get("task", "classification") != "classification":  # detection / segmentation (issue 10)
-        def shown(v):  # COCOeval's -1 (nothing to score against) is undefined, never a score
-            return "n/a" if v is None else ("undefined" if v < 0 else f"{v:.4f}")
-
-        print(f"done in {res['seconds']:.0f} s: best {res['main_metric']} {shown(res['best_metric'])}, last "
-              f"{shown(res['last_metric'])}; checkpoints in {res['output']}")
-        for note in res.get("data_notes") or []:
-            print(f"note: {note}")
-        return 0
-    if res["best_top1"] is not None and res["best_top1"] >= 0:
-        print(f"done in {res['seconds']:.0f} s: best val top-1 {res['best_top1']:.2f}%, "
-              f"last {res['last_top1'] if res['last_top1'] is None else round(res['last_top1'], 2)}%; "
-              f"checkpoints in {res['output']}")
+    done = get_task(res["task"]).done_message(res)
+    if done:
+        print(done)
+    for note in res.get("data_notes") or []:
+        print(f"note: {note}")
     return 0

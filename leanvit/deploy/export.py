@@ -9,13 +9,14 @@
 - Token reduction settings are fixed in the file: an EViT model exported at keep rate 0.7 always keeps
   70 % of the tokens (the kept count is a constant of the graph). Export one file per keep rate.
 
-:func:`verify_export` runs the file (onnxruntime for ONNX, the loaded ExportedProgram for .pt2) on random
-inputs and returns the max abs difference to eager PyTorch.
+:func:`verify_export` runs the file (:class:`OnnxRuntimeModel`, onnxruntime, for ONNX; the loaded
+ExportedProgram for .pt2) on random inputs and returns the max abs difference to eager PyTorch.
 
 ONNX needs the optional ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install leanvit[export]``).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
@@ -24,21 +25,64 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 from torch.export import Dim
 
 from leanvit.errors import LeanvitError
-from leanvit.measure.runtimes import OnnxRuntimeModel, require
 from leanvit.models.shunted import ShuntedTransformer, min_input_size
-from leanvit.runtime import to_2tuple
 
 __all__ = ["FORMATS", "export_model", "load_exported", "verify_export", "VerifyResult", "supports_dynamic_size",
-           "min_dynamic_side", "keep_rate_path", "format_from_path"]
+           "min_dynamic_side", "keep_rate_path", "format_from_path", "OnnxRuntimeModel", "require"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "pt2")
 MAX_SIDE = 8192
 MAX_BATCH = 4096
+
+
+def require(module: str, extra: str = "export"):
+    """Import an optional dependency, or a clear error naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LeanvitError(f"{module} is not installed; pip install 'leanvit[{extra}]' "
+                           "(onnx, onnxscript, onnxruntime)") from None
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file run by onnxruntime (CPU), callable like the PyTorch model: image tensor in, logits out.
+
+    ``threads``: onnxruntime's intra-op threads (default: torch's current thread count, so that the
+    runtimes compare at equal parallelism).
+
+    ``spinning``: onnxruntime's worker threads busy-wait after each run by default. That keeps the cores
+    busy while whatever runs next (PyTorch, another session) competes with them: in an interleaved
+    benchmark on 2 cores it slowed the following model up to 2x and made batch-1 comparisons meaningless.
+    Off by default here (it costs onnxruntime itself ~5 %); turn it on for a process that only serves this
+    one session."""
+
+    def __init__(self, path, threads: Optional[int] = None, spinning: bool = False):
+        super().__init__()
+        ort = require("onnxruntime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = str(path)
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own error types for unreadable files
+            raise LeanvitError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}"
 
 
 def format_from_path(path) -> Optional[str]:
@@ -70,11 +114,11 @@ def _dynamic_shapes(model: nn.Module, hw: Tuple[int, int], dynamic_size: bool):
     if dynamic_size:
         if not supports_dynamic_size(model):
             raise LeanvitError(
-                f"--dynamic-size: {type(model).__name__} computes on a fixed patch grid (position embedding, "
+                f"`dynamic_size`: {type(model).__name__} computes on a fixed patch grid (position embedding, "
                 "EViT's kept-token counts); export one file per input size instead")
         lo = min_dynamic_side(model)
         if min(hw) < lo:
-            raise LeanvitError(f"--dynamic-size needs an example size with each side >= {lo} px, got "
+            raise LeanvitError(f"`dynamic_size` needs an example size with each side >= {lo} px, got "
                                f"{hw[0]}x{hw[1]}")
         dims[2] = Dim("height", min=lo, max=MAX_SIDE)
         dims[3] = Dim("width", min=lo, max=MAX_SIDE)
@@ -92,7 +136,7 @@ def export_model(model: nn.Module, path, fmt: Optional[str] = None, img_size=224
     if fmt not in FORMATS:
         raise LeanvitError(f"unknown export format {fmt!r} (use {' or '.join(FORMATS)}, or a .onnx/.pt2 path)")
     if path.is_dir():
-        raise LeanvitError(f"--output {path} is a folder; give a file name")
+        raise LeanvitError(f"`output` {path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     hw = to_2tuple(img_size)
