@@ -316,7 +316,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_data_is_bad(tmp_path, task):
         data = tmp_path / "tree"
         (data / "train" / "a").mkdir(parents=True)  # a class folder without images
         (data / "val" / "a").mkdir(parents=True)
-        recipe = "evit_demo"
+        recipe = "deit3_demo"
     with pytest.raises(LeanvitError) as e:
         train(recipe, device="cpu", progress=False, output=str(out), overwrite=True, data=str(data))
     assert "\n" not in str(e.value)
