@@ -71,7 +71,7 @@ def setup_logging() -> None:
     root.propagate = False
 
 
-def _plugins(argv):
+def plugin_options(argv):
     """``--plugin MODULE`` options before the command: (modules, the other arguments)."""
     modules, i = [], 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -111,7 +111,7 @@ def flag_names(message: str, args) -> str:
 def main(argv=None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    plugins, argv = _plugins(argv)
+    plugins, argv = plugin_options(argv)
     try:
         load_plugins(plugins)
     except LeanvitError as e:
