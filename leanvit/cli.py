@@ -1,4 +1,5 @@
-"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export | sweep``.
+"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export |
+sweep``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. User mistakes (:class:`leanvit.errors.LeanvitError`, missing files) are printed
