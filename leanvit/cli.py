@@ -72,6 +72,18 @@ def setup_logging() -> None:
     root.propagate = False
 
 
+def flag_names(message: str, args) -> str:
+    """``message`` with each setting the library names in backticks (```num_classes```) shown as this
+    command's flag (``--num-classes``) where the command has one (``train`` takes every recipe key as a flag),
+    else as the plain name."""
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        has = hasattr(args, name) or getattr(args, "_accepts_extra", False)
+        return "--" + name.replace("_", "-") if has else name
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+
+
 def plugin_options(argv):
     """``--plugin MODULE`` options before the command: (modules, the other arguments)."""
     modules, i = [], 0
@@ -95,18 +107,6 @@ def load_plugins(modules) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise LeanvitError(f"--plugin {name}: cannot import it ({e})") from None
-
-
-def flag_names(message: str, args) -> str:
-    """``message`` with each setting the library names in backticks (```num_classes```) shown as this
-    command's flag (``--num-classes``) where the command has one (``train`` takes every recipe key as a flag),
-    else as the plain name."""
-    def flag(m: re.Match) -> str:
-        name = m.group(1)
-        has = hasattr(args, name) or getattr(args, "_accepts_extra", False)
-        return "--" + name.replace("_", "-") if has else name
-
-    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
 def main(argv=None) -> int:

@@ -255,7 +255,7 @@ class ClassificationTask(Task):
         merging = is_tome(model)
         if not merging and not is_evit(model):
             raise LeanvitError(f"{built.name} does not reorganize tokens nor merge them: use an EViT model "
-                               "(evit_*), or give a plain ViT `keep_rate` R, or `reduction` evit:R or tome:R")
+                               "(evit_*), or pass `keep_rate` / `reduction` evit:R or tome:R to a plain ViT")
         draw = visualize_merges if merging else visualize
         return draw(model.to(device), list(images), out_dir, names=list(names), class_names=class_names,
                     batch_size=batch_size)
