@@ -32,14 +32,20 @@ from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.errors import LeanvitError
 from leanvit.models.build import describe_model
 from leanvit.reduction import get_reduction
-from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.tasks import check_data, task_for_config
+from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch
 from leanvit.train.metrics import MetricsLog
 from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
 from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
-from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_files, config_differences,
-                                      remove_orphans, resume_decision)
+from leanvit.train.run_folder import (
+    RunLock,
+    check_output_path,
+    clear_run_files,
+    config_differences,
+    remove_orphans,
+    resume_decision,
+)
 from leanvit.train.setup import build_state
 from leanvit.train.state import TrainState
 
@@ -216,7 +222,8 @@ class Run:
     def save(self, row: Dict[str, Any], is_best: bool, metrics: MetricsLog) -> None:
         """``last.pth`` (resumable), ``best.pth`` when it improved, and the metrics row; rank 0 only."""
         extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters, "world_size": self.env.world_size}
+                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters,
+                 "world_size": self.env.world_size}
         save_checkpoint(self.state.checkpoint(**extra), self.last_path)
         keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:

@@ -83,7 +83,7 @@ DEFAULTS: Dict[str, Any] = {
     "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
     "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
     # the task (leanvit.tasks) and dense prediction (leanvit.dense)
-    "task": None,                # a registered task: classification | detection | segmentation | ... (default: the data's)
+    "task": None,                # a registered task: classification | detection | segmentation | ... (default: data's)
     "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
     "segmenter": None,           # semantic_fpn | upernet (task segmentation; backbone: model)
     "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
