@@ -127,6 +127,8 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 def _train_sampler(dataset, cfg, env: DistEnv):
+    if hasattr(dataset, "train_sampler") and not cfg["repeated_aug"]:  # e.g. tar shards: a locality-keeping order
+        return dataset.train_sampler(env.world_size, env.rank, cfg["seed"])
     if cfg["repeated_aug"]:
         return RepeatAugSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, num_repeats=3)
     if env.distributed:
