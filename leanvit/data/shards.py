@@ -47,7 +47,10 @@ OPTIONS = ("class_map", "group", "val_data", "train_data")
 def expand_shards(pattern: str) -> List[str]:
     """The tar files a brace pattern (``a-{000..012}.tar``, ``{a,b}.tar``) or glob names, sorted; an error
     naming the pattern when no file matches."""
-    from braceexpand import braceexpand
+    try:
+        from braceexpand import braceexpand
+    except ImportError:
+        raise LeanvitError("shard patterns need the braceexpand package: pip install leanvit[wds]") from None
 
     files: List[str] = []
     for p in braceexpand(str(pattern)):
