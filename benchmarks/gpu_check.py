@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn

@@ -276,8 +276,13 @@ class ShardOrderSampler(torch.utils.data.Sampler):
         return self.per_rank
 
 
+def _folder_tars(root: Path) -> List[str]:
+    """The ``.tar`` files in ``root`` and its direct subfolders (e.g. ``train/``, ``validation/``)."""
+    return sorted(str(p) for p in [*root.glob("*.tar"), *root.glob("*/*.tar")])
+
+
 def _folder_shards(root: Path, split: str) -> List[str]:
-    tars = sorted(str(p) for p in root.glob("*.tar"))
+    tars = _folder_tars(root)
     if split == "train":
         found = [t for t in tars if "train" in Path(t).name]
     else:
@@ -302,9 +307,8 @@ class ShardsKind(DatasetKind):
     def matches(self, data: str) -> bool:
         if _is_pattern(data):
             return True
-        p = Path(data)
-        return p.is_dir() and any(p.glob("*.tar")) and not any(c.is_dir() for c in p.iterdir()
-                                                                if not c.name.startswith("."))
+        p = Path(data)  # a folder with training or validation shards (an ImageFolder tree has no .tar files)
+        return p.is_dir() and any(("train" in Path(t).name or "val" in Path(t).name) for t in _folder_tars(p))
 
     def check_options(self, options) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
