@@ -36,7 +36,7 @@ import torch
 import leanvit  # noqa: F401  (registers shunted_*)
 from leanvit.dense import create_detector
 from leanvit.measure.memory import _LiveTensorBytes
-from leanvit.runtime import environment, machine_load, sync_device
+from leanvit.utils import environment, machine_load, sync_device
 
 
 def _sample(h: int, w: int, masks: bool, device):

@@ -19,7 +19,7 @@ import torch
 
 import leanvit
 from leanvit.measure import interleaved_measure
-from leanvit.runtime import environment
+from leanvit.utils import environment
 
 TARGETS = {1.0: 0.97, 0.7: 1.45}
 

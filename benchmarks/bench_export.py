@@ -32,10 +32,10 @@ import timm
 import torch
 
 import leanvit
-from leanvit.export import export_model, verify_export
+from leanvit.deploy.export import OnnxRuntimeModel, export_model, verify_export
+from leanvit.deploy.runtimes import compile_model
 from leanvit.measure import interleaved_measure
-from leanvit.measure.runtimes import OnnxRuntimeModel, compile_model
-from leanvit.runtime import busy_note, environment
+from leanvit.utils import busy_note, environment
 
 
 class TokenCountBound(torch.nn.Module):

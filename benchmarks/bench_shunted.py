@@ -26,7 +26,7 @@ import torch
 
 import leanvit
 from leanvit.measure import forward_peak_memory_mb, interleaved_measure
-from leanvit.runtime import environment
+from leanvit.utils import environment
 from leanvit.models.shunted import set_fused_attn
 
 SPEED_TARGET = 1.00  # SDPA img/s / explicit img/s at 224, at least

@@ -22,7 +22,7 @@ import torch
 
 import leanvit
 from leanvit.measure import interleaved_measure
-from leanvit.runtime import environment
+from leanvit.utils import environment
 
 TARGETS = {"tome r=13": 1.7}
 

@@ -1,4 +1,4 @@
-"""The ``leanvit`` command line: ``leanvit train | eval | bench | viz | flops | demo | export``.
+"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export | sweep``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. User mistakes (:class:`leanvit.errors.LeanvitError`, missing files) are printed
@@ -29,7 +29,9 @@ COMMANDS = {
 
 def build_parser(command=None) -> argparse.ArgumentParser:
     """All commands are listed; only ``command``'s module is imported (keeps every call fast)."""
-    parser = argparse.ArgumentParser(prog="leanvit", description="Lean vision transformers.")
+    parser = argparse.ArgumentParser(prog="leanvit", description="Lean vision transformers.",
+                                     epilog="--plugin MODULE (before the command, repeatable): import MODULE "
+                                            "first, e.g. one that registers a task (leanvit.tasks.register_task)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -68,9 +70,40 @@ def setup_logging() -> None:
     root.propagate = False
 
 
+def _plugins(argv):
+    """``--plugin MODULE`` options before the command: (modules, the other arguments)."""
+    modules, i = [], 0
+    while i < len(argv) and argv[i].startswith("-"):
+        a = argv[i]
+        if a.startswith("--plugin="):
+            modules.append(a.split("=", 1)[1])
+        elif a == "--plugin" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+            i += 1
+        else:
+            break
+        i += 1
+    return modules, argv[i:]
+
+
+def load_plugins(modules) -> None:
+    """Import ``modules`` (each may register tasks, reduction methods or dataset kinds)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise LeanvitError(f"--plugin {name}: cannot import it ({e})") from None
+
+
 def main(argv=None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
+    plugins, argv = _plugins(argv)
+    try:
+        load_plugins(plugins)
+    except LeanvitError as e:
+        print(f"leanvit: error: {e}", file=sys.stderr)
+        return 2
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)

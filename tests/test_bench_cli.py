@@ -49,6 +49,10 @@ def test_bench_cli_user_errors(tmp_path, capsys):
 
     bench("--models", "deit_tiny_patch16_224", "--keep-rates", "0.7,1.5", needles=["must be in (0, 1]"])
     bench("--models", "deit_tiny_patch16_224", "--keep-rates", "0", needles=["must be in (0, 1]"])
+    # an empty strength is an error (not the method at no reduction), a value out of range names the range
+    bench("--models", "deit_tiny_patch16_224", "--reduction", "evit:", needles=["'evit:'", "keep_rate", "missing"])
+    bench("--models", "deit_tiny_patch16_224", "--reduction", "evit:0", needles=["'evit:0'", "(0, 1]"])
+    bench("--models", "deit_tiny_patch16_224", "--reduction", "tome:-2", needles=["'tome:-2'", "integer >= 0"])
     bench("--models", "deit_tiny_patch16_224", "--img-sizes", "big", needles=["--img-sizes"])
     bench("--models", "deit_tiny_patch16_224", "--img-sizes", "8", needles=["smaller than the model's 16x16"])
     if not torch.cuda.is_available():

@@ -10,7 +10,7 @@ from PIL import Image
 from leanvit.data import create_dataset, dataset_classes, resolve_dataset_kind
 from leanvit.data.dense import IGNORE_INDEX, collate_segmentation, detection_transform, segmentation_transform
 from leanvit.errors import LeanvitError
-from leanvit.evaluate_dense import coco_map, confusion_matrix, segmentation_scores
+from leanvit.tasks.dense_eval import coco_map, confusion_matrix, segmentation_scores
 
 
 # ------------------------------------------------------------------------------------------ embedded scenes

@@ -222,7 +222,7 @@ def test_maskrcnn_trains_on_instance_masks_with_amp(tmp_path):
 
 def test_finetune_loads_a_classification_checkpoint_into_the_backbone(tmp_path):
     from leanvit import create_model, save_checkpoint
-    from leanvit.train.tasks import load_dense_model
+    from leanvit.tasks.dense import load_dense_model
 
     torch.manual_seed(1)
     clf = create_model("shunted_t", num_classes=10, img_size=64, **TINY)

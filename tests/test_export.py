@@ -8,8 +8,8 @@ import torch
 
 import leanvit  # noqa: F401  (registers the models)
 from leanvit.errors import LeanvitError
-from leanvit.export import export_model, keep_rate_path, load_exported, min_dynamic_side, verify_export
-from leanvit.measure.runtimes import prepare_runtime
+from leanvit.deploy.export import export_model, keep_rate_path, load_exported, min_dynamic_side, verify_export
+from leanvit.deploy.runtimes import prepare_runtime
 from cli_helpers import cli, one_line_error
 
 pytest.importorskip("onnxruntime")

@@ -1,6 +1,7 @@
 """The package layout holds: libraries never import tools, modules stay small, and a new reduction method or
 dataset kind needs only its own module plus a registration (shown here with throwaway ones)."""
 import ast
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,193 @@ def test_registered_dataset_kind_trains(tmp_path):
         _KINDS[:] = [k for k in _KINDS if k.name != "test-noise"]
     with pytest.raises(LeanvitError, match="no such folder"):
         create_dataset("test-noise", "val")
+
+
+# ---------------------------------------------------------------- tasks are peers; no cycles; no private imports
+TASK_NAMES = {"classification", "detection", "segmentation"}
+# what train/ and tools/ may use of leanvit.tasks: the package's API, its registry and base class, and the
+# evaluation libraries (``*_eval``); not the task modules themselves
+_TASK_API = {"leanvit.tasks", "leanvit.tasks.registry", "leanvit.tasks.base"}
+
+
+def _module_name(path: Path, root: Path = PKG) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules(root: Path = PKG) -> dict:
+    return {_module_name(p, root): p for p in root.rglob("*.py")}
+
+
+def _import_targets(path: Path, name: str, known) -> set:
+    """The leanvit modules ``path`` (module ``name``) imports, function-local imports included, plus the
+    packages Python initializes on the way (``a.b.c`` runs ``a/b/__init__``) where ``name`` is outside them."""
+    is_pkg = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        mods = []
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                pkg = pkg[:len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([base] if base else []))
+            mods = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for m in mods:
+            while m and m not in known:  # an attribute of a module: the module
+                m = m.rpartition(".")[0]
+            if not m or m == name:
+                continue
+            out.add(m)
+            parent = m.rpartition(".")[0]
+            while parent:
+                if parent in known and not name.startswith(parent + ".") and parent != name:
+                    out.add(parent)
+                parent = parent.rpartition(".")[0]
+    return out
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:
+        for v in sorted(graph):
+            if v not in index:
+                visit(v)
+    finally:
+        sys.setrecursionlimit(limit)
+    return out
+
+
+def _import_graph(root: Path = PKG) -> dict:
+    mods = _modules(root)
+    return {name: _import_targets(path, name, set(mods)) for name, path in mods.items()}
+
+
+def test_no_import_cycles_among_library_modules():
+    assert not _cycles(_import_graph()), _cycles(_import_graph())
+
+
+def _fake_package(tmp_path, files: dict) -> Path:
+    root = tmp_path / "leanvit"
+    for rel, text in {"__init__.py": "", **files}.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return root
+
+
+def test_the_cycle_check_sees_cycles(tmp_path):
+    # a function-local import closing a cycle, and one through a package's __init__
+    root = _fake_package(tmp_path, {
+        "export.py": "from leanvit.runtimes import Runner\n",
+        "runtimes.py": "def f():\n    from leanvit.export import export_model\n",
+        "train/__init__.py": "from leanvit.train.engine import train\n",
+        "train/engine.py": "from leanvit.tasks import get_task\n",
+        "train/setup.py": "x = 1\n",
+        "tasks/__init__.py": "from leanvit.tasks import classification\n",
+        "tasks/classification.py": "from leanvit.train.setup import x\n",
+        "ok/__init__.py": "from leanvit.ok import a\n",
+        "ok/a.py": "from leanvit.ok.b import y\n",
+        "ok/b.py": "y = 1\n",
+    })
+    cycles = _cycles(_import_graph(root))
+    assert ["leanvit.export", "leanvit.runtimes"] in cycles
+    assert any("leanvit.train" in c and "leanvit.tasks.classification" in c for c in cycles)
+    assert not any(m.startswith("leanvit.ok") for c in cycles for m in c)  # a package importing its modules
+
+
+def _private_imports(root: Path = PKG) -> list:
+    bad = []
+    for name, path in _modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("leanvit"):
+                bad += [f"{name}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert not _private_imports(), _private_imports()
+
+
+def test_the_private_import_check_sees_one(tmp_path):
+    root = _fake_package(tmp_path, {"viz_merge.py": "from leanvit.viz import _as_images, draw_rows\n",
+                                    "data/__init__.py": "from leanvit.data import digits as _digits\n",
+                                    "data/digits.py": ""})
+    assert _private_imports(root) == ["leanvit.viz_merge: leanvit.viz._as_images"]
+
+
+def _task_coupling(path: Path, name: str, known) -> list:
+    """Where module ``path`` imports a task's internals or branches on a task: a comparison or match with a
+    task's name, or an ``isinstance`` check against a task class."""
+    found = []
+    for m in _import_targets(path, name, known):
+        if m.startswith("leanvit.tasks.") and m not in _TASK_API and not m.endswith("_eval"):
+            found.append(f"imports {m}")
+    for node in ast.walk(ast.parse(path.read_text())):
+        values = []
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                elts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                values += [e.value for e in elts if isinstance(e, ast.Constant)]
+        elif isinstance(node, ast.MatchValue) and isinstance(node.value, ast.Constant):
+            values.append(node.value.value)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            found += [f"line {node.lineno}: isinstance(..., {ast.unparse(k)})" for k in kinds
+                      if ast.unparse(k).endswith("Task")]
+        found += [f"line {node.lineno}: compares with {v!r}" for v in values if v in TASK_NAMES]
+    return found
+
+
+def test_engine_and_commands_know_no_task_by_name():
+    mods = _modules()
+    offenders = {name: f for name, path in mods.items()
+                 if name.startswith(("leanvit.train", "leanvit.tools")) and (f := _task_coupling(path, name, mods))}
+    assert not offenders, offenders
+
+
+def test_the_task_coupling_check_sees_branches_and_imports(tmp_path):
+    root = _fake_package(tmp_path, {
+        "tasks/__init__.py": "", "tasks/registry.py": "", "tasks/detection.py": "", "tasks/dense_eval.py": "",
+        "tools/__init__.py": "",
+        "tools/a.py": "from leanvit.tasks.detection import DetectionTask\n",
+        "tools/b.py": "def f(task):\n    if task.name == 'detection':\n        return 1\n",
+        "tools/c.py": "def f(task):\n    return task in ('segmentation', 'x')\n",
+        "tools/d.py": "def f(t):\n    match t:\n        case 'classification':\n            return 1\n",
+        "tools/e.py": "def f(t, _DenseTask):\n    return isinstance(t, _DenseTask)\n",
+        "tools/ok.py": "from leanvit.tasks import get_task\nfrom leanvit.tasks.dense_eval import coco_map\n"
+                       "def f(args):\n    return args.task == 'detect'\n",
+    })
+    mods = _modules(root)
+    found = {n.rsplit(".", 1)[-1]: _task_coupling(p, n, mods) for n, p in mods.items() if n.startswith("leanvit.tools.")}
+    assert found["a"] == ["imports leanvit.tasks.detection"]
+    assert all(found[k] for k in "bcde") and found["ok"] == [], found

@@ -434,7 +434,7 @@ def test_bench_states_the_load_and_warns_when_busy(tmp_path, capsys, monkeypatch
 def test_resumable_sampler_and_seeded_samples():
     from timm.data.distributed_sampler import RepeatAugSampler
 
-    from leanvit.train.setup import EpochShuffleSampler, ResumableSampler, SeededSamples
+    from leanvit.data.sampling import EpochShuffleSampler, ResumableSampler, SeededSamples
 
     class Noise:
         def __len__(self):

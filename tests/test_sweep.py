@@ -19,8 +19,10 @@ def test_parse_grid():
     assert grid == [("evit", 1.0), ("evit", 0.7), ("tome", 0), ("tome", 8), ("evit-drop", 0.5), (None, None)]
     with pytest.raises(LeanvitError, match="unknown reduction"):
         parse_grid(["tomee:4"])
-    with pytest.raises(LeanvitError):
+    with pytest.raises(LeanvitError, match="integer >= 0"):
         parse_grid(["tome:2.5"])
+    with pytest.raises(LeanvitError, match="missing"):
+        parse_grid(["evit:"])  # not evit at no reduction
 
 
 def _rows():
@@ -96,6 +98,10 @@ def test_sweep_cli_twelve_points_and_eval_agreement(tiny_checkpoint, tmp_path):
 def test_sweep_cli_errors(tiny_checkpoint, capsys):
     one_line_error(*cli_error(capsys, "sweep", "--checkpoint", str(tiny_checkpoint), "--data", "digits",
                               "--reduction", "tome:x"), "cannot read 'x'")
+    for text, needle in (("evit:", "keep_rate value is missing"), ("evit:0", "(0, 1]"),
+                         ("evit-drop:2", "(0, 1]"), ("tome:1.5", "integer >= 0")):
+        one_line_error(*cli_error(capsys, "sweep", "--checkpoint", str(tiny_checkpoint), "--data", "digits",
+                                  "--reduction", "evit:0.7", text), f"'{text}'", needle)
     one_line_error(*cli_error(capsys, "sweep", "--data", "digits", "--reduction", "evit:0.7"),
                    "--model and/or --checkpoint")
     one_line_error(*cli_error(capsys, "sweep", "--checkpoint", str(tiny_checkpoint), "--data", "digits",
@@ -107,7 +113,7 @@ def test_demo_sweep_section(tmp_path):
     """The demo's sweep step on a tiny trained DeiT III model and its EViT version: report section,
     sweep.csv and pareto.png."""
     from leanvit.reduction.evit import apply_evit
-    from leanvit.runtime import build_model
+    from leanvit.models.build import build_model
     from leanvit.tools import demo
     from leanvit.train import train
 

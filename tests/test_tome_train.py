@@ -30,7 +30,7 @@ def test_tiny_training_run_with_tome(tmp_path):
     assert strengths[0] == 0 and strengths[-1] == 4 and all(isinstance(s, int) for s in strengths)
     assert res["model_spec"]["reduction"] == {"method": "tome", "r": 4}
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in res["history"])
-    from leanvit.runtime import build_model
+    from leanvit.models.build import build_model
     model = build_model(checkpoint=res["last"]).model
     assert is_tome(model) and model.r == 4
     with torch.no_grad():

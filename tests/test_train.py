@@ -112,7 +112,7 @@ def test_simple_random_crop_and_eval_transform():
 def test_bce_targets_follow_deit3_threshold_rule():
     from timm.data import Mixup
 
-    from leanvit.train.setup import build_loss as _build_loss
+    from leanvit.tasks.classification import build_loss as _build_loss
 
     torch.manual_seed(0)
     np.random.seed(0)

@@ -55,7 +55,7 @@ def test_viz_cli_digits_and_recorded_checkpoint(files, tmp_path):
 
 
 def test_masks_titles_and_api(files, tmp_path):
-    from leanvit.viz import _rows, viz_transform
+    from leanvit.viz.tokens import kept_token_rows as _rows, viz_transform
 
     torch.manual_seed(0)
     model = apply_evit(create_model("vit_tiny_patch16_224", img_size=64, num_classes=10), keep_rate=0.5)

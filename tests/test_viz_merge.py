@@ -6,7 +6,7 @@ from PIL import Image
 
 import leanvit
 from cli_helpers import leanvit as run_cli
-from leanvit.viz_merge import merge_groups, paint_groups, render_merged_tokens, shown_blocks
+from leanvit.viz.merges import merge_groups, paint_groups, render_merged_tokens, shown_blocks
 
 
 def tiny_tome(r=6):

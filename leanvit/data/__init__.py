@@ -23,7 +23,7 @@ from leanvit.data import coco as _coco  # noqa: F401,E402
 # sharded and hub data: WebDataset tar shards, Hugging Face datasets
 from leanvit.data import shards as _shards  # noqa: F401,E402
 from leanvit.data import hf as _hf  # noqa: F401,E402
-from leanvit.runtime import model_input_size, to_2tuple
+from leanvit.utils import model_input_size, to_2tuple
 
 __all__ = ["create_dataset", "dataset_classes", "dataset_options", "register_dataset", "DatasetKind",
            "resolve_dataset_kind", "list_dataset_kinds", "normalization", "build_train_dataset",

@@ -90,12 +90,13 @@ def split_scans(split: str, renders_per_epoch: int, val_renders: int, val_fracti
     return scans[idx], labels[idx], idx, renders
 
 
-def _resize(a: np.ndarray, size: int) -> np.ndarray:
+def resize_scan(a: np.ndarray, size: int) -> np.ndarray:
+    """An 8x8 scan (values in [0, 1]) resized bicubically to ``size`` x ``size``."""
     img = Image.fromarray(a.astype(np.float32), mode="F")
     return np.clip(np.asarray(img.resize((size, size), Image.BICUBIC)), 0.0, 1.0)
 
 
-def _color(rng: np.random.Generator, lo: float) -> np.ndarray:
+def random_color(rng: np.random.Generator, lo: float) -> np.ndarray:
     """A random RGB colour whose brightest channel is 1 and the others in [lo, 1]."""
     c = rng.uniform(lo, 1.0, size=3)
     c[rng.integers(3)] = 1.0
@@ -110,7 +111,7 @@ def render(scan: np.ndarray, rng: np.random.Generator, others: np.ndarray, canva
     All randomness comes from ``rng``."""
     s = canvas_size
     # background: a dark level and pixel noise, slightly coloured
-    bg = rng.uniform(0.0, 0.15) * _color(rng, 0.6)
+    bg = rng.uniform(0.0, 0.15) * random_color(rng, 0.6)
     canvas = np.broadcast_to(bg, (s, s, 3)).copy()
     canvas += rng.normal(0.0, noise, size=(s, s, 1)).astype(np.float32)
     # distractors: a quarter-scan fragment of another digit, dim, anywhere
@@ -118,18 +119,18 @@ def render(scan: np.ndarray, rng: np.random.Generator, others: np.ndarray, canva
     for _ in range(num_fragments):
         other = others[rng.integers(len(others))]
         r0, c0 = rng.integers(0, 5, size=2)
-        piece = _resize(other[r0:r0 + 4, c0:c0 + 4], frag_size) * rng.uniform(0.25, 0.5)
+        piece = resize_scan(other[r0:r0 + 4, c0:c0 + 4], frag_size) * rng.uniform(0.25, 0.5)
         y, x = rng.integers(0, s - frag_size + 1, size=2)
         region = canvas[y:y + frag_size, x:x + frag_size]
-        np.maximum(region, piece[..., None] * _color(rng, 0.3), out=region)
+        np.maximum(region, piece[..., None] * random_color(rng, 0.3), out=region)
     # the digit, over everything
-    ink = _resize(scan, digit_size) * rng.uniform(0.75, 1.0)
+    ink = resize_scan(scan, digit_size) * rng.uniform(0.75, 1.0)
     centre = (s - digit_size) / 2.0
     lo = int(np.floor(max(0.0, centre - max_offset)))
     hi = int(np.ceil(min(s - digit_size, centre + max_offset)))
     y, x = rng.integers(lo, hi + 1, size=2)
     region = canvas[y:y + digit_size, x:x + digit_size]
-    np.maximum(region, ink[..., None] * _color(rng, 0.4), out=region)
+    np.maximum(region, ink[..., None] * random_color(rng, 0.4), out=region)
     return (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 

@@ -28,12 +28,12 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from timm.data import create_transform
 from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+from timm.layers import to_2tuple
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 from leanvit.errors import LeanvitError
-from leanvit.runtime import to_2tuple
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "three_augment_ops", "SimpleRandomCrop", "build_train_transform",

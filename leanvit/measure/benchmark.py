@@ -17,11 +17,11 @@ from tqdm import tqdm
 from leanvit.errors import LeanvitError
 from leanvit.measure.flops import gmacs
 from leanvit.measure.memory import forward_peak_memory_mb
-from leanvit.measure.runtimes import RUNTIMES, prepare_runtime
+from leanvit.deploy.runtimes import RUNTIMES, prepare_runtime
 from leanvit.measure.timing import interleaved_measure
 from leanvit.models.factory import create_model
 from leanvit.reduction import ReductionMethod, applied_reduction, get_reduction
-from leanvit.runtime import check_input_size, model_input_size, to_2tuple
+from leanvit.utils import check_input_size, model_input_size, to_2tuple
 
 __all__ = ["ReducedView", "benchmark_models", "build_configurations", "reduction_label", "Configuration"]
 
@@ -98,7 +98,7 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
     on ``device`` in ``dtype``.
 
     ``runtimes``: measure every model under each of ``eager``, ``compile``, ``onnxruntime``
-    (:mod:`leanvit.measure.runtimes`; labels of non-eager entries get `` [runtime]``); rows then also have
+    (:mod:`leanvit.deploy.runtimes`; labels of non-eager entries get `` [runtime]``); rows then also have
     ``runtime`` and ``setup_s`` (compile time, or ONNX export + session creation). ``latency_repeats > 0``
     adds a batch-1 latency pass, interleaved over all entries of a size: ``lat1_ms`` (median) and
     ``lat1_p90_ms`` (90th percentile) over ``latency_repeats`` runs."""
@@ -109,7 +109,7 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
         raise LeanvitError("benchmark_models: no models given")
     configs = {label: _as_config(label, v, img_size) for label, v in models.items()}
     sources = {label: c[0] for label, c in configs.items()}  # the eager module: params, GMACs, memory
-    # --- runtimes (leanvit.measure.runtimes) -------------------------------------------------------------
+    # --- runtimes (leanvit.deploy.runtimes) -------------------------------------------------------------
     if tuple(runtimes) != ("eager",):
         configs, sources = _with_runtimes(configs, runtimes, batch_size, device, dtype, workdir)
     # -------------------------------------------------------------------------------------------------------

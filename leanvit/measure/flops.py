@@ -11,9 +11,9 @@ charged for the tokens it really processes.
 from __future__ import annotations
 
 import torch
+from timm.layers import to_2tuple
 from torch.utils.flop_counter import FlopCounterMode
 
-from leanvit.runtime import to_2tuple
 
 __all__ = ["gmacs", "count_macs"]
 
@@ -37,8 +37,9 @@ def _extra_formulas() -> dict:
 
 
 @torch.no_grad()
-def count_macs(model: torch.nn.Module, img_size=224, in_chans: int = 3, **forward_kwargs) -> int:
-    """Multiply-adds of one forward pass on a single image of ``img_size`` (int or (H, W))."""
+def count_macs(model: torch.nn.Module, img_size=224, in_chans: int = 3, example=None, **forward_kwargs) -> int:
+    """Multiply-adds of one forward pass on a single image of ``img_size`` (int or (H, W)); ``example``: the
+    input to use instead (e.g. a list of one image for a torchvision detector)."""
     h, w = to_2tuple(img_size)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -48,12 +49,18 @@ def count_macs(model: torch.nn.Module, img_size=224, in_chans: int = 3, **forwar
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
         with counter:
-            model(torch.zeros(1, in_chans, h, w, device=device, dtype=dtype), **forward_kwargs)
+            if example is None:
+                example = torch.zeros(1, in_chans, h, w, device=device, dtype=dtype)
+            elif isinstance(example, (list, tuple)):
+                example = [t.to(device=device, dtype=dtype) for t in example]
+            else:
+                example = example.to(device=device, dtype=dtype)
+            model(example, **forward_kwargs)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
 
 
-def gmacs(model: torch.nn.Module, img_size=224, in_chans: int = 3, **forward_kwargs) -> float:
+def gmacs(model: torch.nn.Module, img_size=224, in_chans: int = 3, example=None, **forward_kwargs) -> float:
     """GMACs (10^9 multiply-adds) of one image, as the EViT/DeiT/Shunted papers report "GFLOPs"."""
-    return count_macs(model, img_size, in_chans, **forward_kwargs) / 1e9
+    return count_macs(model, img_size, in_chans, example, **forward_kwargs) / 1e9

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from leanvit.runtime import machine_load
+from leanvit.utils import machine_load
 
 __all__ = ["LoadWatch"]
 

@@ -5,20 +5,20 @@ the training engine and checkpoints speak only this protocol, so a new method is
 ``leanvit/reduction/`` that subclasses :class:`ReductionMethod` and calls :func:`register_reduction`.
 
 Every method has one *strength knob* (EViT: ``keep_rate`` in (0, 1], 1 = no reduction), which can be read
-and set on an applied model, scheduled during training and overridden per forward call.
+and set on an applied model, scheduled during training and overridden per forward call. A setting as users
+write it ("evit:0.7", a recipe mapping) is read by :class:`leanvit.reduction.spec.ReductionSpec`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
 from leanvit.errors import LeanvitError
 
 __all__ = ["ReductionMethod", "register_reduction", "get_reduction", "list_reductions", "apply_reduction",
-           "remove_reduction", "applied_reduction", "parse_reduction_spec", "reduction_spec",
-           "apply_reduction_spec", "cosine_schedule"]
+           "remove_reduction", "applied_reduction", "reduction_spec", "cosine_schedule"]
 
 _REGISTRY: Dict[str, "ReductionMethod"] = {}
 
@@ -145,29 +145,3 @@ def reduction_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
     """``{"method": name, **options}`` of the reduction applied to ``model`` (None if none)."""
     current = applied_reduction(model)
     return current.spec(model) if current is not None else None
-
-
-def apply_reduction_spec(model: nn.Module, spec: Optional[Dict[str, Any]]) -> nn.Module:
-    if not spec:
-        return model
-    spec = dict(spec)
-    name = spec.pop("method", None)
-    if name is None:
-        raise LeanvitError(f"a reduction spec needs 'method', got {spec}")
-    return apply_reduction(model, name, **spec)
-
-
-def parse_reduction_spec(text: str) -> Tuple[ReductionMethod, List[Any]]:
-    """``"evit:1.0,0.7,0.5"`` -> (the EViT method, [1.0, 0.7, 0.5]); ``"evit"`` -> (method, [])."""
-    name, _, values = str(text).partition(":")
-    method = get_reduction(name.strip())
-    out = []
-    for v in (s.strip() for s in values.split(",")):
-        if not v:
-            continue
-        try:
-            out.append(method.parse_strength(v))
-        except (TypeError, ValueError):
-            raise LeanvitError(f"{method.name}: cannot read '{v}' as a {method.knob}") from None
-    return method, out
-

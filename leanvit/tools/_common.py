@@ -5,10 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 from leanvit.errors import LeanvitError
-from leanvit.models.factory import reduction_from_options
-from leanvit.reduction import parse_reduction_spec
+from leanvit.models.build import BuiltModel, build_model
+from leanvit.reduction import ReductionSpec
 from leanvit.reduction.reorg import check_keep_rate
-from leanvit.runtime import BuiltModel, build_model, img_size_arg
+from leanvit.utils import img_size_arg
 
 __all__ = ["add_model_arguments", "reduction_from_args", "build_from_args", "check_output_folder"]
 
@@ -28,20 +28,15 @@ def add_model_arguments(p, keep_rate_help: str = "EViT keep rate in (0, 1] (alia
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
 
-def reduction_from_args(args) -> Optional[dict]:
+def reduction_from_args(args) -> Optional[ReductionSpec]:
     """``--reduction METHOD:VALUE`` and/or its EViT alias ``--keep-rate R`` as one spec (or None)."""
-    spec = None
-    if getattr(args, "reduction", None):
-        method, values = parse_reduction_spec(args.reduction)
-        if len(values) > 1:
-            raise LeanvitError(f"--reduction takes one value here, got {args.reduction}")
-        spec = {"method": method.name, **({method.knob: values[0]} if values else {})}
-    if getattr(args, "keep_rate", None) is not None:
+    keep_rate = getattr(args, "keep_rate", None)
+    if keep_rate is not None:
         try:
-            check_keep_rate(args.keep_rate)
+            check_keep_rate(keep_rate)
         except LeanvitError as e:
             raise LeanvitError(f"--keep-rate: {e}") from None
-    return reduction_from_options(spec, getattr(args, "keep_rate", None))
+    return ReductionSpec.parse(getattr(args, "reduction", None) or None, keep_rate=keep_rate, what="--reduction")
 
 
 def build_from_args(args, data_classes: Optional[int] = None) -> BuiltModel:

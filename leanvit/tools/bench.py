@@ -13,11 +13,11 @@ import torch
 from leanvit.errors import LeanvitError
 from leanvit.measure import BENCH_COLUMNS, benchmark_models, build_configurations, format_table, plot_benchmark, write_csv
 from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
-from leanvit.measure.runtimes import RUNTIMES
-from leanvit.reduction import parse_reduction_spec
+from leanvit.deploy.runtimes import RUNTIMES
+from leanvit.reduction import is_none_text, parse_strengths
 from leanvit.reduction.reorg import check_keep_rate
 from leanvit.measure.load import LoadWatch
-from leanvit.runtime import busy_note, environment, resolve_device
+from leanvit.utils import busy_note, environment, resolve_device
 from leanvit.tools._common import check_output_folder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -31,7 +31,7 @@ def split_list(values: Optional[Sequence[str]]) -> List[str]:
 def parse_keep_rates(values: Optional[Sequence[str]]) -> List[Optional[float]]:
     out = []
     for v in split_list(values):
-        out.append(None if v.lower() in ("none", "-", "off") else check_keep_rate(v, "--keep-rates value"))
+        out.append(None if is_none_text(v) else check_keep_rate(v, "--keep-rates value"))
     return out or [None]
 
 
@@ -39,10 +39,10 @@ def parse_reductions(values: Optional[Sequence[str]]) -> list:
     """``["evit:1.0,0.7", "evit-drop:0.5", "none"]`` -> [("evit", 1.0), ("evit", 0.7), ("evit-drop", 0.5), (None, None)]."""
     out = []
     for text in values or []:
-        if text.strip().lower() in ("none", "-", "off"):
+        if is_none_text(text):
             out.append((None, None))
             continue
-        method, strengths = parse_reduction_spec(text)
+        method, strengths = parse_strengths(text)
         out += [(method.name, s) for s in (strengths or [method.none_value])]
     return out
 
@@ -82,7 +82,7 @@ def add_arguments(p) -> None:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # --- runtimes and batch-1 latency (issue 12) ---
+    # --- runtimes and batch-1 latency ---
     p.add_argument("--runtime", nargs="+", default=["eager"], metavar="R1,R2",
                    help=f"runtimes to measure every model under: {', '.join(RUNTIMES)} (default eager); "
                         "compile = torch.compile (its compile time is shown), onnxruntime = an ONNX export run "
@@ -124,7 +124,7 @@ def run(args) -> int:
     header = (f"{environment(str(device))} | dtype={str(dtype).replace('torch.', '')} | batch={args.batch_size} | "
               f"warmup={args.warmup}, median of {args.repeats} interleaved runs")
     print(header, flush=True)
-    load = LoadWatch()  # issue 11: say the load at the start and the end, warn when busy
+    load = LoadWatch()  # say the load at the start and the end, warn when busy
     print(load.line, flush=True)
     busy = busy_note(device)
     for n in notes + ([busy] if busy else []):

@@ -19,11 +19,12 @@ import torch
 
 from leanvit.data import build_eval_dataset
 from leanvit.errors import LeanvitError
-from leanvit.evaluate import evaluate
+from leanvit.tasks.classification_eval import evaluate
 from leanvit.measure import benchmark_models
 from leanvit.measure.load import LoadWatch
 from leanvit.reduction.evit import apply_evit
-from leanvit.runtime import build_model, environment, model_input_size
+from leanvit.utils import environment, model_input_size
+from leanvit.models.build import build_model
 from leanvit.train import train
 from leanvit.viz import render_kept_tokens
 

@@ -17,12 +17,10 @@ from typing import Dict, List
 
 
 from leanvit.checkpoints import read_checkpoint
-from leanvit.evaluate_dense import evaluate_detection
 from leanvit.measure import gmacs
-from leanvit.runtime import environment
+from leanvit.utils import environment
 from leanvit.train import train
-from leanvit.train.tasks import build_dense_eval_dataset, dense_loader, load_dense_model
-from leanvit.viz_dense import visualize_dense
+from leanvit.tasks import task_of_checkpoint
 
 __all__ = ["run_detect", "DETECT_STAGES"]
 
@@ -40,15 +38,17 @@ def _train(label: str, recipe: str, out: Path, quick: bool, progress: bool) -> d
 
 
 def _evaluate(ckpt: str, progress: bool) -> dict:
-    model, spec, config, classes = load_dense_model(ckpt)
-    ds = build_dense_eval_dataset(config["data"], config, "detection")
-    res = evaluate_detection(model, dense_loader(ds, "detection", 32), num_classes=int(spec["num_classes"]),
-                             progress=progress)
+    task = task_of_checkpoint(ckpt)
+    built = task.load_model(ckpt)
+    model, config, classes = built.model, built.config, list(built.checkpoint.get("classes") or [])
+    ds, loader = task.eval_data(built, config["data"], batch_size=32)
+    res = task.evaluate(model, loader, progress=progress, dataset=ds)
     body = model.backbone.body
     hw = (int(config["min_size"]), int(config["min_size"])) if config.get("min_size") else (96, 96)
     res.update(backbone_params_m=sum(p.numel() for p in body.parameters()) / 1e6,
                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-               backbone_gmacs=gmacs(body, hw), model=model, config=config, classes=classes, dataset=ds)
+               backbone_gmacs=gmacs(body, hw), model=model, config=config, classes=classes, dataset=ds, built=built,
+               task=task)
     return res
 
 
@@ -74,8 +74,8 @@ def run_detect(args) -> int:
     images = [ds.image(i) for i in picks]
     for r in rows:
         folder = out / f"boxes_{r['recipe']}"
-        paths = visualize_dense(r["model"], "detection", images, folder, names=[f"val {i}" for i in picks],
-                                class_names=r["classes"], score_thresh=0.3)
+        paths = r["task"].draw(r["built"], images, folder, [f"val {i}" for i in picks], class_names=r["classes"],
+                               score_thresh=0.3)
         pictures.append((r["label"], paths[-1].relative_to(out)))
     seconds = time.perf_counter() - t0
     report = _report(rows, pictures, environment("cpu"), args.quick, seconds)

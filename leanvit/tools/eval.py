@@ -1,5 +1,6 @@
-"""``leanvit eval``: top-1 / top-5, loss and forward throughput of a model on labelled data
-(library: :func:`leanvit.evaluate.evaluate`, :func:`leanvit.data.build_eval_dataset`).
+"""``leanvit eval``: the metrics of a model on labelled data (classification: top-1 / top-5 and loss;
+detection: COCO mAP; segmentation: mIoU) and its forward throughput; the checkpoint's task
+(:mod:`leanvit.tasks`) says how.
 
     leanvit eval --model evit_deit_small_patch16_224 --checkpoint evit-0.7.pth --data /data/imagenet
     leanvit eval --checkpoint runs/evit_demo/best.pth --data digits
@@ -15,16 +16,11 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from leanvit.data import build_eval_dataset, dataset_classes, dataset_options
 from leanvit.errors import LeanvitError
-from leanvit.evaluate import evaluate
-from leanvit.reduction import applied_reduction
-from leanvit.runtime import resolve_device
-from leanvit.tools._common import add_model_arguments, build_from_args
-from leanvit.train.tasks import (build_dense_eval_dataset, checkpoint_task, dense_data_options, dense_loader,
-                                 load_dense_model)
+from leanvit.utils import img_size_arg, resolve_device
+from leanvit.tasks import check_data, task_of_checkpoint
+from leanvit.tools._common import add_model_arguments, reduction_from_args
 
 
 def add_arguments(p) -> None:
@@ -67,85 +63,23 @@ def _check_args(args) -> None:
                 break
 
 
-def check_class_names(recorded, classes, checkpoint, data) -> None:
-    """The data's class names must be the checkpoint's (same names, same order), or the accuracy is wrong."""
-    if recorded is None or list(map(str, recorded)) == list(map(str, classes)):
-        return
-    recorded = list(map(str, recorded))
-    missing = [c for c in recorded if c not in classes]
-    extra = [c for c in classes if c not in recorded]
-    if not missing and not extra:
-        what = "are in another order"
-    else:
-        what = (f"differ: not in the data {missing[:6] or 'none'}, not in the checkpoint {extra[:6] or 'none'}")
-    raise LeanvitError(f"the class names of {data} {what} than those {checkpoint} was trained with; the accuracy "
-                       "would be meaningless (give --ignore-class-names to evaluate by label position anyway)")
-
-
 def run(args) -> int:
     _check_args(args)
-    if args.checkpoint and checkpoint_task(args.checkpoint) != "classification":
-        return _run_dense(args)  # a detection / segmentation checkpoint (issue 10)
+    task = task_of_checkpoint(args.checkpoint)  # classification without a checkpoint that records a task
+    check_data(task, args.data, f"{args.checkpoint}'s task" if args.checkpoint else "the model's task")
     device = resolve_device(args.device)
-    classes = dataset_classes(args.data, args.split)
-    model, name, hw, config, ckpt = build_from_args(args, data_classes=len(classes))
-    if not args.ignore_class_names:
-        check_class_names((ckpt or {}).get("classes"), classes, args.checkpoint, args.data)
-    n_out = getattr(model, "num_classes", None)
-    if n_out is not None and n_out != len(classes):
-        raise LeanvitError(f"the model has {n_out} classes but the data has {len(classes)} "
-                           f"({args.data}); evaluate on data with the model's classes")
-    dataset = build_eval_dataset(args.data, model, hw, config=config, split=args.split, crop_pct=args.crop_pct,
-                                 interpolation=args.interpolation, options=dataset_options(args.data, config))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        pin_memory=device.type == "cuda")
-    res = evaluate(model, loader, device=device, amp=args.amp, progress=not args.no_progress,
-                   max_batches=args.max_batches)
-    method = applied_reduction(model)
-    keep = getattr(model, "keep_rate", None)
-    res.update(model=name, checkpoint=args.checkpoint, data=args.data, img_size=f"{hw[0]}x{hw[1]}",
-               reduction=method.spec(model) if method else None, keep_rate=keep, batch_size=args.batch_size,
-               device=str(device), threads=torch.get_num_threads())
-    shown = f" {method.knob}={method.format_strength(method.get_strength(model))}" if method else ""
-    print(f"{name}{shown} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): "
-          f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
-          f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads)")
-    _write_json(res, args.output)
-    return 0
-
-
-# --------------------------------------------------------------------- dense checkpoints (issue 10)
-
-
-def _run_dense(args) -> int:
-    """COCO mAP (detection) or mIoU / pixel accuracy (segmentation) of a dense ``leanvit train`` checkpoint."""
-    from leanvit.evaluate_dense import DETECTION_KEYS, MASK_KEYS, evaluate_detection, evaluate_segmentation
-
-    device = resolve_device(args.device)
-    model, spec, config, classes = load_dense_model(args.checkpoint)
-    task = spec["task"]
-    cfg = {**config, "data": args.data}
-    dataset = build_dense_eval_dataset(args.data, cfg, task, split=args.split,
-                                       options=dense_data_options(cfg, task))
-    data_classes = list(getattr(dataset, "classes", []))
-    if len(data_classes) != int(spec["num_classes"]):
-        raise LeanvitError(f"the model has {spec['num_classes']} classes but {args.data} has {len(data_classes)}; "
-                           "evaluate on data with the model's classes")
-    loader = dense_loader(dataset, task, args.batch_size, args.workers, pin_memory=device.type == "cuda")
-    model = model.to(device)
-    common = dict(device=device, amp=args.amp, progress=not args.no_progress, max_batches=args.max_batches)
-    if task == "detection":
-        res = evaluate_detection(model, loader, num_classes=int(spec["num_classes"]), **common)
-        shown = "  ".join(f"{k[4:]} {res[k]:.4f}" for k in DETECTION_KEYS + MASK_KEYS if k in res)
-    else:
-        res = evaluate_segmentation(model, loader, int(spec["num_classes"]),
-                                    miou_classes=getattr(dataset, "miou_classes", None), **common)
-        shown = (f"mIoU {res['val_miou']:.4f}  mIoU (all classes) {res['val_miou_all']:.4f}  "
-                 f"pixel acc {res['val_pixel_acc']:.4f}")
-    res.update(model=spec["name"], head=spec["head"], task=task, checkpoint=args.checkpoint, data=args.data,
-               batch_size=args.batch_size, device=str(device), threads=torch.get_num_threads())
-    print(f"{spec['head']} on {spec['name']} ({task}) on {args.data} ({res['images']} images): {shown}  "
+    built = task.load_model(args.checkpoint, args.model, reduction_from_args(args), img_size_arg(args.img_size),
+                            args.num_classes, data=args.data, split=args.split)
+    dataset, loader = task.eval_data(built, args.data, args.split, args.batch_size, args.workers, device,
+                                     crop_pct=args.crop_pct, interpolation=args.interpolation,
+                                     check_classes=not args.ignore_class_names, source=args.checkpoint)
+    res = task.evaluate(built.model, loader, device=device, amp=args.amp, progress=not args.no_progress,
+                        max_batches=args.max_batches, dataset=dataset)
+    hw = built.img_size
+    res.update(task.record(built), model=built.name, task=task.name, checkpoint=args.checkpoint, data=args.data,
+               img_size=f"{hw[0]}x{hw[1]}", batch_size=args.batch_size, device=str(device),
+               threads=torch.get_num_threads())
+    print(f"{task.title(built)} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): {task.describe(res)}  "
           f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads)")
     for line in getattr(getattr(dataset, "skips", None), "lines", lambda: [])():

@@ -1,5 +1,5 @@
 """``leanvit export``: write a model to ONNX or a torch.export program and verify it against PyTorch
-(library: :mod:`leanvit.export`).
+(library: :mod:`leanvit.deploy.export`).
 
     leanvit export evit_deit_small_patch16_224 --checkpoint evit.pth --format onnx --output evit.onnx
     leanvit export deit_small_patch16_224 --keep-rate 0.5 0.7 --format onnx --output deit.onnx   # 2 files
@@ -11,11 +11,12 @@ import argparse
 import time
 
 from leanvit.errors import LeanvitError
-from leanvit.export import (FORMATS, export_model, format_from_path, keep_rate_path, min_dynamic_side,
+from leanvit.deploy.export import (FORMATS, export_model, format_from_path, keep_rate_path, min_dynamic_side,
                             verify_export)
 from leanvit.reduction import reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
-from leanvit.runtime import build_model, img_size_arg
+from leanvit.utils import img_size_arg
+from leanvit.models.build import build_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

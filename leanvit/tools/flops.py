@@ -8,7 +8,7 @@ import argparse
 
 from leanvit.measure import gmacs
 from leanvit.models.factory import create_model
-from leanvit.runtime import check_input_size, img_size_arg, model_input_size
+from leanvit.utils import check_input_size, img_size_arg, model_input_size
 from leanvit.tools._common import reduction_from_args
 
 

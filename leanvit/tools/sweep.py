@@ -6,7 +6,11 @@ your model and data and buys how much speed on this machine (library: :mod:`lean
     leanvit sweep --model deit_small_patch16_224 --checkpoint deit_s.pth --data /data/imagenet \\
         --reduction evit:0.7 tome:8,13 --img-sizes 224,256 --limit-images 2000 --target-speedup 1.5
 
-Prints a table (val top-1/top-5, drop from the unreduced model, GMACs, img/s at --batch-size, speed-up,
+On a detection or segmentation checkpoint the points are ranked by mAP (with mAP@0.5 and AP small beside
+it) or mIoU, measured on the whole model at the recipe's input size (the checkpoint's task says how:
+:mod:`leanvit.tasks`).
+
+Prints a table (the task's metrics, e.g. val top-1/top-5, drop from the unreduced model, GMACs, img/s at --batch-size, speed-up,
 batch-1 latency median and p90, Pareto membership), writes sweep.csv and pareto.png into --output, and
 with --max-drop / --target-speedup the chosen configuration with the command and Python line applying it.
 """
@@ -16,11 +20,11 @@ import shlex
 
 import torch
 
-from leanvit.data import dataset_classes
 from leanvit.errors import LeanvitError
 from leanvit.measure.report import format_table, write_csv
-from leanvit.measure.sweep import SWEEP_COLUMNS, apply_line, choose, parse_grid, plot_pareto, run_sweep
-from leanvit.runtime import build_model, busy_note, environment, img_size_arg, resolve_device
+from leanvit.measure.sweep import apply_line, choose, parse_grid, plot_pareto, run_sweep, sweep_columns
+from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
+from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import check_output_folder
 
 
@@ -29,14 +33,15 @@ def add_arguments(p) -> None:
                    help="model name (optional with a checkpoint written by leanvit train)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="local weights (.pth/.pt/.safetensors)")
     p.add_argument("--data", required=True, metavar="DIR|digits", help="'digits' or an ImageFolder tree")
-    p.add_argument("--reduction", nargs="+", required=True, metavar="METHOD:V1,V2",
+    p.add_argument("--reduction", nargs="+", default=["none"], metavar="METHOD:V1,V2",
                    help="the grid, e.g. evit:1.0,0.9,0.8,0.7,0.6,0.5 tome:0,4,8,12,16 evit-drop:0.7,0.5 "
                         "(the unreduced model is always measured)")
     p.add_argument("--img-sizes", nargs="+", default=None, metavar="S",
                    help="input sizes besides the model's own, e.g. 224,256,288 or 256x320")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--max-drop", type=float, default=None, metavar="PTS",
-                   help="choose the fastest point within PTS top-1 points of the unreduced model")
+                   help="choose the fastest point within PTS points of the unreduced model's metric (top-1 in "
+                        "percent; mAP / mIoU as the fractions eval prints, e.g. 0.01 = one point)")
     p.add_argument("--target-speedup", type=float, default=None, metavar="X",
                    help="choose the most accurate point at least X times faster (with --max-drop: both)")
     p.add_argument("--by", choices=("throughput", "latency"), default="throughput",
@@ -77,6 +82,11 @@ def run(args) -> int:
         raise LeanvitError(f"--max-drop must be >= 0, got {args.max_drop}")
     if args.target_speedup is not None and args.target_speedup <= 0:
         raise LeanvitError(f"--target-speedup must be > 0, got {args.target_speedup}")
+    for flag, v in (("--batch-size", args.batch_size), ("--eval-batch-size", args.eval_batch_size),
+                    ("--repeats", args.repeats), ("--latency-repeats", args.latency_repeats),
+                    ("--limit-images", 1 if args.limit_images is None else args.limit_images)):
+        if v < 1:
+            raise LeanvitError(f"{flag} must be >= 1, got {v}")
     if args.threads is not None:
         if args.threads < 1:
             raise LeanvitError(f"--threads must be >= 1, got {args.threads}")
@@ -85,17 +95,12 @@ def run(args) -> int:
     sizes = _img_sizes(args.img_sizes)
     out = check_output_folder(args.output)
     device = resolve_device(args.device)
-    classes = dataset_classes(args.data, "val")
-    built = {}
+    task = task_of_checkpoint(args.checkpoint)
+    check_data(task, args.data, f"{args.checkpoint}'s task" if args.checkpoint else "the model's task")
 
     def build(size):
-        b = build_model(args.model, args.checkpoint, None, None if size is None else img_size_arg(list(size)),
-                        args.num_classes, data_classes=len(classes))
-        built.setdefault("first", b)
-        n_out = getattr(b.model, "num_classes", None)
-        if n_out is not None and n_out != len(classes):
-            raise LeanvitError(f"the model has {n_out} classes but the data has {len(classes)} ({args.data})")
-        return b.model, b.img_size
+        return task.load_model(args.checkpoint, args.model, None, None if size is None else img_size_arg(list(size)),
+                               args.num_classes, data=args.data)
 
     print(f"{environment(str(device))} | batch {args.batch_size} (throughput, median of {args.repeats}) and 1 "
           f"(latency, median/p90 of {args.latency_repeats}), all points interleaved", flush=True)
@@ -103,24 +108,27 @@ def run(args) -> int:
     if busy:
         print(f"note: {busy}")
     first = build(None)  # fail early (and record the checkpoint's config) before the grid starts
-    config = built["first"].config
     cache = {None: first}
     result = run_sweep(lambda s: cache.pop(s) if s in cache else build(s), grid, args.data, [None] + sizes,
-                       config=config, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                       config=first.config, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        limit_images=args.limit_images, device=device, warmup=args.warmup, repeats=args.repeats,
-                       latency_repeats=args.latency_repeats, workers=args.workers, progress=not args.no_progress)
+                       latency_repeats=args.latency_repeats, workers=args.workers, progress=not args.no_progress,
+                       task=task)
     rows = result.rows
-    name = built["first"].name
-    print(f"{name} on {args.data} ({rows[0]['images']} images); drop = top-1 points below the unreduced model; "
-          "pareto: on the front of top-1 vs throughput (thr) / batch-1 latency (lat)")
-    print(format_table(rows, SWEEP_COLUMNS))
+    score, score_head, fmt = task.sweep_columns[0]
+    name = task.title(first)
+    print(f"{name} on {args.data} ({rows[0]['images']} images); drop = {score_head} points below the unreduced "
+          "model; pareto: on the front of it vs throughput (thr) / batch-1 latency (lat)")
+    print(format_table(rows, sweep_columns(task)))
     csv_path = write_csv(rows, out / "sweep.csv")
     chosen = choose(rows, args.max_drop, args.target_speedup,
-                    speed_key="latency_ms" if args.by == "latency" else "img_per_s")
-    png = plot_pareto(rows, out / "pareto.png", title=f"{name} on {args.data}: accuracy vs speed", chosen=chosen)
+                    speed_key="latency_ms" if args.by == "latency" else "img_per_s", score=score,
+                    score_higher=task.higher_is_better)
+    png = plot_pareto(rows, out / "pareto.png", title=f"{name} on {args.data}: {score_head} vs speed", chosen=chosen,
+                      score=score, score_label=f"val {score_head}", score_higher=task.higher_is_better)
     print(f"wrote {csv_path} and {png}")
     if args.max_drop is not None or args.target_speedup is not None:
-        want = " and ".join(s for s in (f"top-1 drop <= {args.max_drop:g}" if args.max_drop is not None else "",
+        want = " and ".join(s for s in (f"{score_head} drop <= {args.max_drop:g}" if args.max_drop is not None else "",
                                         f"speed-up >= {args.target_speedup:g}x" if args.target_speedup is not None
                                         else "") if s)
         if chosen is None:
@@ -129,8 +137,9 @@ def run(args) -> int:
             opts, py = apply_line(chosen)
             src = (f"--checkpoint {shlex.quote(args.checkpoint)}" if args.checkpoint else "") + \
                   (f" --model {args.model}" if args.model else "")
-            print(f"chosen ({want}): {chosen['label']}: top-1 {chosen['top1']:.2f} (drop {chosen['top1_drop']:.2f}), "
-                  f"{chosen['speedup']:.2f}x throughput, batch-1 {chosen['latency_ms']:.2f} ms")
+            print(f"chosen ({want}): {chosen['label']}: {score_head} {chosen[score]:{fmt}} (drop "
+                  f"{chosen[score + '_drop']:{fmt}}), {chosen['speedup']:.2f}x throughput, batch-1 "
+                  f"{chosen['latency_ms']:.2f} ms")
             print(f"  command: leanvit eval {src.strip()} --data {shlex.quote(str(args.data))} {opts}".rstrip())
             print(f"  python:  {py}")
     return 0

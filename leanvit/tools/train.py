@@ -11,6 +11,7 @@ import argparse
 from typing import Any, Dict, List
 
 from leanvit.errors import LeanvitError
+from leanvit.tasks import get_task
 from leanvit.train.engine import train
 from leanvit.train.recipes import DEFAULTS, RECIPE_DIR, list_recipes, parse_value
 
@@ -121,15 +122,9 @@ def run(args, extra: List[str] = ()) -> int:
     resume = "auto" if args.auto_resume else bool(args.resume)
     res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=resume,
                 overwrite=args.overwrite, **over)
-    if res.get("task", "classification") != "classification":  # detection / segmentation (issue 10)
-        last = res["last_metric"]
-        print(f"done in {res['seconds']:.0f} s: best {res['main_metric']} {res['best_metric']:.4f}, last "
-              f"{'n/a' if last is None else f'{last:.4f}'}; checkpoints in {res['output']}")
-        for note in res.get("data_notes") or []:
-            print(f"note: {note}")
-        return 0
-    if res["best_top1"] is not None and res["best_top1"] >= 0:
-        print(f"done in {res['seconds']:.0f} s: best val top-1 {res['best_top1']:.2f}%, "
-              f"last {res['last_top1'] if res['last_top1'] is None else round(res['last_top1'], 2)}%; "
-              f"checkpoints in {res['output']}")
+    done = get_task(res["task"]).done_message(res)
+    if done:
+        print(done)
+    for note in res.get("data_notes") or []:
+        print(f"note: {note}")
     return 0

@@ -4,7 +4,8 @@ What it adds around timm's parts (Mixup/CutMix, LAMB/AdamW, BCE, cosine schedule
 the token-reduction schedule stepped per iteration, exact resumption, atomic ``last``/``best``
 checkpoints written by rank 0 only, a metrics log, a stop with a clear error on a non-finite loss, and
 evaluation sharded over the processes. The pieces live in :mod:`.setup` (data, model, optimizer),
-:mod:`.state` (:class:`TrainState`) and :mod:`.loop` (``train_one_epoch``, ``validate``).
+:mod:`.state` (:class:`TrainState`) and :mod:`.loop` (``train_one_epoch``); what differs per task (model, data,
+loss, validation) comes from the run's :class:`leanvit.tasks.Task`.
 
 Reproducibility: every step reseeds Python, NumPy and torch from (seed, step, rank), each training
 sample's random transforms are seeded from (seed, epoch, rank, position), and the data order and the
@@ -28,21 +29,18 @@ import torch
 import yaml
 
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
-from leanvit.data import dataset_classes, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import get_reduction
-from leanvit.runtime import check_input_size, to_2tuple
 from leanvit.train.distributed import DistEnv, seed_everything
-from leanvit.train.loop import StepContext, train_one_epoch, validate
+from leanvit.tasks import check_data, task_for_config
+from leanvit.train.loop import StepContext, train_one_epoch
 from leanvit.train.metrics import MetricsLog
 from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
 from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
 from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_files, config_differences,
                                       remove_orphans, resume_decision)
-from leanvit.train.setup import (build_data, build_loss, build_mixup, build_state, build_training_model,
-                                 finetune_from, model_spec_from_config)
+from leanvit.train.setup import build_state
 from leanvit.train.state import TrainState
-from leanvit.train.tasks import get_task  # issue 10: detection / segmentation runs
 from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
 
 __all__ = ["train", "Run"]
@@ -109,31 +107,30 @@ class Run:
         self.lock.release()
 
     def _build(self) -> None:
+        """Everything task-specific comes from the run's task (:mod:`leanvit.tasks`): classes, model, data,
+        training step and validation; the rest (optimizer, schedule, EMA, resumption, DDP) is the engine's."""
         cfg, env = self.cfg, self.env
-        self.task = get_task(cfg)  # dense tasks build their own model/data/step (leanvit.train.tasks)
-        if self.task.dense:
-            self.task.build_run(self)
-            return
-        classes = dataset_classes(cfg["data"], "train", dataset_options(cfg["data"], cfg))
+        self.task = task_for_config(cfg)
+        self.task.check_config(cfg)
+        check_data(self.task, cfg["data"])
+        classes = self.task.classes(cfg)
         self.num_classes = int(cfg["num_classes"] or len(classes))
         if self.num_classes < len(classes):
             raise LeanvitError(f"num_classes={self.num_classes} but the data has {len(classes)} classes")
-        model = build_training_model(cfg, self.num_classes)
-        check_input_size(model, to_2tuple(cfg["img_size"]))  # e.g. --img-size 7 with 8 px patches
-        self.data = build_data(cfg, env, model)
+        red = reduction_settings(cfg)
+        target = None if red is None else {k: (list(v) if isinstance(v, tuple) else v) for k, v in red.items()
+                                           if k not in ("start_epoch", "epochs")}
+        finetune = cfg["finetune"] if cfg["finetune"] and not self.resume else None
+        model, self.spec, note = self.task.build_model(cfg, self.num_classes, target, finetune)
+        if note and env.is_main:
+            log.info(note)
+        self.data = self.task.build_data(cfg, env, model)
         model = model.to(env.device)
-        self.spec = model_spec_from_config(cfg, self.num_classes)
-        if cfg["finetune"] and not self.resume:
-            note = finetune_from(model, cfg["finetune"], partial=bool(cfg.get("finetune_partial")))
-            if env.is_main:
-                log.info(note)
         self.state = build_state(cfg, model, self.data.iters, env)
         if self.resume:
             self._load_resume()
         forward_model = env.wrap(model)
-        mixup = build_mixup(cfg, self.num_classes)
-        red = reduction_settings(cfg)
-        self.ctx = StepContext(cfg, env, forward_model, build_loss(cfg, mixup is not None), mixup, red,
+        self.ctx = StepContext(cfg, env, forward_model, self.task.training_step(cfg, self.num_classes), red,
                                get_reduction(red["method"]) if red else None, self.data.iters)
 
     def _load_resume(self) -> None:
@@ -208,8 +205,8 @@ class Run:
         loss_sum, seen = env.all_sum(list(self.ctx.running)) if env.distributed else self.ctx.running
         if env.is_main:
             extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                     "main_metric": self.task.main_metric, "epoch_step": int(k), "iters": self.data.iters, "world_size": env.world_size,
-                     "running": [float(loss_sum), int(seen)]}
+                     "task": self.task.name, "main_metric": self.task.main_metric, "epoch_step": int(k),
+                     "iters": self.data.iters, "world_size": env.world_size, "running": [float(loss_sum), int(seen)]}
             save_checkpoint(st.checkpoint(**extra), self.last_path)
             keep_last_copies(self.last_path, st.step, self.cfg.get("keep_last"))
             log.debug(f"recovery checkpoint at step {st.step}")
@@ -226,7 +223,7 @@ class Run:
     def save(self, row: Dict[str, Any], is_best: bool, metrics: MetricsLog) -> None:
         """``last.pth`` (resumable), ``best.pth`` when it improved, and the metrics row; rank 0 only."""
         extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                 "main_metric": self.task.main_metric, "iters": self.data.iters, "world_size": self.env.world_size}
+                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters, "world_size": self.env.world_size}
         save_checkpoint(self.state.checkpoint(**extra), self.last_path)
         keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:
@@ -244,8 +241,6 @@ class Run:
     def _epoch_message(self, row: Dict[str, Any]) -> str:
         msg = (f"epoch {row['epoch'] + 1}/{self.cfg['epochs']}: train loss {row['train_loss']:.4f}, "
                f"{row['train_img_per_s']:.0f} img/s")
-        if "val_top1" in row:
-            msg += f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
         msg += self.task.message(row)
         if row.get("keep_rate") is not None:
             msg += f", {self.ctx.method.knob.replace('_', ' ')} {self.ctx.method.format_strength(row['keep_rate'])}"
@@ -279,17 +274,16 @@ class Run:
                                   on_step=self._after_step, start=start, carry=carry)
             evaluate_now, over_time, last_epoch = self._evaluate_now(epoch, time.perf_counter() - t_run, start_epoch)
             if evaluate_now:
-                val = self.task.validate if self.task.dense else validate
+                val = self.task.validate
                 row.update(val(st.model, self.data.val_loader, env, self.ctx.use_amp))
                 if st.ema is not None:
                     ema_m = val(st.ema.module, self.data.val_loader, env, self.ctx.use_amp)
                     row.update({f"ema_{k}": v for k, v in ema_m.items()})
             st.epoch = epoch + 1
             st.history.append(row)
-            main = self.task.main_metric  # val_top1; val_map (detection), val_miou (segmentation)
-            is_best = row.get(main, -1.0) > st.best
+            is_best = self._improves(row.get(self.task.main_metric))
             if is_best:
-                st.best = row[main]
+                st.best = row[self.task.main_metric]
             if env.is_main:
                 self.save(row, is_best, metrics)
                 self._track(row, evaluate_now)
@@ -313,25 +307,34 @@ class Run:
         self.tracker.log_row(row, self.state.step)
         if evaluated:
             try:
-                pics = evaluation_pictures(self.state.model, self.task.name, self.data.val_set, self.data.classes,
-                                           min_size=self.cfg.get("min_size"))
+                pics = evaluation_pictures(self.task, self.state.model, self.cfg, self.data.val_set, self.data.classes)
             except Exception as e:  # noqa: BLE001 - a picture must never stop a run
                 log.warning(f"warning: no evaluation pictures for the trackers: {e}")
                 pics = {}
             self.tracker.log_images(pics, self.state.step)
 
+    def _improves(self, value) -> bool:
+        """Whether this epoch's main metric beats every earlier one (the first evaluated epoch always does)."""
+        if value is None:
+            return False
+        earlier = [r[self.task.main_metric] for r in self.state.history[:-1] if self.task.main_metric in r]
+        if not earlier:
+            return True
+        return value > self.state.best if self.task.higher_is_better else value < self.state.best
+
     def _summary(self, row: Dict[str, Any], seconds: float) -> Dict[str, Any]:
         skipped = getattr(self.data.train_set, "num_skipped", 0)
         if skipped and self.env.is_main:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
-        notes = self.task.skipped_notes(self) if self.task.dense and self.env.is_main else []
+        notes = self.task.data_notes(self.data) if self.env.is_main else []
         st = self.state
-        return {"task": self.task.name, "main_metric": self.task.main_metric, "best_metric": st.best,
+        evaluated = any(self.task.main_metric in r for r in st.history)
+        return {"task": self.task.name, "main_metric": self.task.main_metric,
+                "best_metric": st.best if evaluated else None,
                 "last_metric": row.get(self.task.main_metric), "data_notes": notes,
                 "output": str(self.out), "last": str(self.last_path),
-                "best": str(self.best_path) if st.best >= 0 else None,
-                "best_top1": None if self.task.dense else st.best,
-                "last_top1": row.get("val_top1"), "history": st.history, "seconds": seconds,
+                "best": str(self.best_path) if evaluated else None,
+                **self.task.summary(st.best if evaluated else None, row), "history": st.history, "seconds": seconds,
                 "model_spec": self.spec, "skipped_images": skipped,
                 "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early}
 

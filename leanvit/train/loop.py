@@ -1,4 +1,4 @@
-"""One epoch of training and one validation pass: the two steps the engine repeats."""
+"""One epoch of training: the step the engine repeats (each batch's forward pass and loss are the task's)."""
 from __future__ import annotations
 
 import time
@@ -10,22 +10,21 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from leanvit.errors import LeanvitError
-from leanvit.evaluate import accumulate
 from leanvit.reduction import ReductionMethod
 from leanvit.train.distributed import DistEnv, seed_step
 from leanvit.train.state import TrainState
 
-__all__ = ["StepContext", "train_one_epoch", "validate", "reduction_at"]
+__all__ = ["StepContext", "train_one_epoch", "reduction_at"]
 
 
 class StepContext:
-    """What every training step needs besides the state: the (DDP-wrapped) model to call, the loss,
-    mixup, autocast, gradient clipping and the token-reduction schedule."""
+    """What every training step needs besides the state: the (DDP-wrapped) model to call, the task's
+    ``step(ctx, x, y) -> (loss, images)``, autocast, gradient clipping and the token-reduction schedule."""
 
-    def __init__(self, cfg: Dict[str, Any], env: DistEnv, forward_model: nn.Module, criterion: nn.Module,
-                 mixup=None, reduction: Optional[Dict[str, Any]] = None,
-                 method: Optional[ReductionMethod] = None, iters: int = 1):
-        self.cfg, self.env, self.forward_model, self.criterion, self.mixup = cfg, env, forward_model, criterion, mixup
+    def __init__(self, cfg: Dict[str, Any], env: DistEnv, forward_model: nn.Module, step: Callable,
+                 reduction: Optional[Dict[str, Any]] = None, method: Optional[ReductionMethod] = None,
+                 iters: int = 1):
+        self.cfg, self.env, self.forward_model, self.step = cfg, env, forward_model, step
         self.iters = iters
         self.method = method
         self.reduction = reduction
@@ -35,9 +34,6 @@ class StepContext:
         # the epoch's running sums (loss x images, images) after the last step: what a recovery
         # checkpoint records so that a resumed epoch reports the same training loss
         self.running = (0.0, 0)
-        # dense tasks (leanvit.train.tasks): task_step(ctx, x, y) -> (loss, images) replaces the
-        # classification forward/loss below
-        self.task_step: Optional[Callable] = None
 
     def autocast(self):
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.use_amp else nullcontext()
@@ -103,15 +99,7 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
             keep = reduction_at(ctx, state.step)
             if keep is not None:
                 ctx.method.set_strength(state.model, keep)
-            if ctx.task_step is not None:
-                loss, n = ctx.task_step(ctx, x, y)
-            else:
-                x, y = x.to(env.device, non_blocking=True), torch.as_tensor(y).to(env.device, non_blocking=True)
-                if ctx.mixup is not None:
-                    x, y = ctx.mixup(x, y)
-                with ctx.autocast():
-                    loss = ctx.criterion(ctx.forward_model(x).float(), y)
-                n = x.shape[0]
+            loss, n = ctx.step(ctx, x, y)
             _check_finite(loss, ctx, epoch, i, last_path)
             _backward_and_step(state, loss, ctx.clip_grad)
             if state.ema is not None:
@@ -138,17 +126,3 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
         keep = reduction_at(ctx, state.step - 1)
     return {"epoch": epoch, "train_loss": loss_tot / max(seen_tot, 1), "lr": state.optimizer.param_groups[0]["lr"],
             "keep_rate": keep, "train_img_per_s": here_tot / max(train_time, 1e-9), "epoch_seconds": train_time}
-
-
-def validate(model: nn.Module, loader, env: DistEnv, amp: bool) -> Dict[str, float]:
-    """Top-1/top-5/loss over the whole validation set, each process taking its own shard."""
-    was_training = model.training
-    model.eval()
-    try:
-        s = accumulate(model, loader, env.device, amp=amp)
-    finally:
-        model.train(was_training)
-    n, c1, c5, loss = env.all_sum([s["images"], s["correct1"], s["correct5"], s["loss_sum"]])
-    if n == 0:
-        raise LeanvitError("the validation set is empty")
-    return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_loss": loss / n}

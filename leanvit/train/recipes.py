@@ -14,7 +14,7 @@ import yaml
 
 from leanvit.data.registry import check_dataset_options
 from leanvit.errors import LeanvitError
-from leanvit.reduction import get_reduction, parse_reduction_spec
+from leanvit.reduction import ReductionSpec
 
 __all__ = ["DEFAULTS", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config", "parse_value",
            "reduction_settings"]
@@ -86,8 +86,8 @@ DEFAULTS: Dict[str, Any] = {
     "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
     "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
     "log_to": None,              # experiment tracking: tensorboard, wandb or both (list or "tensorboard,wandb")
-    # dense prediction (issue 10; leanvit.train.tasks, leanvit.dense)
-    "task": None,                # classification | detection | segmentation (default: the data's kind)
+    # the task (leanvit.tasks) and dense prediction (leanvit.dense)
+    "task": None,                # a registered task: classification | detection | segmentation | ... (default: the data's)
     "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
     "segmenter": None,           # semantic_fpn | upernet (task segmentation; backbone: model)
     "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
@@ -217,8 +217,7 @@ def _validate_more(cfg: Dict[str, Any]) -> None:
     """Types and ranges of the settings a typo in ``--set`` would otherwise turn into a traceback."""
     img = cfg["img_size"]
     sizes = list(img) if isinstance(img, (list, tuple)) else [img]
-    dense = cfg.get("task") in ("detection", "segmentation") or bool(cfg.get("detector") or cfg.get("segmenter"))
-    if img is None and dense:  # a dense backbone that takes any input size (e.g. pvt_v2)
+    if img is None:  # a backbone that takes any input size (e.g. pvt_v2 in a detector); tasks that need one say so
         sizes = []
     elif not 1 <= len(sizes) <= 2 or not all(_number(v, True) and v > 0 for v in sizes):
         raise LeanvitError(f"img_size must be a positive integer or [H, W], got {img!r}")
@@ -248,33 +247,13 @@ def reduction_settings(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The run's token reduction as one mapping ``{method, <knob>, ..., start_epoch, epochs}``, from the
     ``reduction`` key and/or its EViT aliases (``keep_rate``, ``evit_locations``, ``keep_rate_start_epoch``,
     ``keep_rate_epochs``); None without one."""
-    red = cfg.get("reduction")
-    if isinstance(red, str):  # "evit:0.7" from the command line
-        method, values = parse_reduction_spec(red)
-        if len(values) > 1:
-            raise LeanvitError(f"reduction for training takes one strength, got {red!r}")
-        red = {"method": method.name, **({method.knob: values[0]} if values else {})}
-    if red is not None and not isinstance(red, dict):
-        raise LeanvitError(f"reduction must be a mapping such as {{method: evit, keep_rate: 0.7}}, got {red!r}")
-    red = dict(red or {})
-    if cfg.get("keep_rate") is not None or cfg.get("evit_locations") is not None:
-        if red.get("method", "evit") not in ("evit", "evit-drop"):
-            raise LeanvitError(f"keep_rate/evit_locations are EViT settings, but reduction.method is "
-                               f"'{red['method']}'")
-        red.setdefault("method", "evit")
-        if cfg.get("keep_rate") is not None:
-            red["keep_rate"] = cfg["keep_rate"]
-        if cfg.get("evit_locations") is not None:
-            red["locations"] = list(cfg["evit_locations"])
-    if not red:
+    spec = ReductionSpec.parse(cfg.get("reduction"), keep_rate=cfg.get("keep_rate"),
+                               locations=cfg.get("evit_locations"))
+    if spec is None:
         return None
-    if "method" not in red:
-        raise LeanvitError(f"reduction needs a method (e.g. evit), got {red}")
-    method = get_reduction(red["method"])
+    red = spec.to_dict()
     red.setdefault("start_epoch", cfg.get("keep_rate_start_epoch") or 0)
     red.setdefault("epochs", cfg.get("keep_rate_epochs") or 0)
-    if method.knob in red:
-        red[method.knob] = method.check_strength(red[method.knob])
     for key in _SCHEDULE_KEYS:
         if not isinstance(red[key], (int, float)) or red[key] < 0:
             raise LeanvitError(f"reduction.{key} must be a number >= 0, got {red[key]!r}")

@@ -188,43 +188,34 @@ def create_trackers(cfg: Dict[str, Any], out: Path, start_step: int, resume: boo
     return result
 
 
-def evaluation_pictures(model, task: str, val_set, classes: Sequence[str], num_images: int = 4,
-                        min_size: Optional[int] = None) -> Dict[str, Any]:
-    """Pictures of the first ``num_images`` validation images: ``kept_tokens`` (EViT), ``merged_tokens`` (ToMe),
-    ``predictions`` (detection / segmentation); {} for a model without token reduction. PIL images."""
+def evaluation_pictures(task, model, cfg: Dict[str, Any], val_set, classes: Sequence[str],
+                        num_images: int = 4) -> Dict[str, Any]:
+    """The task's pictures (:meth:`leanvit.tasks.Task.draw`) of the first ``num_images`` validation images:
+    ``pictures/kept_tokens`` (EViT), ``pictures/merged_tokens`` (ToMe), ``pictures/predictions`` (detection,
+    segmentation); {} when the task draws nothing for this model (e.g. a ViT without token reduction)."""
     from PIL import Image
 
-    from leanvit.reduction.evit import is_evit
-    from leanvit.reduction.tome import is_tome
+    from leanvit.models.build import BuiltModel
+    from leanvit.utils import to_2tuple
 
-    if not hasattr(val_set, "image"):
+    if not hasattr(val_set, "image") or len(val_set) == 0:
         return {}
     n = min(int(num_images), len(val_set))
     images = [val_set.image(i) for i in range(n)]
     names = [f"val {i}" for i in range(n)]
+    img = cfg.get("img_size")
+    built = BuiltModel(model, str(cfg.get("model")), to_2tuple(img) if img else None, dict(cfg),
+                       {"classes": list(classes), "config": dict(cfg)})
+    device = next(model.parameters()).device
+    was = model.training
     with tempfile.TemporaryDirectory() as tmp:
-        if task in ("detection", "segmentation"):
-            from leanvit.viz_dense import visualize_dense
-
-            device = next(model.parameters()).device
-            was = model.training
-            try:
-                path = visualize_dense(model, task, images, tmp, names=names, class_names=list(classes),
-                                       device=device, min_size=min_size)[-1]
-            finally:
-                model.train(was)
-            key = "predictions"
-        elif is_evit(model):
-            from leanvit.viz import render_kept_tokens
-
-            path, key = render_kept_tokens(model, images, Path(tmp) / "k.png", names=names,
-                                           class_names=list(classes)), "kept_tokens"
-        elif is_tome(model):
-            from leanvit.viz_merge import render_merged_tokens
-
-            path, key = render_merged_tokens(model, images, Path(tmp) / "m.png", names=names,
-                                             class_names=list(classes)), "merged_tokens"
-        else:
+        try:
+            paths = task.draw(built, images, tmp, names, class_names=list(classes), device=device)
+        except LeanvitError as e:  # nothing to draw for this model
+            log.debug(f"no evaluation pictures: {e}")
             return {}
-        with Image.open(path) as im:
-            return {f"pictures/{key}": im.convert("RGB")}
+        finally:
+            model.train(was)
+        grid = Path(paths[-1])
+        with Image.open(grid) as im:
+            return {f"pictures/{grid.stem}": im.convert("RGB")}

@@ -1,4 +1,5 @@
-"""The same model behind different runtimes, as callables that :mod:`leanvit.measure.timing` can time.
+"""The same model behind different runtimes, as callables that :mod:`leanvit.measure.timing` can time
+(``leanvit bench --runtime``).
 
 - ``eager``: the PyTorch module as it is;
 - ``compile``: ``torch.compile(model)``; the compile time is measured (the first call) and reported;
@@ -10,11 +11,10 @@ ONNX file has its keep rate baked in, and a compiled EViT model recompiles for e
 (see :func:`compile_model`). Prepare one runtime model per keep rate.
 
 onnx, onnxscript and onnxruntime are optional (``pip install leanvit[export]``); they are imported only
-when an ONNX runtime is asked for.
+when an ONNX runtime is asked for (:mod:`leanvit.deploy.export` exports and runs the file).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 import time
@@ -24,57 +24,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from leanvit.deploy.export import OnnxRuntimeModel, export_model
 from leanvit.errors import LeanvitError
 
-__all__ = ["RUNTIMES", "OnnxRuntimeModel", "RuntimeModel", "prepare_runtime", "compile_model", "require"]
+__all__ = ["RUNTIMES", "RuntimeModel", "prepare_runtime", "compile_model"]
 
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
-
-
-def require(module: str, extra: str = "export"):
-    """Import an optional dependency, or a clear error naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise LeanvitError(f"{module} is not installed; pip install 'leanvit[{extra}]' "
-                           "(onnx, onnxscript, onnxruntime)") from None
-
-
-class OnnxRuntimeModel(nn.Module):
-    """An ONNX file run by onnxruntime (CPU), callable like the PyTorch model: image tensor in, logits out.
-
-    ``threads``: onnxruntime's intra-op threads (default: torch's current thread count, so that the
-    runtimes compare at equal parallelism).
-
-    ``spinning``: onnxruntime's worker threads busy-wait after each run by default. That keeps the cores
-    busy while whatever runs next (PyTorch, another session) competes with them: in an interleaved
-    benchmark on 2 cores it slowed the following model up to 2x and made batch-1 comparisons meaningless.
-    Off by default here (it costs onnxruntime itself ~5 %); turn it on for a process that only serves this
-    one session."""
-
-    def __init__(self, path, threads: Optional[int] = None, spinning: bool = False):
-        super().__init__()
-        ort = require("onnxruntime")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.path = str(path)
-        try:
-            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own error types for unreadable files
-            raise LeanvitError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
-
-    def extra_repr(self) -> str:
-        return f"path={self.path!r}"
 
 
 def compile_model(model: nn.Module, dynamic: Optional[bool] = None, **kwargs) -> nn.Module:
@@ -112,8 +69,6 @@ def prepare_runtime(model: nn.Module, runtime: str, example: torch.Tensor, workd
         return RuntimeModel(compiled, runtime, time.perf_counter() - t0)
     if example.device.type != "cpu":
         raise LeanvitError("the onnxruntime runtime runs on the CPU here; use --device cpu")
-    from leanvit.export import export_model
-
     folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="leanvit_ort_"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model_{id(model):x}_{example.shape[-2]}x{example.shape[-1]}.onnx"

@@ -1,6 +1,6 @@
 """Dense evaluation as a library: COCO box mAP for detectors, mIoU / pixel accuracy for segmenters.
 
-    from leanvit.evaluate_dense import evaluate_detection, evaluate_segmentation
+    from leanvit.tasks.dense_eval import evaluate_detection, evaluate_segmentation
     evaluate_detection(detector, loader)   # {"val_map": 0.61, "val_map50": 0.93, "val_map_small": ..., ...}
     evaluate_segmentation(segmenter, loader, num_classes=11, miou_classes=range(1, 11))
 
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from leanvit.data.dense import IGNORE_INDEX, encode_masks
 from leanvit.errors import LeanvitError
-from leanvit.runtime import timed_forward
+from leanvit.utils import timed_forward
 
 __all__ = ["coco_map", "evaluate_detection", "evaluate_segmentation", "confusion_matrix", "segmentation_scores",
            "DETECTION_KEYS", "MASK_KEYS", "SEGMENTATION_KEYS", "predict_detection", "encode_masks"]

@@ -9,13 +9,14 @@
 - Token reduction settings are fixed in the file: an EViT model exported at keep rate 0.7 always keeps
   70 % of the tokens (the kept count is a constant of the graph). Export one file per keep rate.
 
-:func:`verify_export` runs the file (onnxruntime for ONNX, the loaded ExportedProgram for .pt2) on random
+:func:`verify_export` runs the file (:class:`OnnxRuntimeModel`, onnxruntime, for ONNX; the loaded ExportedProgram for .pt2) on random
 inputs and returns the max abs difference to eager PyTorch.
 
 ONNX needs the optional ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install leanvit[export]``).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
@@ -27,18 +28,61 @@ import torch.nn as nn
 from torch.export import Dim
 
 from leanvit.errors import LeanvitError
-from leanvit.measure.runtimes import OnnxRuntimeModel, require
 from leanvit.models.shunted import ShuntedTransformer, min_input_size
-from leanvit.runtime import to_2tuple
+from timm.layers import to_2tuple
 
 __all__ = ["FORMATS", "export_model", "load_exported", "verify_export", "VerifyResult", "supports_dynamic_size",
-           "min_dynamic_side", "keep_rate_path", "format_from_path"]
+           "min_dynamic_side", "keep_rate_path", "format_from_path", "OnnxRuntimeModel", "require"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "pt2")
 MAX_SIDE = 8192
 MAX_BATCH = 4096
+
+
+def require(module: str, extra: str = "export"):
+    """Import an optional dependency, or a clear error naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LeanvitError(f"{module} is not installed; pip install 'leanvit[{extra}]' "
+                           "(onnx, onnxscript, onnxruntime)") from None
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file run by onnxruntime (CPU), callable like the PyTorch model: image tensor in, logits out.
+
+    ``threads``: onnxruntime's intra-op threads (default: torch's current thread count, so that the
+    runtimes compare at equal parallelism).
+
+    ``spinning``: onnxruntime's worker threads busy-wait after each run by default. That keeps the cores
+    busy while whatever runs next (PyTorch, another session) competes with them: in an interleaved
+    benchmark on 2 cores it slowed the following model up to 2x and made batch-1 comparisons meaningless.
+    Off by default here (it costs onnxruntime itself ~5 %); turn it on for a process that only serves this
+    one session."""
+
+    def __init__(self, path, threads: Optional[int] = None, spinning: bool = False):
+        super().__init__()
+        ort = require("onnxruntime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = str(path)
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own error types for unreadable files
+            raise LeanvitError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}"
 
 
 def format_from_path(path) -> Optional[str]:

@@ -1,6 +1,6 @@
 """Pictures of dense predictions: boxes with class and score, instance masks, segmentation label maps.
 
-    from leanvit.viz_dense import predict_images, draw_detections, visualize_dense
+    from leanvit.viz import predict_images, draw_detections, visualize_dense
     visualize_dense(detector, "detection", [pil_image, ...], "viz/", class_names=classes)
 
 Drawing is torchvision's (``draw_bounding_boxes``, ``draw_segmentation_masks``); small images (the embedded
@@ -10,7 +10,6 @@ labels are legible.
 from __future__ import annotations
 
 import logging
-import colorsys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,14 +22,15 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
-__all__ = ["predict_images", "draw_detections", "draw_segmentation", "visualize_dense", "palette"]
+from leanvit.viz.common import palette
+
+__all__ = ["predict_images", "draw_detections", "draw_segmentation", "visualize_dense"]
 
 log = logging.getLogger(__name__)
 
 
-def palette(n: int) -> List[tuple]:
-    """``n`` distinct bright RGB colours (a fixed golden-ratio hue walk)."""
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 1.0)) for i in range(n)]
+def _rgb255(n: int) -> List[tuple]:
+    return [tuple(int(255 * c) for c in rgb) for rgb in palette(n)]
 
 
 def _to_uint8(image) -> torch.Tensor:
@@ -88,7 +88,7 @@ def draw_detections(image, pred: Dict[str, torch.Tensor], class_names: Optional[
     H, W = big.shape[-2:]
     keep = pred["scores"] >= score_thresh
     labels = pred["labels"][keep].tolist()
-    colours = palette(max(len(class_names or []), max(labels, default=0) + 1))
+    colours = _rgb255(max(len(class_names or []), max(labels, default=0) + 1))
     if "masks" in pred and keep.any():
         m = pred["masks"][keep]
         m = (m[:, 0] if m.ndim == 4 else m) > 0.5
@@ -118,7 +118,7 @@ def draw_segmentation(image, labels: torch.Tensor, num_classes: int, ignore: Seq
     if not present:
         return img
     masks = torch.stack([lab == c for c in present])
-    colours = palette(num_classes)
+    colours = _rgb255(num_classes)
     img = draw_segmentation_masks(img, masks, alpha=0.55, colors=[colours[c] for c in present])
     if not class_names:
         return img

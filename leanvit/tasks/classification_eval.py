@@ -1,6 +1,6 @@
 """Evaluation as a library: top-1 / top-5 accuracy, loss and forward throughput of a classifier.
 
-    from leanvit.evaluate import evaluate
+    from leanvit.tasks.classification_eval import evaluate
     result = evaluate(model, loader)          # {"top1": 91.2, "top5": 99.6, "loss": 0.31, ...}
 
 Throughput is the model's: images per second of forward passes only (data loading and transforms
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction
-from leanvit.runtime import timed_forward
+from leanvit.utils import timed_forward
 
 __all__ = ["evaluate", "accumulate", "strength_kwargs"]
 

@@ -6,7 +6,7 @@ outlined; patches still a token of their own are shown unchanged. Column titles 
 
 Python::
 
-    from leanvit.viz_merge import merge_groups, render_merged_tokens, visualize_merges
+    from leanvit.viz import merge_groups, render_merged_tokens, visualize_merges
     logits, groups = merge_groups(model, x)             # per shown block: (B, grid_h, grid_w) group ids
     render_merged_tokens(model, [Image.open("cat.jpg")], "out/merged.png", r=8)
 
@@ -14,7 +14,6 @@ Command line: ``leanvit viz`` draws these for a ToMe model (``--reduction tome:8
 """
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -23,15 +22,12 @@ import torch.nn as nn
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction.tome import is_tome, per_layer_r, tokens_per_block
-from leanvit.runtime import model_input_size, to_2tuple
-from leanvit.viz import _as_images, _default_names, _normalize_params, _run_eval, draw_rows, viz_transform, write_rows
+from leanvit.utils import model_input_size
+from leanvit.viz.common import (as_images, default_names, draw_rows, normalize_params, palette, patch_grid,
+                                run_eval, viz_transform, write_rows)
 
-__all__ = ["shown_blocks", "merge_groups", "paint_groups", "render_merged_tokens", "visualize_merges"]
-
-
-def _grid(model: nn.Module) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    pe = model.patch_embed
-    return to_2tuple(pe.patch_size), tuple(pe.grid_size)
+__all__ = ["shown_blocks", "merge_groups", "paint_groups", "render_merged_tokens", "visualize_merges",
+           "merged_token_rows"]
 
 
 def shown_blocks(depth: int) -> List[int]:
@@ -49,13 +45,8 @@ def merge_groups(model: nn.Module, x: torch.Tensor, r=None, blocks: Optional[Seq
                            "(leanvit.apply_reduction(model, 'tome', r=8) or --reduction tome:8)")
     blocks = shown_blocks(len(model.blocks)) if blocks is None else list(blocks)
     logits, groups = model(x, r=r, return_groups=True)
-    _, (gh, gw) = _grid(model)
+    _, (gh, gw) = patch_grid(model)
     return logits, [groups[i].reshape(-1, gh, gw) for i in blocks]
-
-
-def _palette(n: int) -> torch.Tensor:
-    """``n`` well separated colours (golden-ratio hues), (n, 3) in [0, 1]."""
-    return torch.tensor([colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95) for i in range(n)])
 
 
 def paint_groups(images: torch.Tensor, groups: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:
@@ -76,7 +67,7 @@ def paint_groups(images: torch.Tensor, groups: torch.Tensor, patch_size: Tuple[i
     sums = torch.zeros(B, C, n).scatter_add_(2, flat.unsqueeze(1).expand(-1, C, -1), pix)
     counts = torch.zeros(B, n).scatter_add_(1, groups.reshape(B, -1), torch.ones(B, gh * gw))
     mean = sums / (counts * ph * pw).clamp_min(1).unsqueeze(1)
-    colour = 0.5 * mean + 0.5 * _palette(n).T.unsqueeze(0)                       # (B, C, n)
+    colour = 0.5 * mean + 0.5 * torch.tensor(palette(n, value=0.95)).T.unsqueeze(0)          # (B, C, n)
     painted = colour.gather(2, flat.unsqueeze(1).expand(-1, C, -1)).reshape(B, C, hh, ww)
     merged = (counts.gather(1, flat) > 1).reshape(B, 1, hh, ww)
     out = img.clone()
@@ -90,7 +81,7 @@ def paint_groups(images: torch.Tensor, groups: torch.Tensor, patch_size: Tuple[i
 
 
 @torch.inference_mode()
-def _rows(model, images, names, transform, r, class_names, batch_size, device):
+def merged_token_rows(model, images, names, transform, r, class_names, batch_size, device):
     if batch_size < 1:
         raise LeanvitError(f"batch_size must be >= 1, got {batch_size}")
     param = next(model.parameters(), None)
@@ -99,8 +90,8 @@ def _rows(model, images, names, transform, r, class_names, batch_size, device):
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if transform is None:
         transform = viz_transform(model_input_size(model), model)
-    patch, (gh, gw) = _grid(model)
-    mean, std = _normalize_params(transform)
+    patch, (gh, gw) = patch_grid(model)
+    mean, std = normalize_params(transform)
     blocks = shown_blocks(len(model.blocks))
     rows = []
     for start in range(0, len(images), batch_size):
@@ -125,10 +116,10 @@ def render_merged_tokens(model: nn.Module, images: Sequence, path, names: Option
                          r=None, class_names: Optional[Sequence[str]] = None, transform: Optional[Callable] = None,
                          batch_size: int = 16, device=None) -> Path:
     """Draw which patches a ToMe ``model`` merged for ``images`` into one PNG grid at ``path`` (arguments as
-    :func:`leanvit.viz.render_kept_tokens`; ``r``: merge schedule of this pass, default the model's)."""
-    names = _default_names(images, names)
-    images = _as_images(images)
-    rows, titles = _run_eval(model, lambda: _rows(model, images, names, transform, r, class_names,
+    :func:`leanvit.viz.tokens.render_kept_tokens`; ``r``: merge schedule of this pass, default the model's)."""
+    names = default_names(images, names)
+    images = as_images(images)
+    rows, titles = run_eval(model, lambda: merged_token_rows(model, images, names, transform, r, class_names,
                                                   batch_size, device))
     return draw_rows(rows, titles, path)
 
@@ -139,8 +130,8 @@ def visualize_merges(model: nn.Module, images: Sequence, output_dir, names: Opti
                      per_image: bool = True) -> List[Path]:
     """Like :func:`render_merged_tokens`, into the folder ``output_dir``: one PNG per image (``NNN_<name>.png``)
     and the grid (``grid_name``), last in the returned list."""
-    names = _default_names(images, names)
-    images = _as_images(images)
-    rows, titles = _run_eval(model, lambda: _rows(model, images, names, transform, r, class_names,
+    names = default_names(images, names)
+    images = as_images(images)
+    rows, titles = run_eval(model, lambda: merged_token_rows(model, images, names, transform, r, class_names,
                                                   batch_size, device))
     return write_rows(rows, titles, names, output_dir, grid_name, per_image)

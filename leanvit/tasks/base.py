@@ -1,0 +1,204 @@
+"""What a task is: the one place where classification, detection, segmentation (or a task of yours) differ.
+
+The training engine (:mod:`leanvit.train`) and the commands (``leanvit train / eval / viz / sweep``) call
+only these methods; they never ask which task they hold. A new task is one subclass plus
+:func:`leanvit.tasks.register_task` (see ``docs/tasks.md``).
+
+Training (called by :class:`leanvit.train.engine.Run`, in this order):
+  :meth:`Task.check_config` -> :meth:`Task.classes` -> :meth:`Task.build_model` -> :meth:`Task.build_data`
+  -> :meth:`Task.training_step` (called once per batch) -> :meth:`Task.validate` (after evaluated epochs).
+A trained model (``eval``, ``viz``, ``sweep``):
+  :meth:`Task.load_model` -> :meth:`Task.eval_data` -> :meth:`Task.evaluate` -> :meth:`Task.describe`;
+  :meth:`Task.draw` for pictures; :meth:`Task.sweep_variants`, :meth:`Task.example_input` and
+  :attr:`Task.sweep_columns` for ``leanvit sweep``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from leanvit.data import create_dataset, dataset_options
+from leanvit.errors import LeanvitError
+from leanvit.reduction import applied_reduction, get_reduction
+
+__all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith"]
+
+
+class TrainData(NamedTuple):
+    """A run's data as a task builds it (:meth:`Task.build_data`)."""
+    train_set: Any
+    val_set: Any
+    train_loader: Any        # batches of (x, y) as :meth:`Task.training_step` takes them
+    val_loader: Any          # this process's shard of the validation set
+    sampler: Any             # a :class:`leanvit.data.sampling.ResumableSampler` (exact mid-epoch resumption)
+    classes: list
+    iters: int               # optimizer steps per epoch
+
+
+@dataclass
+class SweepVariant:
+    """One configuration of a sweep: a model to evaluate and time as it is (its strength fixed)."""
+    reduction: str           # the method's name, "none", or any name the task gives
+    strength: str            # as printed
+    value: Any               # the strength as the method takes it (None for "none")
+    model: nn.Module
+
+
+class ForwardWith(nn.Module):
+    """``model`` called with fixed extra forward keywords (e.g. a reduction strength), other attributes
+    reachable as on the model itself."""
+
+    def __init__(self, model: nn.Module, kwargs: Dict[str, Any]):
+        super().__init__()
+        self.model, self.kwargs = model, dict(kwargs)
+
+    def forward(self, x):
+        return self.model(x, **self.kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class Task:
+    """Base class of the tasks. Subclasses set the class attributes and implement the methods that raise
+    ``NotImplementedError``; the others have defaults that suit most tasks."""
+
+    #: registry name, recorded in checkpoints (``task``) and recipes (``task:``)
+    name: str = ""
+    #: the validation metric that picks ``best.pth`` (a key of :meth:`validate`'s dict)
+    main_metric: str = ""
+    higher_is_better: bool = True
+    #: the dataset kinds (:attr:`leanvit.data.DatasetKind.task`) this task reads; default: its own name
+    data_tasks: Tuple[str, ...] = ()
+    #: sweep columns (key in :meth:`evaluate`'s result, header, format); the first one ranks the points
+    sweep_columns: Tuple[Tuple[str, str, str], ...] = ()
+
+    # ------------------------------------------------------------------ training
+    def check_config(self, cfg: Dict[str, Any]) -> None:
+        """Refuse settings the task cannot train with (one-line :class:`LeanvitError`)."""
+
+    def classes(self, cfg: Dict[str, Any]) -> List[str]:
+        """The class names of the training data."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: Dict[str, Any], num_classes: int, reduction: Optional[dict] = None,
+                    finetune=None) -> Tuple[nn.Module, Dict[str, Any], Optional[str]]:
+        """(model, spec, note): the model to train, the spec :meth:`load_model` rebuilds it from (stored in
+        checkpoints as ``model_spec``), and a line to log (e.g. what ``finetune`` loaded) or None.
+        ``reduction``: the token reduction at its target strength (the engine steps its schedule)."""
+        raise NotImplementedError
+
+    def build_data(self, cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
+        raise NotImplementedError
+
+    def training_step(self, cfg: Dict[str, Any], num_classes: int) -> Callable:
+        """``step(ctx, x, y) -> (loss, images)``: the forward pass and loss of one batch. ``ctx`` has
+        ``forward_model`` (DDP-wrapped), ``env.device`` and ``autocast()``; the engine does the rest."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, loader, env, amp: bool) -> Dict[str, float]:
+        """Metrics over the whole validation set, each process evaluating its shard of ``loader``; every
+        process returns the same dict (it contains :attr:`main_metric`)."""
+        raise NotImplementedError
+
+    def message(self, row: Dict[str, Any]) -> str:
+        """The validation part of the per-epoch log line (``row``: the epoch's metrics)."""
+        v = row.get(self.main_metric)
+        return "" if v is None else f", {self.main_metric} {v:.4f}"
+
+    def summary(self, best: Optional[float], row: Dict[str, Any]) -> Dict[str, Any]:
+        """Extra keys of the summary ``train()`` returns."""
+        return {}
+
+    def data_notes(self, data: TrainData) -> List[str]:
+        """The counted skips of the run's datasets (unreadable images, boxes clipped, ...)."""
+        lines = []
+        for ds in (data.train_set, data.val_set):
+            counter = getattr(ds, "skips", None)
+            if counter is not None:
+                lines += counter.lines()
+        return lines
+
+    def done_message(self, res: Dict[str, Any]) -> str:
+        """The line ``leanvit train`` prints at the end (``res``: what ``train()`` returned)."""
+        last = res["last_metric"]
+        best = res["best_metric"]
+        return (f"done in {res['seconds']:.0f} s: best {res['main_metric']} "
+                f"{'n/a' if best is None else f'{best:.4f}'}, last {'n/a' if last is None else f'{last:.4f}'}; "
+                f"checkpoints in {res['output']}")
+
+    # ------------------------------------------------------------------ a trained model
+    def load_model(self, checkpoint=None, name: Optional[str] = None, reduction: Optional[dict] = None,
+                   img_size=None, num_classes: Optional[int] = None, data=None, split: str = "val"):
+        """A :class:`leanvit.models.build.BuiltModel` in eval mode (the checkpoint's weights loaded strictly)."""
+        raise NotImplementedError
+
+    def eval_data(self, built, data, split: str = "val", batch_size: int = 64, workers: int = 0,
+                  device="cpu", **options) -> Tuple[Any, Any]:
+        """(dataset, loader) of ``data``'s ``split`` as :meth:`evaluate` takes it, prepared as the model was
+        validated in training. ``options``: task-specific ones (e.g. ``crop_pct``); unknown ones ignored."""
+        raise NotImplementedError
+
+    def loader(self, dataset, batch_size: int = 64, workers: int = 0, device="cpu"):
+        """An evaluation loader over ``dataset`` (in order) as :meth:`evaluate` takes it."""
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                           pin_memory=torch.device(device).type == "cuda")
+
+    def evaluate(self, model: nn.Module, loader, device="cpu", amp: bool = False, progress: bool = False,
+                 max_batches: Optional[int] = None, dataset=None) -> Dict[str, Any]:
+        """The metrics of ``model`` on ``loader`` (with ``images`` and ``img_per_s`` of forward passes)."""
+        raise NotImplementedError
+
+    def title(self, built) -> str:
+        """How ``leanvit eval`` names the model it evaluated."""
+        return built.name
+
+    def record(self, built) -> Dict[str, Any]:
+        """What the evaluation's JSON records about the model besides its name."""
+        return {}
+
+    def describe(self, res: Dict[str, Any]) -> str:
+        """The metrics part of ``leanvit eval``'s line."""
+        return "  ".join(f"{head} {res[key]:{fmt}}" for key, head, fmt in self.sweep_columns if key in res)
+
+    def eval_images(self, data, config: Optional[Dict[str, Any]], split: str = "val"):
+        """``data``'s ``split`` untransformed: ``image(i)`` gives its PIL images (pictures of ``leanvit viz``)."""
+        return create_dataset(data, split, options=dataset_options(data, config))
+
+    def draw(self, built, images: Sequence, out_dir, names: Sequence[str], class_names=None, device="cpu",
+             **options) -> List:
+        """Pictures of the model's predictions (or internals) on ``images``; the paths, the grid last."""
+        raise LeanvitError(f"the {self.name} task draws no pictures")
+
+    # ------------------------------------------------------------------ sweep
+    def example_input(self, batch: int, hw: Tuple[int, int]):
+        """A random input of ``batch`` images of size ``hw`` as the model takes it (timing, GMACs)."""
+        return torch.randn(batch, 3, *hw)
+
+    def sweep_variants(self, model: nn.Module, plain: nn.Module, grid: Sequence[Tuple[Optional[str], Any]]
+                       ) -> Iterator[SweepVariant]:
+        """The configurations to sweep for ``grid`` (pairs of method name and strength, (None, None) = the
+        model without reduction): one model copy per method (with its strength fixed per call, so that
+        every point runs the same weights). ``model``: as built (maybe with a reduction); ``plain``: without.
+        Override to add configurations of your own (e.g. other options of a method)."""
+        per_method: Dict[str, nn.Module] = {}
+        yield SweepVariant("none", "-", None, plain)
+        for method, value in grid:
+            if method is None:
+                continue
+            m = get_reduction(method)
+            value = m.check_strength(value)
+            if method not in per_method:
+                if applied_reduction(model) is m:
+                    per_method[method] = copy.deepcopy(model)
+                else:
+                    per_method[method] = m.apply(copy.deepcopy(plain), **{m.knob: value})
+            yield SweepVariant(method, m.format_strength(value), value,
+                               ForwardWith(per_method[method], m.forward_kwargs(value)))

@@ -1,0 +1,215 @@
+"""What detection and segmentation share: a torchvision-style model on a backbone, (images, targets) batches,
+checkpoints that record the head, evaluation on the dense data kinds (``digits-det``, ``digits-seg``, COCO,
+ADE20K, mask folders).
+
+The model spec (``model_spec`` in checkpoints) is ``{"name": backbone, "task", "head", "num_classes",
+"kwargs"}``: :func:`build_dense_model` rebuilds the model from it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from leanvit.checkpoints import load_checkpoint, read_checkpoint
+from leanvit.data import create_dataset, dataset_classes, dataset_options
+from leanvit.data.dense import collate_fn
+from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
+from leanvit.errors import LeanvitError
+from leanvit.models.build import BuiltModel
+from leanvit.utils import to_2tuple
+from leanvit.tasks.base import Task, TrainData
+from leanvit.tasks.registry import get_task
+from leanvit.viz.dense import visualize_dense
+
+__all__ = ["DenseTask", "dense_loader", "load_dense_model", "build_dense_model"]
+
+log = logging.getLogger(__name__)
+
+
+class _OneLineErrors:
+    """A data loader whose workers' :class:`LeanvitError` (a bad mask, an unreadable image) reaches the
+    caller as the one-line error it was, not as the worker's traceback text that torch wraps it in."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+        self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        except LeanvitError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            if len(lines) <= 1:
+                raise
+            last = lines[-1].split("LeanvitError: ", 1)[-1]
+            raise LeanvitError(last) from None
+
+
+def dense_loader(dataset, task: str, batch_size: int, workers: int = 0, shuffle: bool = False, sampler=None,
+                 drop_last: bool = False, pin_memory: bool = False):
+    """A loader of (images, targets) batches for ``task`` (the collate of :mod:`leanvit.data.dense`)."""
+    return _OneLineErrors(torch.utils.data.DataLoader(
+        dataset, batch_size=int(batch_size), shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+        num_workers=int(workers), pin_memory=pin_memory, collate_fn=collate_fn(task)))
+
+
+def build_dense_model(spec: Dict[str, Any], pretrained_backbone=None, drop_path: float = 0.0) -> nn.Module:
+    """A detector or segmenter from a recorded model spec (see the module doc)."""
+    kwargs = dict(spec.get("kwargs") or {})
+    img = kwargs.pop("img_size", None)
+    if img is not None:
+        kwargs["img_size"] = to_2tuple(img)
+    if drop_path:
+        kwargs["drop_path_rate"] = float(drop_path)
+    return get_task(spec["task"]).create(spec["head"], spec["name"], int(spec["num_classes"]),
+                                         pretrained_backbone=pretrained_backbone, **kwargs)
+
+
+def load_dense_model(checkpoint):
+    """(model in eval mode with the checkpoint's weights, its spec, its training config, its classes) for a
+    checkpoint written by a detection or segmentation ``leanvit train`` run."""
+    obj = read_checkpoint(checkpoint)
+    spec = obj.get("model_spec") if isinstance(obj, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("head"), str) or not spec.get("task"):
+        raise LeanvitError(f"{checkpoint} is not a detection/segmentation checkpoint written by leanvit train")
+    model = build_dense_model(spec)
+    load_checkpoint(model, obj, strict=True, name=str(checkpoint))
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    return model.eval(), spec, config, list(obj.get("classes") or [])
+
+
+class DenseTask(Task):
+    """A detector or segmenter (``head``, recipe key :attr:`head_key`) on the backbone ``model``."""
+
+    head_key = ""           # the recipe key naming the head: detector / segmenter
+    heads: tuple = ()       # the heads it knows
+
+    def create(self, head: str, backbone: str, num_classes: int, **kwargs) -> nn.Module:
+        raise NotImplementedError
+
+    def transform(self, cfg: Dict[str, Any], train: bool):
+        raise NotImplementedError
+
+    def data_options(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        return dataset_options(cfg["data"], cfg)
+
+    def model_spec(self, cfg: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
+        kwargs = dict(cfg.get("model_kwargs") or {})
+        img = cfg["img_size"]
+        if img is not None:  # None: a backbone without an input size (timm pvt_v2_*)
+            kwargs["img_size"] = list(img) if isinstance(img, (list, tuple)) else img
+        kwargs.update(dict(cfg.get("head_kwargs") or {}))
+        return {"name": cfg["model"], "task": self.name, "head": cfg[self.head_key], "num_classes": int(num_classes),
+                "kwargs": kwargs}
+
+    # ------------------------------------------------------------------ training
+    def check_config(self, cfg):
+        if cfg.get(self.head_key) not in self.heads:
+            raise LeanvitError(f"a {self.name} run needs {self.head_key}: one of {', '.join(self.heads)} "
+                               f"(got {cfg.get(self.head_key)!r})")
+        if cfg["mixup"] or cfg["cutmix"]:
+            raise LeanvitError(f"mixup/cutmix are classification settings; set mixup: 0 and cutmix: 0 for {self.name}")
+
+    def classes(self, cfg):
+        return dataset_classes(cfg["data"], "train", self.data_options(cfg))
+
+    def build_model(self, cfg, num_classes, reduction=None, finetune=None):
+        if reduction is not None:
+            raise LeanvitError(f"token reduction while training a {self.name} model is not supported; "
+                               "remove reduction/keep_rate from the recipe")
+        spec = self.model_spec(cfg, num_classes)
+        model = build_dense_model(spec, pretrained_backbone=finetune, drop_path=cfg.get("drop_path") or 0.0)
+        return model, spec, (f"backbone initialized from {finetune} (classifier dropped)" if finetune else None)
+
+    def _eval_dataset(self, data, cfg, split="val"):
+        cfg = {**cfg, "data": data}
+        ds = create_dataset(data, split, transform=self.transform(cfg, False), options=self.data_options(cfg))
+        if len(ds) == 0:
+            raise LeanvitError(f"the {split} split of {data} is empty")
+        return ds
+
+    def build_data(self, cfg, env, model):
+        options = self.data_options(cfg)
+        train_set = create_dataset(cfg["data"], "train", transform=self.transform(cfg, True), options=options,
+                                   skip_corrupt=cfg["skip_corrupt"])
+        val_set = self._eval_dataset(cfg["data"], cfg, "val")
+        bs = int(cfg["batch_size"])
+        # exact mid-epoch resumption, as for classification: a skippable order, per-sample seeded transforms
+        sampler = ResumableSampler(train_sampler(train_set, cfg, env), env.rank)
+        train_set = SeededSamples(train_set, cfg["seed"], env.rank)
+        pin = env.device.type == "cuda"
+        train_loader = dense_loader(train_set, self.name, bs, cfg["workers"], sampler=sampler, drop_last=True,
+                                    pin_memory=pin)
+        if len(train_loader) == 0:
+            raise LeanvitError(f"the training set ({len(train_set)} images per process) is smaller than one "
+                               f"batch of {bs}")
+        val_shard = torch.utils.data.Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
+        val_loader = dense_loader(val_shard, self.name, bs, cfg["workers"], pin_memory=pin)
+        iters = len(train_loader)
+        if cfg["max_train_batches"]:
+            iters = min(iters, int(cfg["max_train_batches"]))
+        if cfg.get("iterations"):  # a budget in optimizer steps (segmentation recipes): whole epochs cover it
+            cfg["epochs"] = max(1, math.ceil(int(cfg["iterations"]) / iters))
+        classes = list(getattr(val_set, "classes", []) or self.classes(cfg))
+        return TrainData(train_set, val_set, train_loader, val_loader, sampler, classes, iters)
+
+    # ------------------------------------------------------------------ a trained model
+    def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
+                   split="val"):
+        if checkpoint is None:
+            raise LeanvitError(f"a {self.name} model is loaded from a checkpoint written by leanvit train")
+        for what, v in (("a token reduction", reduction), ("another input size", img_size),
+                        ("another number of classes", num_classes)):
+            if v is not None:
+                raise LeanvitError(f"{what} cannot be given for the {self.name} checkpoint {checkpoint}")
+        model, spec, config, _ = load_dense_model(checkpoint)
+        if name is not None and name != spec["name"]:
+            raise LeanvitError(f"{checkpoint} holds a {spec['name']} backbone, not {name}")
+        hw = self.input_size(spec, config)
+        return BuiltModel(model, spec["name"], hw, config, read_checkpoint(checkpoint))
+
+    def input_size(self, spec: Dict[str, Any], config: Dict[str, Any]):
+        """(H, W) the recipe feeds the model (what the sweep times it at)."""
+        size = config.get("min_size") or (spec.get("kwargs") or {}).get("img_size") or config.get("img_size")
+        return to_2tuple(size) if size else (224, 224)
+
+    def title(self, built) -> str:
+        spec = built.checkpoint["model_spec"]
+        return f"{spec['head']} on {spec['name']} ({self.name})"
+
+    def record(self, built) -> Dict[str, Any]:
+        return {"head": built.checkpoint["model_spec"]["head"]}
+
+    def eval_data(self, built, data, split="val", batch_size=64, workers=0, device="cpu", **options):
+        dataset = self._eval_dataset(data, built.config, split)
+        n = int(built.checkpoint["model_spec"]["num_classes"])
+        data_classes = list(getattr(dataset, "classes", []))
+        if len(data_classes) != n:
+            raise LeanvitError(f"the model has {n} classes but {data} has {len(data_classes)}; "
+                               "evaluate on data with the model's classes")
+        return dataset, self.loader(dataset, batch_size, workers, device)
+
+    def loader(self, dataset, batch_size=64, workers=0, device="cpu"):
+        return dense_loader(dataset, self.name, batch_size, workers, pin_memory=torch.device(device).type == "cuda")
+
+    def draw(self, built, images, out_dir, names, class_names=None, device="cpu", score_thresh=0.3, **options):
+        """Predicted boxes (class and score) and masks, or the predicted label map, over the images."""
+        classes = list(built.checkpoint.get("classes") or []) or class_names
+        return visualize_dense(built.model.to(device), self.name, list(images), out_dir, names=list(names),
+                               class_names=classes or None, score_thresh=score_thresh, device=device,
+                               min_size=self.draw_size(built.config))
+
+    def draw_size(self, config: Dict[str, Any]) -> Optional[int]:
+        return None
+
+    def eval_images(self, data, config, split="val"):
+        """The untransformed evaluation dataset (``image(i)`` gives its PIL images)."""
+        cfg = {**config, "data": data}
+        return create_dataset(data, split, options=self.data_options(cfg))

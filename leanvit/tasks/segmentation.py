@@ -1,0 +1,80 @@
+"""Semantic segmentation: a segmenter (:func:`leanvit.dense.create_segmenter`: semantic_fpn | upernet) on a
+backbone; pixel cross-entropy ignoring label 255; validation is mIoU / pixel accuracy at each image's
+original resolution, ``val_miou`` picks ``best.pth`` and ranks the sweep."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leanvit.data.dense import IGNORE_INDEX, segmentation_transform, stack_masks
+from leanvit.dense import SEGMENTERS, create_segmenter
+from leanvit.tasks.dense import DenseTask
+from leanvit.tasks.dense_eval import evaluate_segmentation
+from leanvit.tasks.registry import register_task
+
+__all__ = ["SegmentationTask"]
+
+
+def _step(ctx, x, targets):
+    dev = ctx.env.device
+    x = x.to(dev, non_blocking=True)
+    y = stack_masks(targets, x.shape[-2], x.shape[-1]).to(dev, non_blocking=True)
+    with ctx.autocast():
+        logits = ctx.forward_model(x)
+    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+    return loss, x.shape[0]
+
+
+def _base_dataset(loader_or_dataset):
+    ds = getattr(loader_or_dataset, "dataset", loader_or_dataset)
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return ds
+
+
+class SegmentationTask(DenseTask):
+    name = "segmentation"
+    main_metric = "val_miou"
+    head_key = "segmenter"
+    heads = tuple(SEGMENTERS)
+    sweep_columns = (("val_miou", "mIoU", ".4f"), ("val_miou_all", "mIoU all", ".4f"),
+                     ("val_pixel_acc", "pixel acc", ".4f"))
+
+    def create(self, head, backbone, num_classes, **kwargs):
+        return create_segmenter(head, backbone, num_classes, **kwargs)
+
+    def transform(self, cfg, train):
+        if train:
+            return segmentation_transform(True, cfg.get("min_size"), cfg.get("max_size"), cfg.get("crop_size"),
+                                          hflip=cfg["hflip"])
+        return segmentation_transform(False, cfg.get("min_size"), cfg.get("max_size"))
+
+    def training_step(self, cfg, num_classes):
+        return _step
+
+    def validate(self, model, loader, env, amp):
+        res = evaluate_segmentation(model, loader, int(model.num_classes), env.device, amp=amp,
+                                    miou_classes=getattr(_base_dataset(loader), "miou_classes", None))
+        return {k: v for k, v in res.items() if k.startswith("val_")}
+
+    def message(self, row):
+        if "val_miou" not in row:
+            return ""
+        return (f", val mIoU {row['val_miou']:.3f} (all classes {row['val_miou_all']:.3f}), "
+                f"pixel acc {row['val_pixel_acc']:.3f}")
+
+    def evaluate(self, model, loader, device="cpu", amp=False, progress=False, max_batches=None, dataset=None):
+        ds = _base_dataset(dataset if dataset is not None else loader)
+        return evaluate_segmentation(model, loader, int(model.num_classes), device=device, amp=amp,
+                                     miou_classes=getattr(ds, "miou_classes", None), progress=progress,
+                                     max_batches=max_batches)
+
+    def describe(self, res):
+        return (f"mIoU {res['val_miou']:.4f}  mIoU (all classes) {res['val_miou_all']:.4f}  "
+                f"pixel acc {res['val_pixel_acc']:.4f}")
+
+    def draw_size(self, config):
+        return config.get("min_size")
+
+
+register_task(SegmentationTask())
