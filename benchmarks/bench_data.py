@@ -67,7 +67,7 @@ def pipelines(tree: Path, pattern: str, batch: int, workers: int) -> dict:
     import timm.data
 
     from leanvit.data import build_train_dataset
-    from leanvit.train.setup import EpochShuffleSampler, ResumableSampler, SeededSamples
+    from leanvit.data.sampling import EpochShuffleSampler, ResumableSampler, SeededSamples
 
     tf = dict(crop="rrc", hflip=0.5, three_augment=True, color_jitter=0.3)
     folder = build_train_dataset(str(tree), 224, transform=tf)
@@ -109,7 +109,7 @@ def rate(make_iter, batches: int) -> float:
 
 def seeding_cost_us(n: int = 20000) -> float:
     """Microseconds per sample of exact resumption's seeding (hash + Python, NumPy and torch CPU reseeding)."""
-    from leanvit.train.setup import sample_seed
+    from leanvit.data.sampling import sample_seed
 
     t0 = time.perf_counter()
     for i in range(n):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from leanvit.data.folder import _to_rgb8
+from leanvit.data.folder import to_rgb8
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -125,7 +125,7 @@ class HFDataset(torch.utils.data.Dataset):
                     raise ValueError(f"no image bytes ({type(value).__name__})")
                 img = Image.open(io.BytesIO(raw))
             img.load()
-            return _to_rgb8(img)
+            return to_rgb8(img)
         except (OSError, ValueError, SyntaxError) as e:
             raise LeanvitError(f"cannot read image in row {index} of {self.data}: {e}") from None
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leanvit.data.folder import _to_rgb8
+from leanvit.data.folder import to_rgb8
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -208,7 +208,7 @@ class ShardDataset(torch.utils.data.Dataset):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                return _to_rgb8(img)
+                return to_rgb8(img)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise LeanvitError(f"cannot read image {self.keys[index]}: {e}") from None
 
