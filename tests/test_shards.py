@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import cli, one_line_error
 from data_helpers import color_tree, png_bytes, write_hf, write_shards
+
 from leanvit.data import create_dataset, dataset_classes, resolve_dataset_kind
 from leanvit.data.shards import ShardDataset, ShardOrderSampler, expand_shards
 from leanvit.errors import LeanvitError
@@ -197,7 +197,8 @@ def test_sigterm_mid_epoch_on_shards_then_auto_resume_is_exact(tmp_path, data):
     """The documented guarantee for shards is the ImageFolder one: resumption at the exact next sample, so the
     resumed run ends with the weights of a run that never stopped."""
     out = tmp_path / "term"
-    p = subprocess.Popen(_cmd(data["shards"], out), env=_env(PAUSE_AT_STEP=5, PAUSE_SECONDS=1, PAUSE_MARK=tmp_path / "m"),
+    pause = _env(PAUSE_AT_STEP=5, PAUSE_SECONDS=1, PAUSE_MARK=tmp_path / "m")
+    p = subprocess.Popen(_cmd(data["shards"], out), env=pause,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not (tmp_path / "m.0").exists():

@@ -3,13 +3,14 @@ step axis; W&B in offline mode resumes the same run; bad backends are one-line e
 import json
 
 import pytest
-
 from cli_helpers import cli, one_line_error
+
 from leanvit.errors import LeanvitError
 from leanvit.train import train
 from leanvit.train.tracking import parse_log_to
 
-TINY = dict(model="deit3_small_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+TINY = dict(model="deit3_small_patch16_224",
+            model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
             img_size=32, data="digits", digits={"val_fraction": 0.05}, crop="none", hflip=0.0, batch_size=16,
             max_train_batches=3, epochs=2, warmup_epochs=1, lr=1e-3, opt="adamw", loss="ce", mixup=0.0, cutmix=0.0,
             workers=0, log_every=1, keep_rate=0.5)

@@ -52,7 +52,8 @@ def load_split(data: str, split: str):
         except ValueError as e:  # unknown split
             raise LeanvitError(f"{data}: no split '{split}' ({str(e).splitlines()[0]})") from None
         except Exception as e:  # noqa: BLE001 - hub/network/format errors become one line
-            raise LeanvitError(f"cannot load {data} split {split}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise LeanvitError(f"cannot load {data} split {split}: {first}") from None
     obj = ds_lib.load_from_disk(data)
     if isinstance(obj, ds_lib.DatasetDict):
         if split not in obj:
@@ -142,7 +143,7 @@ class HFDataset(torch.utils.data.Dataset):
                     raise
                 if i not in self.skipped:
                     self.skipped.add(i)
-                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}")
+                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
                 continue
             if self.transform is not None:
                 img = self.transform(img)

@@ -92,7 +92,8 @@ def index_shard(path: str) -> List[Tuple[str, int, int, int]]:
                     try:
                         entry[1] = int(text)
                     except ValueError:
-                        raise LeanvitError(f"{path}: sample {key} has label {text!r}, not an integer class index") from None
+                        raise LeanvitError(f"{path}: sample {key} has label {text!r}, not an integer class "
+                                           "index") from None
     except tarfile.TarError as e:
         raise LeanvitError(f"cannot read shard {path}: {e}") from None
     except OSError as e:
@@ -225,7 +226,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     raise
                 if i not in self.skipped:
                     self.skipped.add(i)
-                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}")
+                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
                 continue
             if self.transform is not None:
                 img = self.transform(img)

@@ -31,14 +31,20 @@ import yaml
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.errors import LeanvitError
 from leanvit.reduction import get_reduction
-from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.tasks import check_data, task_for_config
+from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch
 from leanvit.train.metrics import MetricsLog
 from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
 from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
-from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_files, config_differences,
-                                      remove_orphans, resume_decision)
+from leanvit.train.run_folder import (
+    RunLock,
+    check_output_path,
+    clear_run_files,
+    config_differences,
+    remove_orphans,
+    resume_decision,
+)
 from leanvit.train.setup import build_state
 from leanvit.train.state import TrainState
 from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
