@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from leanvit.errors import LeanvitError
@@ -95,6 +96,18 @@ def load_plugins(modules) -> None:
             raise LeanvitError(f"--plugin {name}: cannot import it ({e})") from None
 
 
+def flag_names(message: str, args) -> str:
+    """``message`` with each setting the library names in backticks (```num_classes```) shown as this
+    command's flag (``--num-classes``) where the command has one (``train`` takes every recipe key as a flag),
+    else as the plain name."""
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        has = hasattr(args, name) or getattr(args, "_accepts_extra", False)
+        return "--" + name.replace("_", "-") if has else name
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+
+
 def main(argv=None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -118,7 +131,8 @@ def main(argv=None) -> int:
         return int(args._run(args) or 0)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
-        code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint (issue 11)
+        msg = flag_names(msg, args)
+        code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint
         if _is_main_process():
             print(f"leanvit {args.command}: {'error: ' if code == 2 else ''}{msg}", file=sys.stderr)
         return code

@@ -70,7 +70,7 @@ def resolve_dataset_kind(data) -> DatasetKind:
             return kind
     if not Path(str(data)).exists():
         names = [k.name for k in _KINDS if k.embedded]
-        raise LeanvitError(f"--data: no such folder: {data} (or use one of the embedded datasets: "
+        raise LeanvitError(f"`data`: no such folder: {data} (or use one of the embedded datasets: "
                            f"{', '.join(names)})")
     raise LeanvitError(f"cannot tell what kind of data {data} is (expected an ImageFolder tree "
                        f"DIR/train/<class>/*, DIR/val/<class>/*)")

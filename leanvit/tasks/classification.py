@@ -105,7 +105,7 @@ def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
     try:
         res = load_checkpoint(model, path, strict=False, ignore_classifier=True)
     except LeanvitError as e:
-        raise LeanvitError(f"--finetune: {e}") from None
+        raise LeanvitError(f"`finetune`: {e}") from None
     loaded = total - len(res.missing_keys) - len(res.skipped_keys)
     notes = [f"loaded {loaded}/{total} tensors"]
     if res.skipped_keys:
@@ -115,9 +115,9 @@ def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
     if res.unexpected_keys:
         notes.append(f"unused: {', '.join(res.unexpected_keys[:6])}")
     if loaded < FINETUNE_MIN_SHARE * total and not partial:
-        raise LeanvitError(f"--finetune {path}: only {loaded}/{total} of the model's tensors loaded (less than "
+        raise LeanvitError(f"`finetune` {path}: only {loaded}/{total} of the model's tensors loaded (less than "
                            f"{FINETUNE_MIN_SHARE:.0%}; is it a checkpoint of another model?); give "
-                           "--finetune-partial to train from it anyway")
+                           "`finetune_partial` to train from it anyway")
     return f"fine-tuning from {path} ({'; '.join(notes)})"
 
 
@@ -183,7 +183,7 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
     else:
         what = (f"differ: not in the data {missing[:6] or 'none'}, not in the checkpoint {extra[:6] or 'none'}")
     raise LeanvitError(f"the class names of {data} {what} than those {checkpoint} was trained with; the accuracy "
-                       "would be meaningless (give --ignore-class-names to evaluate by label position anyway)")
+                       "would be meaningless (give `ignore_class_names` to evaluate by label position anyway)")
 
 
 class ClassificationTask(Task):
@@ -272,7 +272,7 @@ class ClassificationTask(Task):
         merging = is_tome(model)
         if not merging and not is_evit(model):
             raise LeanvitError(f"{built.name} does not reorganize tokens nor merge them: use an EViT model "
-                               "(evit_*), or pass --keep-rate / --reduction evit:R or tome:R to a plain ViT")
+                               "(evit_*), or give a plain ViT `keep_rate` R, or `reduction` evit:R or tome:R")
         draw = visualize_merges if merging else visualize
         return draw(model.to(device), list(images), out_dir, names=list(names), class_names=class_names,
                     batch_size=batch_size)
@@ -280,7 +280,7 @@ class ClassificationTask(Task):
     def title(self, built):
         method = applied_reduction(built.model)
         shown = f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method else ""
-        return f"{built.name}{shown}"
+        return f"{built.description}{shown}"
 
     def record(self, built):
         method = applied_reduction(built.model)

@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default="demo_out", metavar="DIR", help="where runs, plots and report.md go")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # issue 10: the dense stage is its own run (two 5-minute detector trainings would push the default
+    # the dense stage is its own run (two 5-minute detector trainings would push the default
     # demo past 10 minutes on 2 cores); see leanvit/tools/demo_dense.py
     p.add_argument("--task", default="classify", choices=("classify", "detect"),
                    help="classify (default: the ViT/EViT/Shunted classification demo) or detect (a Shunted "
@@ -98,7 +98,7 @@ def run(args) -> int:
         if args.threads < 1:
             raise LeanvitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if getattr(args, "task", "classify") == "detect":  # issue 10
+    if getattr(args, "task", "classify") == "detect":
         from leanvit.tools.demo_dense import run_detect
 
         return run_detect(args)
@@ -107,7 +107,7 @@ def run(args) -> int:
     progress = not args.no_progress
     t0 = time.perf_counter()
     times: Dict[str, float] = {}
-    load = LoadWatch()  # issue 11: the report states the load and any stage stopped early
+    load = LoadWatch()  # the report states the load and any stage stopped early
     print(load.line, flush=True)
     early: List[str] = []
 
@@ -214,7 +214,7 @@ Which patches the EViT model kept after each reorganizing layer (removed or fuse
 
 
 # ---------------------------------------------------------------------------------------------------------
-# issue 13: a `leanvit sweep` of the DeiT III demo model (EViT fused / dropping, ToMe) with the fine-tuned
+# a `leanvit sweep` of the DeiT III demo model (EViT fused / dropping, ToMe) with the fine-tuned
 # EViT model among the points; the Pareto picture and the chosen point go into report.md.
 _SWEEP = {"full": dict(grid=["evit:1.0,0.9,0.8,0.7,0.6,0.5", "evit-drop:0.7,0.5", "tome:2,4,6,8"], limit=None,
                        repeats=5, latency_repeats=15, max_drop=1.0),

@@ -30,6 +30,7 @@ import yaml
 
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.errors import LeanvitError
+from leanvit.models.build import describe_model
 from leanvit.reduction import get_reduction
 from leanvit.tasks import check_data, task_for_config
 from leanvit.train.distributed import DistEnv, seed_everything
@@ -58,7 +59,7 @@ def _read_resume(path: Path) -> Dict[str, Any]:
     obj = read_checkpoint(path)
     if not isinstance(obj, dict) or "optimizer" not in obj or "epoch" not in obj:
         raise LeanvitError(f"{path} is not a leanvit training checkpoint (no optimizer/epoch state) "
-                           "and cannot be resumed; use --finetune to start from its weights")
+                           "and cannot be resumed; use `finetune` to start from its weights")
     return obj
 
 
@@ -71,8 +72,8 @@ class Run:
         parse_log_to(cfg.get("log_to"))  # an unknown backend or a missing package: an error before any work
         self.tracker = Trackers()  # rank 0's TensorBoard / W&B (leanvit.train.tracking), opened by fit
         if not cfg["data"]:
-            raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give --data DIR (an ImageFolder tree "
-                               "with train/ and val/) or --data digits")
+            raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give `data` DIR (an ImageFolder tree "
+                               "with train/ and val/) or `data` digits")
         self.out = check_output_path(Path(cfg["output"] or Path("runs") / str(cfg.get("recipe") or cfg["model"])))
         self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
         self.stop = stop or StopRequest()
@@ -169,9 +170,9 @@ class Run:
         full = {**{k: v for k, v in DEFAULTS.items() if k in self.cfg}, **recorded}
         diffs = config_differences(full, self.cfg)
         if diffs:
-            raise LeanvitError(f"--resume with other settings than {self.last_path} was trained with: "
+            raise LeanvitError(f"`resume` with other settings than {self.last_path} was trained with: "
                                f"{'; '.join(diffs)} (only epochs, time_limit, workers, log_every, eval_every, "
-                               "save_every_steps, keep_last and device may change; start a new --output instead)")
+                               "save_every_steps, keep_last and device may change; start a new `output` instead)")
 
     def _check_mid_epoch(self, obj: Dict[str, Any], k: int) -> None:
         ws, iters = obj.get("world_size"), obj.get("iters")
@@ -203,7 +204,7 @@ class Run:
 
     def _stop_message(self) -> str:
         return (f"stopped by {self.stop.name} at step {self.state.step} (epoch {self.state.epoch + 1}); a recovery "
-                f"checkpoint is in {self.last_path}: run the same command with --resume (or --auto-resume)")
+                f"checkpoint is in {self.last_path}: run the same command with `resume` (or `auto_resume`)")
 
     def save_recovery(self, k: int) -> None:
         """``last.pth`` in the middle of an epoch: everything to continue after its step ``k``."""
@@ -220,8 +221,8 @@ class Run:
 
     def _announce(self) -> None:
         cfg, env, d = self.cfg, self.env, self.data
-        n_params = sum(p.numel() for p in self.state.model.parameters())
-        log.info(f"training {self.spec['name']} ({n_params / 1e6:.2f}M params, {self.num_classes} classes) on "
+        what = describe_model(self.spec["name"], self.state.model, self.spec.get("kwargs"))
+        log.info(f"training {what}, {self.num_classes} classes, on "
                  f"{cfg['data']}: {len(d.train_set)} train / {len(d.val_set)} val images, {cfg['epochs']} epochs "
                  f"x {d.iters} iterations, batch {cfg['batch_size']} x {env.world_size} process(es), "
                  f"{env.device}, {torch.get_num_threads()} threads -> {self.out}")
@@ -320,13 +321,14 @@ class Run:
             self.tracker.log_images(pics, self.state.step)
 
     def _improves(self, value) -> bool:
-        """Whether this epoch's main metric beats every earlier one (the first evaluated epoch always does)."""
+        """Whether this epoch's main metric beats the best so far (``state.best``: -1 before any evaluation; a
+        lower-is-better metric's first evaluation always counts)."""
         if value is None:
             return False
-        earlier = [r[self.task.main_metric] for r in self.state.history[:-1] if self.task.main_metric in r]
-        if not earlier:
-            return True
-        return value > self.state.best if self.task.higher_is_better else value < self.state.best
+        if self.task.higher_is_better:
+            return value > self.state.best
+        earlier = [r for r in self.state.history[:-1] if self.task.main_metric in r]
+        return not earlier or value < self.state.best
 
     def _summary(self, row: Dict[str, Any], seconds: float) -> Dict[str, Any]:
         skipped = getattr(self.data.train_set, "num_skipped", 0)
@@ -334,7 +336,7 @@ class Run:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
         notes = self.task.data_notes(self.data) if self.env.is_main else []
         st = self.state
-        evaluated = any(self.task.main_metric in r for r in st.history)
+        evaluated = self.best_path.exists()  # best.pth: written at the first evaluation that counted
         return {"task": self.task.name, "main_metric": self.task.main_metric,
                 "best_metric": st.best if evaluated else None,
                 "last_metric": row.get(self.task.main_metric), "data_notes": notes,
