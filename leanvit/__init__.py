@@ -6,7 +6,7 @@
 - Shunted Transformer T/S/B (``shunted_t/s/b``)
 
 Importing leanvit registers its models with timm, so ``timm.create_model("evit_deit_small_patch16_224")``
-works afterwards. Layout: ``models/``, ``reduction/``, ``dense/``, ``data/``, ``train/``, ``measure/``,
+works afterwards. Layout: ``models/``, ``reduction/``, ``dense/``, ``data/``, ``tasks/``, ``train/``, ``measure/``,
 ``deploy/``, ``viz/`` and ``utils.py`` are the library; ``tools/`` holds the commands (see README, "Layout").
 """
 from leanvit.errors import LeanvitError

@@ -1,4 +1,5 @@
-"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export | sweep``.
+"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export |
+sweep``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. User mistakes (:class:`leanvit.errors.LeanvitError`, missing files) are printed
@@ -83,7 +84,19 @@ def error_line(e: BaseException) -> str:
     return msg
 
 
-def _plugins(argv):
+def flag_names(message: str, args) -> str:
+    """``message`` with each setting the library names in backticks (```num_classes```) shown as this
+    command's flag (``--num-classes``) where the command has one (``train`` takes every recipe key as a flag),
+    else as the plain name."""
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        has = hasattr(args, name) or getattr(args, "_accepts_extra", False)
+        return "--" + name.replace("_", "-") if has else name
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+
+
+def plugin_options(argv):
     """``--plugin MODULE`` options before the command: (modules, the other arguments)."""
     modules, i = [], 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -108,22 +121,10 @@ def load_plugins(modules) -> None:
             raise LeanvitError(f"--plugin {name}: cannot import it ({e})") from None
 
 
-def flag_names(message: str, args) -> str:
-    """``message`` with each setting the library names in backticks (```num_classes```) shown as this
-    command's flag (``--num-classes``) where the command has one (``train`` takes every recipe key as a flag),
-    else as the plain name."""
-    def flag(m: re.Match) -> str:
-        name = m.group(1)
-        has = hasattr(args, name) or getattr(args, "_accepts_extra", False)
-        return "--" + name.replace("_", "-") if has else name
-
-    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
-
-
 def main(argv=None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    plugins, argv = _plugins(argv)
+    plugins, argv = plugin_options(argv)
     try:
         load_plugins(plugins)
     except LeanvitError as e:

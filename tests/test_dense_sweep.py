@@ -5,8 +5,8 @@ import csv
 import json
 
 import pytest
-
 from cli_helpers import cli
+
 from leanvit.train import train
 
 QUICK = {"epochs": 1, "max_train_batches": 2, "batch_size": 4, "digits_dense": {"val_fraction": 0.02},

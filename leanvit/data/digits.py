@@ -42,8 +42,7 @@ from PIL import Image
 from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["DigitsDataset", "DigitsKind", "load_scans", "split_indices", "render", "CLASSES", "resize_scan",
-           "random_colour"]
+__all__ = ["DigitsDataset", "DigitsKind", "load_scans", "split_indices", "render", "CLASSES"]
 
 CLASSES = tuple(str(i) for i in range(10))
 _SPLIT_CODE = {"train": 1, "val": 2}
@@ -90,12 +89,12 @@ def split_scans(split: str, renders_per_epoch: int, val_renders: int, val_fracti
 
 
 def resize_scan(a: np.ndarray, size: int) -> np.ndarray:
-    """A scan in [0, 1] resized to ``size`` x ``size`` (bicubic, clipped back to [0, 1])."""
+    """An 8x8 scan (values in [0, 1]) resized bicubically to ``size`` x ``size``."""
     img = Image.fromarray(a.astype(np.float32), mode="F")
     return np.clip(np.asarray(img.resize((size, size), Image.BICUBIC)), 0.0, 1.0)
 
 
-def random_colour(rng: np.random.Generator, lo: float) -> np.ndarray:
+def random_color(rng: np.random.Generator, lo: float) -> np.ndarray:
     """A random RGB colour whose brightest channel is 1 and the others in [lo, 1]."""
     c = rng.uniform(lo, 1.0, size=3)
     c[rng.integers(3)] = 1.0
@@ -110,7 +109,7 @@ def render(scan: np.ndarray, rng: np.random.Generator, others: np.ndarray, canva
     All randomness comes from ``rng``."""
     s = canvas_size
     # background: a dark level and pixel noise, slightly coloured
-    bg = rng.uniform(0.0, 0.15) * random_colour(rng, 0.6)
+    bg = rng.uniform(0.0, 0.15) * random_color(rng, 0.6)
     canvas = np.broadcast_to(bg, (s, s, 3)).copy()
     canvas += rng.normal(0.0, noise, size=(s, s, 1)).astype(np.float32)
     # distractors: a quarter-scan fragment of another digit, dim, anywhere
@@ -121,7 +120,7 @@ def render(scan: np.ndarray, rng: np.random.Generator, others: np.ndarray, canva
         piece = resize_scan(other[r0:r0 + 4, c0:c0 + 4], frag_size) * rng.uniform(0.25, 0.5)
         y, x = rng.integers(0, s - frag_size + 1, size=2)
         region = canvas[y:y + frag_size, x:x + frag_size]
-        np.maximum(region, piece[..., None] * random_colour(rng, 0.3), out=region)
+        np.maximum(region, piece[..., None] * random_color(rng, 0.3), out=region)
     # the digit, over everything
     ink = resize_scan(scan, digit_size) * rng.uniform(0.75, 1.0)
     centre = (s - digit_size) / 2.0
@@ -129,7 +128,7 @@ def render(scan: np.ndarray, rng: np.random.Generator, others: np.ndarray, canva
     hi = int(np.ceil(min(s - digit_size, centre + max_offset)))
     y, x = rng.integers(lo, hi + 1, size=2)
     region = canvas[y:y + digit_size, x:x + digit_size]
-    np.maximum(region, ink[..., None] * random_colour(rng, 0.4), out=region)
+    np.maximum(region, ink[..., None] * random_color(rng, 0.4), out=region)
     return (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 

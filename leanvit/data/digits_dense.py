@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from leanvit.data.digits import random_colour, resize_scan, split_scans
+from leanvit.data.digits import random_color, resize_scan, split_scans
 from leanvit.data.dense import encode_masks
 from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
@@ -59,7 +59,7 @@ def render_scene(scans: List[np.ndarray], rng: np.random.Generator, others: np.n
     Returns (image H x W x 3 uint8, owner map H x W int64: -1 background else the index into ``scans``
     of the digit whose ink is there, placement squares (x0, y0, x1, y1)). All randomness from ``rng``."""
     s = canvas_size
-    bg = rng.uniform(0.0, 0.15) * random_colour(rng, 0.6)
+    bg = rng.uniform(0.0, 0.15) * random_color(rng, 0.6)
     canvas = np.broadcast_to(bg, (s, s, 3)).copy()
     canvas += rng.normal(0.0, noise, size=(s, s, 1)).astype(np.float32)
     for _ in range(num_fragments):  # dim quarter-scan fragments of other digits, of varied size
@@ -69,7 +69,7 @@ def render_scene(scans: List[np.ndarray], rng: np.random.Generator, others: np.n
         piece = resize_scan(other[r0:r0 + 4, c0:c0 + 4], fs) * rng.uniform(0.25, 0.5)
         y, x = rng.integers(0, s - fs + 1, size=2)
         region = canvas[y:y + fs, x:x + fs]
-        np.maximum(region, piece[..., None] * random_colour(rng, 0.3), out=region)
+        np.maximum(region, piece[..., None] * random_color(rng, 0.3), out=region)
     owner = np.full((s, s), -1, dtype=np.int64)
     placed: List[Tuple[int, int, int, int]] = []
     for k, scan in enumerate(scans):
@@ -83,7 +83,7 @@ def render_scene(scans: List[np.ndarray], rng: np.random.Generator, others: np.n
         shape = resize_scan(scan, size)
         ink = shape * rng.uniform(0.75, 1.0)
         region = canvas[y:y + size, x:x + size]
-        np.maximum(region, ink[..., None] * random_colour(rng, 0.4), out=region)
+        np.maximum(region, ink[..., None] * random_color(rng, 0.4), out=region)
         mine = shape > ink_threshold
         owner[y:y + size, x:x + size][mine] = k  # drawn last wins where inks overlap
     img = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -46,6 +46,11 @@ class DatasetKind:
     def check_options(self, options: Dict[str, Any]) -> None:
         """A clear error for an unknown or malformed option (recipes and ``--set KEY.option=...``)."""
 
+    def options_from_config(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """This kind's options in a recorded training config or recipe (default: its ``options_key`` mapping;
+        a kind may add top-level settings, e.g. ``val_data``)."""
+        return dict(config.get(self.options_key) or {}) if self.options_key else {}
+
 
 _KINDS: List[DatasetKind] = []
 
@@ -104,9 +109,9 @@ def resolve_dataset_kind(data) -> DatasetKind:
 def dataset_options(data, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The options a recorded training config (or recipe) holds for ``data``'s kind (e.g. ``digits:``)."""
     kind = resolve_dataset_kind(data)
-    if not kind.options_key or not isinstance(config, dict):
+    if not isinstance(config, dict):
         return {}
-    return dict(config.get(kind.options_key) or {})
+    return kind.options_from_config(config)
 
 
 def check_dataset_options(cfg: Dict[str, Any]) -> None:

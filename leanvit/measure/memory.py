@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from leanvit.measure.timing import prepare_input
+from leanvit.measure.timing import prepare_model_input
 from leanvit.utils import sync_device
 
 __all__ = ["forward_peak_memory_mb"]
@@ -61,7 +61,7 @@ def forward_peak_memory_mb(model: nn.Module, batch_size: int = 32, img_size=224,
     outputs, logits) that are alive at the same time, counted operator by operator; exact and
     repeatable, but scratch buffers a kernel allocates internally and frees before returning are not
     seen (process RSS would be too noisy on a shared machine to compare models)."""
-    model, x, device, _ = prepare_input(model, batch_size, img_size, device, dtype, in_chans)
+    model, x, device, _ = prepare_model_input(model, batch_size, img_size, device, dtype, in_chans)
     if device.type == "cuda":
         model(x)  # first-call allocations (cuBLAS workspaces, lazy init) are not the forward's working memory
         sync_device(device)

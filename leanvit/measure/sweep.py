@@ -11,10 +11,10 @@ size; its strengths are forward-call overrides, as :class:`leanvit.measure.Reduc
 (:class:`leanvit.tasks.Task`) supplies the configurations (:meth:`~leanvit.tasks.Task.sweep_variants`), the
 evaluation data and metrics (the same images and numbers ``leanvit eval`` gives for that configuration:
 top-1 for classification, mAP for detection, mIoU for segmentation; the first of its
-:attr:`~leanvit.tasks.Task.sweep_columns` ranks the points) and the input it is timed on. Speed is measured for all points in **one**
-interleaved run (:func:`leanvit.measure.interleaved_measure`): throughput at ``batch_size`` and batch-1
-latency (median and p90 of ``latency_repeats`` single-image calls). ``speedup`` is over the baseline: the
-unreduced model at its own input size.
+:attr:`~leanvit.tasks.Task.sweep_columns` ranks the points) and the input it is timed on. Speed is
+measured for all points in **one** interleaved run (:func:`leanvit.measure.interleaved_measure`): throughput
+at ``batch_size`` and batch-1 latency (median and p90 of ``latency_repeats`` single-image calls).
+``speedup`` is over the baseline: the unreduced model at its own input size.
 """
 from __future__ import annotations
 
@@ -247,12 +247,12 @@ def _timed_rows(task: Task, points: List[dict], batch_size: int, device, warmup:
     base_ips = batch_size / (thr[baseline["label"]].latency_ms / 1e3)
     rows = []
     for p in points:
-        t, l = thr[p["label"]], lat[p["label"]]
+        t, b1 = thr[p["label"]], lat[p["label"]]
         ips = batch_size / (t.latency_ms / 1e3)
         row = {k: v for k, v in p.items() if not k.startswith("_") and k != "hw"}
         drop = baseline[score] - p[score] if task.higher_is_better else p[score] - baseline[score]
         row.update({f"{score}_drop": drop}, img_per_s=ips, speedup=ips / base_ips,
-                   latency_ms=l.latency_ms, p90_ms=l.p90_ms, batch_size=batch_size, device=t.device, dtype=t.dtype,
+                   latency_ms=b1.latency_ms, p90_ms=b1.p90_ms, batch_size=batch_size, device=t.device, dtype=t.dtype,
                    threads=t.threads)
         rows.append(row)
     fast = pareto_front(rows, "img_per_s", higher=True, score=score, score_higher=task.higher_is_better)

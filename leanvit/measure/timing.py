@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from leanvit.utils import sync_device, to_2tuple
 
-__all__ = ["Measurement", "measure", "interleaved_measure", "prepare_input"]
+__all__ = ["Measurement", "measure", "interleaved_measure"]
 
 
 @dataclass
@@ -34,8 +34,8 @@ class Measurement:
     p90_ms: Optional[float] = None       # 90th percentile time of one batch
 
 
-def prepare_input(model: nn.Module, batch_size: int, img_size, device, dtype, in_chans: int):
-    """``model`` on ``device`` in eval mode and ``dtype``, a random input batch for it, the device and (H, W)."""
+def prepare_model_input(model: nn.Module, batch_size: int, img_size, device, dtype, in_chans: int):
+    """``model`` on ``device`` in eval mode and a random input batch for it: (model, x, device, (H, W))."""
     device = torch.device(device)
     h, w = to_2tuple(img_size)
     model = model.to(device=device, dtype=dtype).eval()
@@ -67,7 +67,7 @@ def _measurement(times, batch_size, hw, device, dtype, peak=None) -> Measurement
 def measure(model: nn.Module, batch_size: int = 32, img_size=224, device="cpu", dtype=torch.float32,
             warmup: int = 2, repeats: int = 5, steps: int = 1, in_chans: int = 3) -> Measurement:
     """Median time per batch of ``model`` over ``repeats`` runs of ``steps`` forwards each."""
-    model, x, device, hw = prepare_input(model, batch_size, img_size, device, dtype, in_chans)
+    model, x, device, hw = prepare_model_input(model, batch_size, img_size, device, dtype, in_chans)
     for _ in range(warmup):
         model(x)
     if device.type == "cuda":
@@ -107,7 +107,7 @@ def interleaved_measure(models: dict, batch_size: int = 32, img_size=224, device
     prepared = {}
     dev, hw = torch.device(device), to_2tuple(img_size)
     for name, model in models.items():
-        m, x, dev, hw = prepare_input(model, batch_size, img_size, device, dtype, in_chans)
+        m, x, dev, hw = prepare_model_input(model, batch_size, img_size, device, dtype, in_chans)
         for _ in range(warmup):
             m(x)
         prepared[name] = (m, x)

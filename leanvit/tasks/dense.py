@@ -20,9 +20,9 @@ from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
-from leanvit.utils import to_2tuple
 from leanvit.tasks.base import Task, TrainData
 from leanvit.tasks.registry import get_task
+from leanvit.utils import to_2tuple
 from leanvit.viz.dense import visualize_dense
 
 __all__ = ["DenseTask", "dense_loader", "load_dense_model", "build_dense_model"]

@@ -19,13 +19,13 @@ import torch
 
 from leanvit.data import build_eval_dataset
 from leanvit.errors import LeanvitError
-from leanvit.tasks.classification_eval import evaluate
 from leanvit.measure import benchmark_models
 from leanvit.measure.load import LoadWatch
-from leanvit.reduction.evit import apply_evit
-from leanvit.utils import environment, model_input_size
 from leanvit.models.build import build_model
+from leanvit.reduction.evit import apply_evit
+from leanvit.tasks.classification_eval import evaluate
 from leanvit.train import train
+from leanvit.utils import environment, model_input_size
 from leanvit.viz import render_kept_tokens
 
 # per stage: recipe overrides for the full run and for --quick

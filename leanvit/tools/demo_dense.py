@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-
 from leanvit.checkpoints import read_checkpoint
 from leanvit.measure import gmacs
 from leanvit.measure.load import LoadWatch
-from leanvit.utils import environment
-from leanvit.train import train
 from leanvit.tasks import task_of_checkpoint
+from leanvit.train import train
+from leanvit.utils import environment
 
 __all__ = ["run_detect", "DETECT_STAGES", "verdict"]
 

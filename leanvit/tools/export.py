@@ -10,13 +10,19 @@ from __future__ import annotations
 import argparse
 import time
 
+from leanvit.deploy.export import (
+    FORMATS,
+    export_model,
+    format_from_path,
+    keep_rate_path,
+    min_dynamic_side,
+    verify_export,
+)
 from leanvit.errors import LeanvitError
-from leanvit.deploy.export import (FORMATS, export_model, format_from_path, keep_rate_path, min_dynamic_side,
-                            verify_export)
 from leanvit.reduction import reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
-from leanvit.utils import img_size_arg
 from leanvit.tasks import task_of_checkpoint
+from leanvit.utils import img_size_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -32,16 +32,23 @@ from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.errors import LeanvitError
 from leanvit.models.build import describe_model
 from leanvit.reduction import get_reduction
-from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.tasks import check_data, task_for_config
+from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch
 from leanvit.train.metrics import MetricsLog
 from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
 from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
-from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_files, config_differences,
-                                      remove_orphans, resume_decision)
+from leanvit.train.run_folder import (
+    RunLock,
+    check_output_path,
+    clear_run_files,
+    config_differences,
+    remove_orphans,
+    resume_decision,
+)
 from leanvit.train.setup import build_state
 from leanvit.train.state import TrainState
+from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
 
 __all__ = ["train", "Run"]
 
@@ -62,6 +69,8 @@ class Run:
     def __init__(self, cfg: Dict[str, Any], env: DistEnv, progress: bool = True, resume: Union[bool, str] = False,
                  overwrite: bool = False, stop: Optional[StopRequest] = None):
         self.cfg, self.env, self.progress = cfg, env, progress
+        parse_log_to(cfg.get("log_to"))  # an unknown backend or a missing package: an error before any work
+        self.tracker = Trackers()  # rank 0's TensorBoard / W&B (leanvit.train.tracking), opened by fit
         if not cfg["data"]:
             raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give `data` DIR (an ImageFolder tree "
                                "with train/ and val/) or `data` digits")
@@ -101,6 +110,7 @@ class Run:
             raise LeanvitError(f"rank 0 could not take the run folder {self.out} (see its message)")
 
     def close(self) -> None:
+        self.tracker.close()
         self.lock.release()
 
     def _build(self) -> None:
@@ -180,6 +190,10 @@ class Run:
         stop = self.stop.requested(self.env)
         every = self.cfg.get("save_every_steps")
         due = bool(every) and st.step % int(every) == 0
+        if self.tracker and st.step % max(1, int(self.cfg["log_every"])) == 0:
+            loss_sum, seen = self.ctx.running
+            self.tracker.log_scalars({"step/train_loss": loss_sum / max(seen, 1),
+                                      "step/lr": st.optimizer.param_groups[0]["lr"]}, st.step)
         if k >= self.data.iters:  # the epoch's last step: the epoch-end checkpoint follows
             self._stopping = self._stopping or stop
             return
@@ -216,7 +230,8 @@ class Run:
     def save(self, row: Dict[str, Any], is_best: bool, metrics: MetricsLog) -> None:
         """``last.pth`` (resumable), ``best.pth`` when it improved, and the metrics row; rank 0 only."""
         extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters, "world_size": self.env.world_size}
+                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters,
+                 "world_size": self.env.world_size}
         save_checkpoint(self.state.checkpoint(**extra), self.last_path)
         keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:
@@ -247,6 +262,7 @@ class Run:
             metrics = MetricsLog(self.out)
             metrics.start(st.history)  # rebuilt from the checkpoint (a fresh run: empty)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+            self.tracker = create_trackers(cfg, self.out, st.step, bool(self.resume))
             self._announce()
         t_run, start_epoch, row = time.perf_counter(), st.epoch, {}
         self.stopped_early = None
@@ -278,6 +294,7 @@ class Run:
                 st.best = row[self.task.main_metric]
             if env.is_main:
                 self.save(row, is_best, metrics)
+                self._track(row, evaluate_now)
                 log.info(self._epoch_message(row))
             env.barrier()
             if self._stopping and not last_epoch:
@@ -290,6 +307,19 @@ class Run:
                                 "is not that of the full recipe")
                 break
         return self._summary(row, time.perf_counter() - t_run)
+
+    def _track(self, row: Dict[str, Any], evaluated: bool) -> None:
+        """The epoch's row (and, after an evaluation, pictures of a few validation images) to the trackers."""
+        if not self.tracker:
+            return
+        self.tracker.log_row(row, self.state.step)
+        if evaluated:
+            try:
+                pics = evaluation_pictures(self.task, self.state.model, self.cfg, self.data.val_set, self.data.classes)
+            except Exception as e:  # noqa: BLE001 - a picture must never stop a run
+                log.warning(f"warning: no evaluation pictures for the trackers: {e}")
+                pics = {}
+            self.tracker.log_images(pics, self.state.step)
 
     def _improves(self, value) -> bool:
         """Whether this epoch's main metric beats the best so far (``state.best``: -1 before any evaluation; a

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # settings that may change between a run and its resumption without changing what it computes
 # (``epochs`` lengthens the cosine schedule: allowed, as a deliberate extension of a run)
 SAFE_RESUME_KEYS = frozenset({"epochs", "time_limit", "workers", "log_every", "output", "device", "recipe",
-                              "eval_every", "save_every_steps", "keep_last", "skip_corrupt"})
+                              "eval_every", "save_every_steps", "keep_last", "skip_corrupt", "log_to"})
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "metrics.csv", "config.yaml")
 LOCK_NAME = ".lock"
 
