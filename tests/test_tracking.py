@@ -99,3 +99,23 @@ def test_bad_log_to_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     rc, _, err = cli(capsys, "train", "--recipe", "deit3_demo", "--log-to", "wandb", "--output", tmp_path / "r",
                      "--no-progress")
     one_line_error(rc, err, "pip install leanvit[wandb]")
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_segmentation_pictures_and_metrics(tmp_path):
+    """A dense task: its validation metrics (val_miou, ...) as scalars and its predicted masks as a picture."""
+    out = tmp_path / "seg"
+    train(dict(task="segmentation", segmenter="semantic_fpn", model="shunted_t", img_size=64, min_size=64,
+               model_kwargs={"depths": [1, 1, 1, 1], "embed_dims": [64, 32, 32, 32], "num_heads": [2, 2, 2, 2],
+                             "mlp_ratios": [1, 1, 1, 1]},
+               head_kwargs={"fpn_channels": 16, "channels": 16}, data="digits-seg",
+               digits_dense={"canvas_size": 64, "min_digit": 10, "max_digit": 28, "max_objects": 3,
+                             "val_fraction": 0.02},
+               hflip=0.0, epochs=1, batch_size=4, max_train_batches=2, opt="adamw", lr=1e-3, warmup_epochs=0,
+               loss="ce", mixup=0.0, cutmix=0.0, three_augment=False, schedule="poly", output=str(out),
+               log_to="tensorboard"), device="cpu", progress=False)
+    acc = _events(out)
+    row = _rows(out)[-1]
+    for key in ("val_miou", "val_pixel_acc", "train_loss"):
+        assert acc.Scalars(key)[-1].value == pytest.approx(row[key], rel=1e-6), key
+    assert "pictures/predictions" in acc.Tags()["images"]

@@ -26,7 +26,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -110,16 +110,26 @@ def index_shard(path: str) -> List[Tuple[str, int, int, int]]:
     return out
 
 
-_INDEX_CACHE: Dict[tuple, list] = {}
+class _ShardIndex(NamedTuple):
+    """One shard's samples, compact: keys, and int64 arrays of image offsets, image sizes and labels."""
+    keys: List[str]
+    offsets: np.ndarray
+    sizes: np.ndarray
+    labels: np.ndarray
 
 
-def _index_all(files: Sequence[str]) -> List[List[Tuple[str, int, int, int]]]:
+_INDEX_CACHE: Dict[tuple, _ShardIndex] = {}
+
+
+def _index_all(files: Sequence[str]) -> List[_ShardIndex]:
     """Every shard's index (threads: the work is reading headers), cached per process by path, size, mtime."""
     def one(f):
         st = os.stat(f)
         k = (os.path.abspath(f), st.st_size, st.st_mtime_ns)
         if k not in _INDEX_CACHE:
-            _INDEX_CACHE[k] = index_shard(f)
+            rows = index_shard(f)
+            _INDEX_CACHE[k] = _ShardIndex([r[0] for r in rows], *(np.array([r[j] for r in rows], dtype=np.int64)
+                                                                   for j in (1, 2, 3)))
         return _INDEX_CACHE[k]
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         return list(pool.map(one, files))
@@ -151,22 +161,21 @@ class ShardDataset(torch.utils.data.Dataset):
                  classes: Optional[Sequence[str]] = None, skip_corrupt: bool = False, group: int = 4):
         self.files = list(files)
         index = _index_all(self.files)
-        self.shard_of, self.offsets, self.sizes, self.targets, self.keys = [], [], [], [], []
-        for s, rows in enumerate(index):
-            for key, off, size, label in rows:
-                self.shard_of.append(s)
-                self.offsets.append(off)
-                self.sizes.append(size)
-                self.targets.append(label)
-                self.keys.append(f"{Path(self.files[s]).name}:{key}")
-        top = max(self.targets)
+        # numpy arrays, not lists of Python ints: forked loader workers share them without copying
+        self.shard_of = np.concatenate([np.full(len(ix.keys), s, dtype=np.int64) for s, ix in enumerate(index)])
+        self.offsets = np.concatenate([ix.offsets for ix in index])
+        self.sizes = np.concatenate([ix.sizes for ix in index])
+        self.targets = np.concatenate([ix.labels for ix in index])
+        self.keys = [f"{Path(f).name}:{k}" for f, ix in zip(self.files, index) for k in ix.keys]
         if classes is None:
-            classes = [str(i) for i in range(top + 1)]
+            classes = [str(i) for i in range(int(self.targets.max()) + 1)]
         self.classes = list(classes)
-        for i, t in enumerate(self.targets):
-            if not 0 <= t < len(self.classes):
-                raise LeanvitError(f"{self.files[self.shard_of[i]]}: sample {self.keys[i].split(':', 1)[1]} has "
-                                   f"label {t}, outside the {len(self.classes)} classes of the class map")
+        bad = np.flatnonzero((self.targets < 0) | (self.targets >= len(self.classes)))
+        if len(bad):
+            i = int(bad[0])
+            raise LeanvitError(f"{self.files[self.shard_of[i]]}: sample {self.keys[i].split(':', 1)[1]} has "
+                               f"label {int(self.targets[i])}, outside the {len(self.classes)} classes of the "
+                               "class map")
         self.transform, self.skip_corrupt, self.group = transform, bool(skip_corrupt), int(group)
         self.skipped = set()
         self._files: Dict[int, object] = {}
@@ -193,15 +202,15 @@ class ShardDataset(torch.utils.data.Dataset):
         """Sample ``index``'s encoded image (one seek and read in its shard; files kept open per process)."""
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
-        s = self.shard_of[index]
+        s = int(self.shard_of[index])
         with self._lock:
             f = self._files.get(s)
             if f is None:
                 if len(self._files) >= 8:
                     self._files.pop(next(iter(self._files))).close()
                 f = self._files[s] = open(self.files[s], "rb")
-            f.seek(self.offsets[index])
-            return f.read(self.sizes[index])
+            f.seek(int(self.offsets[index]))
+            return f.read(int(self.sizes[index]))
 
     def load(self, index: int) -> "Image.Image":
         """The untransformed RGB image ``index`` (an error naming the shard and key when unreadable)."""
@@ -230,7 +239,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 continue
             if self.transform is not None:
                 img = self.transform(img)
-            return img, self.targets[i]
+            return img, int(self.targets[i])
         raise LeanvitError(f"no readable image in {self.files[0]} ...")
 
     def train_sampler(self, world_size: int, rank: int, seed: int) -> "ShardOrderSampler":
@@ -253,6 +262,10 @@ class ShardOrderSampler(torch.utils.data.Sampler):
         self.world_size, self.rank, self.seed, self.group = int(world_size), int(rank), int(seed), max(1, int(group))
         self.epoch = 0
         self.per_rank = len(self.shard_of) // self.world_size
+        # each shard's sample indices, once (an epoch's order then costs O(samples))
+        n_shards = int(self.shard_of.max()) + 1 if len(self.shard_of) else 0
+        by = np.argsort(self.shard_of, kind="stable")
+        self.by_shard = np.split(by, np.cumsum(np.bincount(self.shard_of, minlength=n_shards))[:-1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -260,8 +273,8 @@ class ShardOrderSampler(torch.utils.data.Sampler):
     def order(self) -> np.ndarray:
         """The whole epoch's order (every process computes the same)."""
         rng = np.random.default_rng([self.seed, self.epoch, 7_777])
-        n_shards = int(self.shard_of.max()) + 1 if len(self.shard_of) else 0
-        by_shard = [np.flatnonzero(self.shard_of == s) for s in range(n_shards)]
+        by_shard = self.by_shard
+        n_shards = len(by_shard)
         shards = rng.permutation(n_shards)
         parts = []
         for g in range(0, n_shards, self.group):
@@ -353,7 +366,7 @@ class ShardsKind(DatasetKind):
         names = self._class_map(data, files, options)
         if names is not None:
             return names
-        top = max(label for rows in _index_all(files) for _, _, _, label in rows)
+        top = max(int(ix.labels.max()) for ix in _index_all(files))
         return [str(i) for i in range(top + 1)]
 
 
