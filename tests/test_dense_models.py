@@ -132,8 +132,14 @@ def test_evit_backbone_fills_the_grid():
     with torch.no_grad():
         maps = reduced(x)
     assert [tuple(m.shape[-2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]
-    # a patch token dropped at every reorganization carries the fused token: many equal columns at stride 16
+    # by default (restore="keep") a removed patch keeps its own last features: all columns differ
     cols = maps[2][0].flatten(1).T
+    assert reduced.restoration().name == "keep" and len(torch.unique(cols, dim=0)) == cols.shape[0]
+    # restore="fused" (the former behaviour): removed patches carry the fused token, many equal columns
+    fused = create_backbone("evit_deit_tiny_patch16_224", keep_rate=0.5, restore="fused", out_indices=(2,), **kw)
+    fused.load_state_dict(reduced.state_dict(), strict=False)
+    with torch.no_grad():
+        cols = fused(x)[0][0].flatten(1).T
     assert len(torch.unique(cols, dim=0)) < cols.shape[0]
 
 

@@ -9,7 +9,7 @@ import leanvit
 from leanvit import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec
 from leanvit.reduction.tome import (apply_tome, bipartite_soft_matching, decreasing_schedule, is_tome,
-                                    merge_tokens, remove_tome, tokens_per_block)
+                                    map_groups, merge_tokens, remove_tome, tokens_per_block, unmerge)
 
 IMG = 32
 
@@ -30,9 +30,12 @@ VARIANTS = {
 
 
 def reference_tome_forward(model, x, r):
-    """The paper's algorithm written out per sample with Python loops: explicit softmax with + log(size)
-    on the keys, keys averaged over heads as the metric, A = even / B = odd mergeable tokens, the r best
-    A->B edges merged by size-weighted averages, prefix tokens left alone."""
+    """The published algorithm (facebookresearch/ToMe, tome/merge.py + tome/patch/timm.py) written out per
+    sample with Python lists: explicit softmax with + log(size) on the keys, keys averaged over heads as
+    the metric, the *whole* sequence split alternately into A (even positions) and B (odd), prefix tokens
+    in A protected by a -inf row and those in B by a -inf column, the r best A->B edges merged by
+    size-weighted averages; the new sequence is the prefix tokens, the unmerged A tokens (in original
+    order when there are prefix tokens, in score order otherwise), then the B tokens."""
     P = model.num_prefix_tokens
     outs = []
     for xi in x:
@@ -47,26 +50,32 @@ def reference_tome_forward(model, x, r):
             logits = (q @ k.transpose(-1, -2)) * a.head_dim ** -0.5 + s.log()[None, None, :]
             o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(N, -1)
             t = t + blk.ls1(a.proj(o))
-            n = N - P
-            rr = min(r[bi] if isinstance(r, (list, tuple)) else r, n // 2)
+            rr = min(r[bi] if isinstance(r, (list, tuple)) else r, (N - P) // 2)
             if rr > 0:
-                m = k.mean(0)[P:]
+                m = k.mean(0)
                 m = m / m.norm(dim=-1, keepdim=True)
-                A, Bs = list(range(0, n, 2)), list(range(1, n, 2))
+                A, Bs = list(range(0, N, 2)), list(range(1, N, 2))
                 sim = m[A] @ m[Bs].T
+                for i, pos in enumerate(A):
+                    if pos < P:
+                        sim[i, :] = -float("inf")
+                for j, pos in enumerate(Bs):
+                    if pos < P:
+                        sim[:, j] = -float("inf")
                 best, partner = sim.max(-1)
                 order = sorted(range(len(A)), key=lambda i: -best[i].item())
-                merged = set(order[:rr])
-                tok, sz = t[P:], s[P:]
-                num = {j: tok[Bs[j]] * sz[Bs[j]] for j in range(len(Bs))}
-                den = {j: sz[Bs[j]].clone() for j in range(len(Bs))}
+                keep = order[rr:]
+                if P:
+                    keep = sorted(keep)
+                num = {j: t[Bs[j]] * s[Bs[j]] for j in range(len(Bs))}
+                den = {j: s[Bs[j]].clone() for j in range(len(Bs))}
                 for i in order[:rr]:
                     j = partner[i].item()
-                    num[j] = num[j] + tok[A[i]] * sz[A[i]]
-                    den[j] = den[j] + sz[A[i]]
-                keep = [i for i in range(len(A)) if i not in merged]
-                rows = [tok[A[i]] for i in keep] + [num[j] / den[j] for j in range(len(Bs))]
-                sizes = [sz[A[i]] for i in keep] + [den[j] for j in range(len(Bs))]
+                    assert A[i] >= P and Bs[j] >= P  # prefix tokens are never merged
+                    num[j] = num[j] + t[A[i]] * s[A[i]]
+                    den[j] = den[j] + s[A[i]]
+                rows = [t[A[i]] for i in keep if A[i] >= P] + [num[j] / den[j] for j in range(len(Bs)) if Bs[j] >= P]
+                sizes = [s[A[i]] for i in keep if A[i] >= P] + [den[j] for j in range(len(Bs)) if Bs[j] >= P]
                 t = torch.cat([t[:P], torch.stack(rows)])
                 s = torch.cat([s[:P], torch.stack(sizes)])
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))
@@ -160,22 +169,44 @@ def test_prefix_tokens_never_merged_and_sizes_add_up():
     assert torch.equal(size[:, P:].sum(dim=(1, 2)), torch.full((2,), 64.0))
     # the matching and merging primitives leave the prefix rows untouched
     t = torch.randn(2, P + 10, 6)
-    src, dst, unm = bipartite_soft_matching(torch.randn(2, 10, 4), 5)
-    out, s, _ = merge_tokens(t, None, src, dst, unm, P)
+    plan = bipartite_soft_matching(torch.randn(2, P + 10, 4), 5, P)
+    out, s = merge_tokens(t, None, plan)
     assert torch.equal(out[:, :P], t[:, :P]) and out.shape[1] == P + 5
 
 
 def test_identical_tokens_are_merged_first():
     x = torch.randn(1, 1 + 8, 4)
-    metric = torch.randn(1, 8, 4)
+    metric = torch.randn(1, 9, 4)  # the whole sequence: class token at 0 (set A), A = 0,2,..,8, B = 1,3,5,7
     metric[0, 4] = metric[0, 7] * 3.0  # A token 2 (position 4) points the same way as B token 3 (position 7)
-    src, dst, unm = bipartite_soft_matching(metric, 1)
-    assert src.tolist() == [[2]] and dst.tolist() == [[3]]
-    size = torch.tensor([[1.0, 1, 1, 1, 1, 2, 1, 1, 3]]).unsqueeze(-1)
-    out, s, groups = merge_tokens(x, size, src, dst, unm, 1, torch.arange(8)[None])
-    merged = (x[0, 5] * 2 + x[0, 8] * 3) / 5  # size-weighted average of positions 5 (A2) and 8 (B3)
+    plan = bipartite_soft_matching(metric, 1, 1)
+    assert plan.src.tolist() == [[2]] and plan.dst.tolist() == [[3]]
+    assert plan.unm[0, 0].item() == 0  # the class token stays first
+    size = torch.tensor([[1.0, 1, 1, 1, 2, 1, 1, 3, 1]]).unsqueeze(-1)
+    out, s = merge_tokens(x, size, plan)
+    merged = (x[0, 4] * 2 + x[0, 7] * 3) / 5  # size-weighted average of positions 4 (A2) and 7 (B3)
     assert torch.allclose(out[0, -1], merged, atol=1e-6) and s[0, -1, 0].item() == 5
-    assert groups[0, 4].item() == groups[0, 7].item()
+    assert torch.equal(out[0, 0], x[0, 0])
+    # the unmerged A tokens (positions 2, 6, 8) in original order, then the B tokens (1, 3, 5, 7)
+    assert torch.equal(out[0, 1:4], x[0, [2, 6, 8]]) and torch.equal(out[0, 4:7], x[0, [1, 3, 5]])
+    groups = map_groups(torch.arange(8)[None], plan, 9)
+    assert groups[0, 3].item() == groups[0, 6].item() == 6  # patches at positions 4 and 7: the last token
+    assert torch.equal(unmerge(out[:, 1:], groups)[0, 3], out[0, -1])
+
+
+def test_protected_prefix_tokens_in_both_sets():
+    """With a class token and a distillation token (or registers), a prefix token in set B is never a merge
+    target, one in set A never merged away, even when it is the most similar token of all."""
+    P = 3  # class token (A), register (B), register (A)
+    metric = torch.randn(2, P + 12, 8)
+    metric[:, 4::2] = metric[:, 1:2] * 2.0   # every non-prefix A token points at the register in B
+    metric[:, 2] = metric[:, 3] * 2.0       # the register in A looks like the patch at position 3
+    plan = bipartite_soft_matching(metric, 6, P)
+    assert (plan.dst >= 1).all() and (plan.src >= 2).all()  # neither B index 0 nor A indices 0, 1
+    assert plan.unm[:, :2].tolist() == [[0, 1], [0, 1]]
+    x = torch.randn(2, P + 12, 5)
+    out, size = merge_tokens(x, None, plan)
+    assert torch.equal(out[:, :P], x[:, :P]) and torch.equal(size[:, :P], torch.ones(2, P, 1))
+    assert torch.equal(size[:, P:].sum(dim=(1, 2)), torch.full((2,), 12.0))
 
 
 def test_apply_remove_round_trip_and_switching_methods():

@@ -9,9 +9,11 @@ Two kinds, both over timm models (so leanvit's own, timm's, and checkpoints of e
   feature pyramid (Li et al. 2022) from the last block's map at stride 16 (after the final norm):
   two 2x deconvolutions (stride 4), one deconvolution (stride 8), the map itself (16), 2x max-pooling (32).
   The ViT runs with ``dynamic_img_size=True`` and ``dynamic_img_pad=True``, so any input size works
-  (padded to a multiple of the patch), the position embedding being interpolated. For an EViT model with a keep rate below 1, the last block holds
-  only the kept tokens: they go back to their grid positions and the positions of the tokens that were
-  dropped take the fused token (or, with ``fuse=False``, the mean of the kept tokens).
+  (padded to a multiple of the patch), the position embedding being interpolated.
+  ``reduction="evit:0.5"`` / ``"tome:8"`` (or a mapping) runs the ViT with a token reduction, and
+  ``restore=`` picks how the last block's full token map is restored (``keep``, ``reactivate``, ``fused``
+  for EViT; ``unmerge``, ``reactivate`` for ToMe): see :mod:`leanvit.dense.restore`. Hierarchical
+  backbones refuse a reduction.
 
 A classification checkpoint (``pretrained=PATH``) loads into the underlying timm model with the
 classifier dropped; keys the backbone does not have (classifier, pruned layers) are counted and
@@ -31,8 +33,11 @@ from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 
 from leanvit.checkpoints import load_checkpoint
+from leanvit.dense.reduction import reduction_options
+from leanvit.dense.restore import Restore, parse_restore, restoration_for, restored_tokens
 from leanvit.errors import LeanvitError
 from leanvit.models import create_model
+from leanvit.reduction import apply_reduction, apply_reduction_spec, reduction_spec, remove_reduction
 
 __all__ = ["resolve_backbone", "DenseBackbone", "FeatureBackbone", "SimpleFeaturePyramid", "create_backbone", "is_plain_vit",
            "load_pretrained"]
@@ -74,6 +79,19 @@ class DenseBackbone(nn.Module):
         if not hasattr(self.model, "set_grad_checkpointing"):
             raise LeanvitError(f"{self.name} does not support gradient checkpointing")
         self.model.set_grad_checkpointing(enable)
+
+    def set_reduction(self, reduction, restore=None) -> None:
+        """Run with a token reduction (``"evit:0.7"``, ``"tome:8"``, a mapping; None removes it) restored by
+        ``restore``. Only plain-ViT backbones take one."""
+        if reduction_options(reduction) is not None or parse_restore(restore) is not None:
+            raise LeanvitError(
+                f"{self.name}: token reduction needs a plain ViT backbone (timm VisionTransformer); {self.name} is "
+                "hierarchical: its attention already aggregates keys and values spatially (Shunted, PVT v2) and "
+                "it has no class token or flat token sequence for EViT / ToMe")
+
+    def restoration(self) -> Optional[Restore]:
+        """The restoration strategy in effect (None without a reduction)."""
+        return None
 
     def extra_repr(self) -> str:
         return f"name={self.name}, out_channels={self.out_channels}, strides={self.strides}"
@@ -128,9 +146,11 @@ class SimpleFeaturePyramid(DenseBackbone):
     per-level 1x1/3x3 convolutions (the FPN of the detector/segmenter plays that part).
     ``out_indices`` picks levels among the four (0: stride 4 ... 3: stride 32)."""
 
-    def __init__(self, name: str, out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs):
+    def __init__(self, name: str, out_indices: Sequence[int] = (0, 1, 2, 3), reduction=None, restore=None,
+                 **kwargs):
         super().__init__()
         self.name = name
+        self.restore: Optional[Restore] = None
         kwargs.setdefault("dynamic_img_size", True)
         kwargs.setdefault("dynamic_img_pad", True)  # any input size: padded to a multiple of the patch
         self.vit = create_model(name, num_classes=0, **kwargs)
@@ -163,33 +183,42 @@ class SimpleFeaturePyramid(DenseBackbone):
         widths = {0: d // 4, 1: d // 2, 2: d, 3: d}
         self.out_channels = [widths[i] for i in self.out_indices]
         self.strides = [patch * SFP_STRIDES[i] // 16 for i in self.out_indices]
+        if reduction is not None or restore is not None:
+            self.set_reduction(reduction, restore)
 
     @property
     def model(self) -> nn.Module:
         return self.vit
 
-    def _last_map(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        H, W = vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        npt = vit.num_prefix_tokens
-        evit = hasattr(vit, "evit_locations") and any(
-            k < 1.0 for k in (vit.keep_rate if isinstance(vit.keep_rate, tuple) else (vit.keep_rate,)))
-        if not evit:
-            tokens = vit.forward_features(x)[:, npt:]
-            return tokens.transpose(1, 2).reshape(x.shape[0], -1, H, W)
-        tokens, kept = vit.forward_features(x, return_kept_indices=True)
-        ids = kept[-1]                       # (B, k): original patch index of each token, -1 = fused token
-        patches = tokens[:, npt:]
-        B, _, C = patches.shape
-        fused = (ids < 0)
-        if bool(fused.any()):
-            fill = (patches * fused.unsqueeze(-1)).sum(1, keepdim=True)       # the fused token
+    def set_reduction(self, reduction, restore=None) -> None:
+        options = reduction_options(reduction)
+        if restore is None and options is not None:
+            restore = options[2]  # a mapping's own "restore"
+        restore = parse_restore(restore)
+        before = reduction_spec(self.vit)
+        if options is None:
+            if restore is not None and before is None:
+                raise LeanvitError(f"restore '{restore}' needs a reduction (e.g. reduction='evit:0.7')")
+            if reduction is not None:  # an explicit "none": back to the unreduced ViT
+                remove_reduction(self.vit)
         else:
-            fill = patches.mean(1, keepdim=True)
-        grid = fill.expand(B, H * W + 1, C).clone()      # one spare slot receives the fused token
-        idx = torch.where(fused, torch.full_like(ids, H * W), ids).unsqueeze(-1).expand(-1, -1, C)
-        grid = grid.scatter(1, idx, patches)[:, :H * W]
-        return grid.transpose(1, 2).reshape(B, C, H, W)
+            apply_reduction(self.vit, options[0], **options[1])
+        try:
+            restoration_for(self.vit, restore)  # a strategy of this method, within the depth
+        except LeanvitError:
+            remove_reduction(self.vit)
+            apply_reduction_spec(self.vit, before)
+            raise
+        self.restore = restore
+
+    def restoration(self) -> Optional[Restore]:
+        return restoration_for(self.vit, self.restore)
+
+    def _last_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map (B, C, H, W) after the final norm, restored to every patch."""
+        H, W = self.vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        tokens = restored_tokens(self.vit, x, self.restore)
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, H, W)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         m = self._last_map(x)
@@ -220,11 +249,16 @@ def load_pretrained(backbone: DenseBackbone, path, allow_missing: bool = False) 
 
 
 def create_backbone(name: str, out_indices: Optional[Sequence[int]] = None, pretrained=None,
-                    grad_checkpointing: bool = False, allow_missing: bool = False, **kwargs) -> DenseBackbone:
+                    grad_checkpointing: bool = False, allow_missing: bool = False, reduction=None, restore=None,
+                    **kwargs) -> DenseBackbone:
     """A multi-scale backbone for timm model ``name``.
 
     Args:
         out_indices: levels to return, 0-3 = strides 4/8/16/32 (default: all four).
+        reduction: a token reduction for a plain-ViT backbone: text as the command line writes it
+            (``"evit:0.7"``, ``"tome:8"``) or a mapping (``{"method": "evit", "keep_rate": 0.7}``).
+        restore: how the full token map is restored: ``keep`` (EViT's default), ``reactivate`` (or
+            ``{"name": "reactivate", "blocks": N}``), ``fused``; ``unmerge`` (ToMe's default), ``reactivate``.
         pretrained: a classification checkpoint (path or already-read dict) loaded with the classifier
             dropped; the counts are in ``backbone.load_report``. ``True`` goes through timm's own
             ``pretrained=True`` machinery instead (hub ids etc.).
@@ -239,9 +273,10 @@ def create_backbone(name: str, out_indices: Optional[Sequence[int]] = None, pret
         kwargs["pretrained"] = True
     try:
         if is_plain_vit(name):
-            bb = SimpleFeaturePyramid(name, out_indices, **kwargs)
+            bb = SimpleFeaturePyramid(name, out_indices, reduction=reduction, restore=restore, **kwargs)
         else:
             bb = FeatureBackbone(name, out_indices, **kwargs)
+            bb.set_reduction(reduction, restore)  # refuses any
     except RuntimeError as e:
         if "features_only" in str(e) or "feature" in str(e).lower():
             raise LeanvitError(f"{name} cannot serve as a multi-scale backbone ({e})") from None
@@ -254,15 +289,18 @@ def create_backbone(name: str, out_indices: Optional[Sequence[int]] = None, pret
     return bb
 
 
-def resolve_backbone(backbone, pretrained=None, **kwargs) -> DenseBackbone:
+def resolve_backbone(backbone, pretrained=None, reduction=None, restore=None, **kwargs) -> DenseBackbone:
     """A backbone for a detector or segmenter: built from a model name (``kwargs`` are its options), or a
-    built :class:`DenseBackbone` used as it is (``pretrained`` weights loaded into it if given)."""
+    built :class:`DenseBackbone` used as it is (``pretrained`` weights loaded into it, ``reduction`` /
+    ``restore`` applied to it, if given)."""
     if isinstance(backbone, str):
-        return create_backbone(backbone, pretrained=pretrained, **kwargs)
+        return create_backbone(backbone, pretrained=pretrained, reduction=reduction, restore=restore, **kwargs)
     if not isinstance(backbone, DenseBackbone):
         raise LeanvitError(f"backbone must be a model name or a leanvit.dense backbone, got {type(backbone).__name__}")
     if kwargs:
         raise LeanvitError(f"backbone options {sorted(kwargs)} need a backbone name, not a built backbone")
     if pretrained is not None:
         backbone.load_report = load_pretrained(backbone, pretrained)
+    if reduction is not None or restore is not None:
+        backbone.set_reduction(reduction, restore)
     return backbone

@@ -144,7 +144,8 @@ def _anchor_generator(strides: Sequence[int], spec: dict, anchor_sizes, aspect_r
     return AnchorGenerator(anchor_sizes, (ratios,) * len(anchor_sizes))
 
 
-def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=None, **kwargs) -> nn.Module:
+def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=None, reduction=None, restore=None,
+                    **kwargs) -> nn.Module:
     """A torchvision detector ``name`` (retinanet, fcos, fasterrcnn, maskrcnn) on ``backbone``.
 
     Args:
@@ -152,6 +153,8 @@ def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=N
             the detector uses) or a :class:`~leanvit.dense.backbones.DenseBackbone` already built.
         num_classes: K object classes; labels 0..K-1 in targets and outputs.
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
+        reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
+            (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
         kwargs: detector options (torchvision's: ``min_size``, ``max_size``, ``score_thresh``,
             ``box_score_thresh``, ``detections_per_img``, ...; leanvit's: ``fpn_channels`` (256),
             ``anchor_sizes`` (one tuple per FPN level), ``anchor_scale``, ``aspect_ratios``,
@@ -166,7 +169,7 @@ def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=N
     det_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in det_keys}
     if isinstance(backbone, str):
         kwargs.setdefault("out_indices", spec["out_indices"])
-    body = resolve_backbone(backbone, pretrained_backbone, **kwargs)
+    body = resolve_backbone(backbone, pretrained_backbone, reduction=reduction, restore=restore, **kwargs)
     fpn_channels = int(det_kw.pop("fpn_channels", 256))
     fpn = FPNBackbone(body, fpn_channels, spec["extra"])
     anchors = _anchor_generator(fpn.strides, spec, det_kw.pop("anchor_sizes", None),

@@ -1,4 +1,5 @@
-"""Semantic segmentation heads on leanvit backbones: Semantic FPN (PVT/Shunted) and UperNet (DeiT III).
+"""Semantic segmentation heads on leanvit backbones: Semantic FPN (PVT/Shunted), UperNet (DeiT III) and the
+linear decoder of plain-ViT segmenters (Segmenter, SETR-naive).
 
 - ``semantic_fpn`` (Kirillov et al. 2019, the semantic branch of Panoptic FPN; the head PVT, PVT v2 and
   Shunted report on ADE20K): a torchvision ``FeaturePyramidNetwork`` (lateral 1x1 + output 3x3 convs,
@@ -32,7 +33,13 @@ from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 from leanvit.dense.backbones import DenseBackbone, resolve_backbone
 from leanvit.errors import LeanvitError
 
-__all__ = ["SemanticFPNHead", "UperNetHead", "Segmenter", "SEGMENTERS", "create_segmenter"]
+__all__ = ["SemanticFPNHead", "UperNetHead", "LinearHead", "Segmenter", "SEGMENTERS", "create_segmenter"]
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout: oneDNN's convolutions, GroupNorm and bilinear upsampling on CPU run
+    faster in it than in NCHW (no reorder of every map); values are unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -65,13 +72,28 @@ class SemanticFPNHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        feats = [_channels_last(f) for f in feats]
         levels = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
         out = self.branches[0](levels[0])
+        # Bilinear 2x upsampling is linear, so the branches of the coarser levels are summed at stride
+        # 2 x base and upsampled once (the sum of upsampled maps is the upsampled sum): one upsampling
+        # and one addition at the finest stride instead of one per level. A branch whose 2x size misses
+        # the finest map (odd sizes) takes its own path as before.
+        pending = None
         for branch, f in zip(self.branches[1:], levels[1:]):
-            y = branch(f)
+            if len(branch) > 1 and isinstance(branch[-1], nn.Upsample):
+                y = branch[:-1](f)
+                if tuple(2 * n for n in y.shape[-2:]) == tuple(out.shape[-2:]):
+                    pending = y if pending is None else pending + y
+                    continue
+                y = branch[-1](y)
+            else:
+                y = branch(f)
             if y.shape[-2:] != out.shape[-2:]:  # odd sizes: 2x upsampling does not land exactly
                 y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
             out = out + y
+        if pending is not None:
+            out = out + F.interpolate(pending, scale_factor=2.0, mode="bilinear", align_corners=False)
         return self.classifier(self.dropout(out))
 
 
@@ -100,6 +122,7 @@ class UperNetHead(nn.Module):
         return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        feats = [_channels_last(f) for f in feats]
         top = feats[-1]
         psp = self.bottleneck(torch.cat([top] + [self._up(p(top), top) for p in self.ppm], dim=1))
         laterals = [conv(f) for conv, f in zip(self.lateral, feats[:-1])] + [psp]
@@ -108,6 +131,22 @@ class UperNetHead(nn.Module):
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
         outs = [outs[0]] + [self._up(o, outs[0]) for o in outs[1:]]
         return self.classifier(self.dropout(self.fuse(torch.cat(outs, dim=1))))
+
+
+class LinearHead(nn.Module):
+    """Segmenter's linear decoder: one 1x1 convolution on a single map (optional dropout before it)."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        in_channels = list(in_channels)
+        if len(in_channels) != 1:
+            raise LeanvitError(f"the linear head takes one map (the patch-stride level, out_indices=(2,)), "
+                               f"the backbone gives {len(in_channels)} (channels {in_channels})")
+        self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
+        self.classifier = nn.Conv2d(in_channels[0], num_classes, 1)
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.dropout(_channels_last(feats[-1])))
 
 
 class Segmenter(nn.Module):
@@ -148,23 +187,29 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-SEGMENTERS = ("semantic_fpn", "upernet")
+SEGMENTERS = ("semantic_fpn", "upernet", "linear")
 _HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout", "norm"},
-                 "upernet": {"channels", "pool_scales", "dropout"}}
+                 "upernet": {"channels", "pool_scales", "dropout"},
+                 "linear": {"dropout"}}
+_DEFAULT_LEVELS = {"linear": (2,)}  # the patch-stride map only: the other pyramid levels are never computed
 _SEGMENTER_OPTIONS = {"normalize"}
 
 
-def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, **kwargs) -> Segmenter:
-    """A semantic segmenter ``name`` (``semantic_fpn`` or ``upernet``) on ``backbone``.
+def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, reduction=None, restore=None,
+                     **kwargs) -> Segmenter:
+    """A semantic segmenter ``name`` (``semantic_fpn``, ``upernet`` or ``linear``) on ``backbone``.
 
     Args:
         backbone: a timm/leanvit model name or a built :class:`~leanvit.dense.backbones.DenseBackbone`
-            (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride).
+            (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride; ``linear``
+            takes exactly one map and builds a named backbone with ``out_indices=(2,)``, stride 16).
         num_classes: K classes; logits (B, K, H, W).
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
-        kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn, ``pool_scales`` for upernet,
-            ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
-            ``grad_checkpointing``, model options).
+        reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
+            (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
+        kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn,
+            ``pool_scales`` for upernet, ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the
+            backbone (``img_size``, ``drop_path_rate``, ``out_indices``, ``grad_checkpointing``, model options).
     """
     if name not in SEGMENTERS:
         raise LeanvitError(f"unknown segmenter '{name}'; choose one of {', '.join(SEGMENTERS)}")
@@ -172,9 +217,13 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
         raise LeanvitError(f"num_classes must be a positive integer, got {num_classes!r}")
     head_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_OPTIONS[name]}
     normalize = bool(kwargs.pop("normalize", True))
-    body = resolve_backbone(backbone, pretrained_backbone, **kwargs)
+    if isinstance(backbone, str) and name in _DEFAULT_LEVELS:
+        kwargs.setdefault("out_indices", _DEFAULT_LEVELS[name])
+    body = resolve_backbone(backbone, pretrained_backbone, reduction=reduction, restore=restore, **kwargs)
     if name == "semantic_fpn":
         head = SemanticFPNHead(body.out_channels, body.strides, num_classes, **head_kw)
+    elif name == "linear":
+        head = LinearHead(body.out_channels, num_classes, **head_kw)
     else:
         head = UperNetHead(body.out_channels, num_classes, **head_kw)
     return Segmenter(body, head, num_classes, name, normalize=normalize)

@@ -135,7 +135,7 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
               batch_size: int = 64, eval_batch_size: int = 64, limit_images: Optional[int] = None, device="cpu",
               warmup: int = 2, repeats: int = 5, latency_repeats: int = 15, workers: int = 0, progress: bool = True,
               cache_mb: float = 1024, extra_models: Optional[Dict[str, nn.Module]] = None,
-              task: Optional[Task] = None) -> SweepResult:
+              task: Optional[Task] = None, variant_options: Optional[Dict[str, Any]] = None) -> SweepResult:
     """Evaluate and time every (input size, configuration) point.
 
     Args:
@@ -151,6 +151,8 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
         extra_models: other models to place among the points as they are (e.g. a fine-tuned EViT model:
             ``{"evit fine-tuned": model}``), evaluated at their own input size and strength, timed in the
             same interleaved run; their rows have ``reduction`` = the given name.
+        variant_options: task-specific options of the configurations (a dense task's ``restore``: the
+            restoration strategies to sweep), given to :meth:`leanvit.tasks.Task.sweep_variants`.
         task: the model's :class:`leanvit.tasks.Task` (default: classification); its first sweep column
             (top-1, mAP, mIoU) ranks the points.
     Returns a :class:`SweepResult`; each row has ``label, reduction, strength, value, img_size``, the task's
@@ -188,10 +190,12 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
         plain = remove_reduction(copy.deepcopy(base))
         dataset, loader = eval_loader(built._replace(model=plain))
         loader = _cached(loader, len(dataset), hw, cache_mb)
-        for v in task.sweep_variants(base, plain, [p for p in grid if p != (None, None)]):
+        for v in task.sweep_variants(base, plain, [p for p in grid if p != (None, None)], **(variant_options or {})):
             res = task.evaluate(v.model, loader, device=device, progress=False, dataset=dataset)
             point = _point(task, _label(v.reduction, v.strength, hw), v.reduction, v.strength, v.value, hw, res,
                            v.model)
+            if v.restore is not None:  # a dense configuration: the method and its restoration
+                point.update(method=v.method, restore=v.restore)
             points.append(point)
             bar.update()
             bar.set_postfix_str(point["label"])
@@ -312,9 +316,13 @@ def apply_line(row: dict) -> Tuple[str, str]:
         return size_opt.strip(), "leanvit.reduction.remove_reduction(model)"
     if row.get("value") is None:  # a model placed among the points as it is (``extra_models``)
         return size_opt.strip(), f"# {row['reduction']}: the model as it is"
-    m = get_reduction(row["reduction"])
+    m = get_reduction(row.get("method") or row["reduction"])
     value = row["value"]
     value_py = list(value) if isinstance(value, tuple) else value
+    if row.get("restore"):
+        text = f"{m.name}:{m.format_strength(value)}"
+        return (f"--reduction {text} --restore {row['restore']}{size_opt}",
+                f"leanvit.dense.apply_dense_reduction(model, {text!r}, restore={row['restore']!r})")
     return (f"--reduction {m.name}:{m.format_strength(value)}{size_opt}",
             f"leanvit.apply_reduction(model, {m.name!r}, {m.knob}={value_py!r})")
 

@@ -17,15 +17,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import register_notrace_function
 from timm.models._features import feature_take_indices
 
 from leanvit.errors import LeanvitError
+from leanvit.reduction.attention import ReducingBlockMixin
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
-from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, class_token_attention, kept_token_masks,
-                                    num_kept, reorganize, reorganize_at_rate, tokens_to_grid)
+from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, kept_token_masks, num_kept, reorganize,
+                                    reorganize_at_rate, tokens_to_grid, write_tokens)
 from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
 
 __all__ = [
@@ -60,7 +60,7 @@ def keep_rate_schedule(iteration: int, target: float, start_iter: int = 0, span_
 
 # ---------------------------------------------------------------------------------------------
 # Block
-class EViTBlockMixin(SwappedClass):
+class EViTBlockMixin(ReducingBlockMixin):
     """Added to a timm ``Block`` subclass: reorganize tokens between attention and MLP.
 
     Attributes: ``keep_rate`` (float, the block's own rate) and ``fuse`` (bool).
@@ -68,53 +68,33 @@ class EViTBlockMixin(SwappedClass):
 
     keep_rate: float = 1.0
     fuse: bool = True
-    num_prefix_tokens: int = 1
-
-    def _attention_with_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """timm ``Attention.forward`` plus the head-averaged class-token attention scores.
-
-        Fused attention (SDPA) does not return probabilities, so beside it the scores come from the class
-        row alone (:func:`class_token_attention`). When the attention is computed explicitly (timm's
-        ``fused_attn=False``), they are read off its probabilities.
-        """
-        attn = self.attn
-        B, N, C = x.shape
-        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.fused_attn:
-            scores = class_token_attention(q, k, attn.scale, self.num_prefix_tokens)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
-        else:
-            a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            scores = a[:, :, 0, self.num_prefix_tokens:].mean(dim=1)
-            out = attn.attn_drop(a) @ v
-        out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-        out = attn.norm(out)
-        if gate is not None:
-            out = out * gate
-        return attn.proj_drop(attn.proj(out)), scores
 
     def forward_reorg(self, x: torch.Tensor, keep_rate: Optional[float] = None,
-                      token_ids: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Block forward that may shorten the sequence; also maps ``token_ids`` along."""
+                      token_ids: Optional[torch.Tensor] = None, last_state: Optional[torch.Tensor] = None):
+        """Block forward that may shorten the sequence; also maps ``token_ids`` along.
+
+        Returns (x, token_ids), or, when ``last_state`` is given, (x, token_ids, last_state):
+        ``last_state`` (B, num_patches + 1, C) holds each patch's latest features, and the tokens this
+        block removes are written there as they were when removed (after attention, before the MLP); the
+        last slot collects fused tokens. ``token_ids`` is required with it."""
         rate = self.keep_rate if keep_rate is None else keep_rate
         if isinstance(x, torch.fx.Proxy):  # torch.fx: sizes are unknown, the size-dependent step is one leaf
-            out, scores = self._attention_with_scores(self.norm1(x))
+            out, scores, _ = self._reducing_attention(self.norm1(x), class_scores=True)
             x = reorganize_at_rate(x + self.drop_path1(self.ls1(out)), scores, rate, self.fuse, self.num_prefix_tokens)
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), token_ids
         n = x.shape[1] - self.num_prefix_tokens
         k = num_kept(rate, n)
         if k >= n:  # nothing to remove: the unmodified block, bit for bit
-            return super().forward(x), token_ids
-        out, scores = self._attention_with_scores(self.norm1(x))
+            x = super().forward(x)
+            return (x, token_ids) if last_state is None else (x, token_ids, last_state)
+        out, scores, _ = self._reducing_attention(self.norm1(x), class_scores=True)
         x = x + self.drop_path1(self.ls1(out))
+        if last_state is not None:
+            last_state = write_tokens(last_state, x[:, self.num_prefix_tokens:], token_ids)
         x, token_ids = reorganize(x, scores, k, fuse=self.fuse, num_prefix_tokens=self.num_prefix_tokens,
                                   token_ids=token_ids)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, token_ids
+        return (x, token_ids) if last_state is None else (x, token_ids, last_state)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -393,10 +373,10 @@ class EViTMethod(ReductionMethod):
         return is_evit(model) and model.fuse == self.fuse
 
     def get_strength(self, model: nn.Module):
-        return model.keep_rate
+        return self.reduced_module(model).keep_rate
 
     def set_strength(self, model: nn.Module, value) -> None:
-        model.keep_rate = value
+        self.reduced_module(model).keep_rate = value
 
     def check_strength(self, value):
         if isinstance(value, (list, tuple)):

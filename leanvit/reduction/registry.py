@@ -56,6 +56,16 @@ class ReductionMethod:
     def is_applied(self, model: nn.Module) -> bool:
         raise NotImplementedError
 
+    def reduced_module(self, model: nn.Module) -> nn.Module:
+        """``model`` if the method is applied to it, else its first submodule that has it (the ViT of a
+        dense backbone, segmenter or detector): what the strength knob acts on."""
+        if self.is_applied(model):
+            return model
+        for m in model.modules():
+            if self.is_applied(m):
+                return m
+        raise LeanvitError(f"{type(model).__name__} has no {self.name} reduction applied")
+
     # -- the strength knob ----------------------------------------------------------------------
     def get_strength(self, model: nn.Module):
         raise NotImplementedError

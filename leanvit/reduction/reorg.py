@@ -19,7 +19,7 @@ from timm.layers import register_notrace_function
 from leanvit.errors import LeanvitError
 
 __all__ = ["num_kept", "class_token_attention", "reorganize", "reorganize_at_rate", "FUSED_TOKEN_ID",
-           "kept_token_masks", "tokens_to_grid"]
+           "kept_token_masks", "tokens_to_grid", "write_tokens"]
 
 #: Patch id used in the kept-index bookkeeping for a fused token (never a real patch index).
 FUSED_TOKEN_ID = -1
@@ -143,3 +143,12 @@ def tokens_to_grid(tokens: torch.Tensor, token_ids: torch.Tensor, num_patches: i
     safe = torch.where(token_ids < 0, torch.full_like(token_ids, num_patches), token_ids)
     grid.scatter_(1, safe.unsqueeze(-1).expand(-1, -1, C), tokens)
     return grid[:, :num_patches]
+
+
+def write_tokens(state: torch.Tensor, tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``state`` (B, num_patches + 1, C) with the non-prefix ``tokens`` (B, L, C) written at their patches
+    (``token_ids`` (B, L)); fused tokens (``FUSED_TOKEN_ID``) go to the last slot. Out of place (autograd).
+    What a dense backbone keeps of the tokens a reorganization removes: their features at removal."""
+    spare = state.shape[1] - 1
+    safe = torch.where(token_ids < 0, torch.full_like(token_ids, spare), token_ids)
+    return state.scatter(1, safe.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens.to(state.dtype))

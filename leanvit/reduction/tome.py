@@ -3,17 +3,19 @@
 ``apply_tome(model, r)`` makes a timm ``VisionTransformer`` (DeiT, DeiT III, ViT, register-token ViTs,
 global-pool ViTs) merge ``r`` tokens in every block, in place. In each block, between attention and MLP:
 
-1. *Bipartite soft matching*: the block's attention keys, averaged over heads and L2-normalised, are the
-   similarity metric. The mergeable (non-prefix) tokens are split alternately into sets A and B; each A
-   token is paired with its most similar (cosine) B token; the ``r`` A tokens with the most similar
-   partners are merged into them. At most half of the mergeable tokens can go in one block, so a block
-   merges ``min(r, n // 2)`` of its ``n`` mergeable tokens.
+1. *Bipartite soft matching* (:mod:`leanvit.reduction.tome_merge`), partitioned as the published code
+   (facebookresearch/ToMe): the block's attention keys, averaged over heads and L2-normalised, are the
+   similarity metric; the whole sequence is split alternately into sets A and B, the class token (in A),
+   a distillation token and register tokens (in A or B) being protected by a score of -inf; each A token
+   is paired with its most similar B token and the ``r`` A tokens with the most similar partners are
+   merged into them. At most half of the ``n`` non-prefix tokens can go in one block, so a block merges
+   ``min(r, n // 2)`` of them.
 2. *Size-weighted merging*: every token carries its size ``s`` (the number of patches it stands for); a
    merge is the average of the merged tokens weighted by their sizes, and the sizes add.
 3. *Proportional attention*: once tokens have sizes, attention becomes ``softmax(q k^T / sqrt(d) + log s)``
    (a merged key counts as many). It runs through ``F.scaled_dot_product_attention`` with ``log s`` as a
    float attention mask (no explicit softmax); the explicit path is used only when the timm Attention has
-   ``fused_attn=False``.
+   ``fused_attn=False`` (:mod:`leanvit.reduction.attention` holds the one copy of timm's attention).
 
 Prefix tokens (class, distillation, registers) are never merged, neither away nor into. LayerScale
 (``ls1``/``ls2``, DeiT III), q/k norms and attention gates of the timm block are kept. No parameter is
@@ -32,15 +34,17 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from leanvit.errors import LeanvitError
+from leanvit.reduction.attention import ReducingBlockMixin
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
 from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
+from leanvit.reduction.tome_merge import MergePlan, bipartite_soft_matching, map_groups, merge_tokens, unmerge
 
 __all__ = ["apply_tome", "remove_tome", "is_tome", "check_r", "per_layer_r", "decreasing_schedule",
-           "bipartite_soft_matching", "merge_tokens", "tokens_per_block", "ToMeMethod", "SCHEDULES"]
+           "bipartite_soft_matching", "merge_tokens", "map_groups", "unmerge", "MergePlan", "tokens_per_block",
+           "ToMeMethod", "SCHEDULES"]
 
 RValue = Union[int, Sequence[int]]
 SCHEDULES = ("constant", "decreasing")
@@ -92,119 +96,29 @@ def tokens_per_block(num_patches: int, r_per_block: Sequence[int]) -> List[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Matching and merging (batched: fixed shapes, no per-sample Python)
-def bipartite_soft_matching(metric: torch.Tensor, r: int
-                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bipartite soft matching of the mergeable tokens.
-
-    ``metric``: (B, n, d) for the n mergeable tokens (prefix tokens excluded). Set A = even positions,
-    set B = odd positions. Returns ``(src, dst, unm)``: (B, r) indices into A of the merged tokens,
-    (B, r) indices into B of their partners, (B, |A| - r) indices into A, in increasing order, of the A
-    tokens kept as they are.
-    ``r`` must be <= n // 2."""
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)                     # (B, |A|, |B|) cosine similarities
-    best, partner = scores.max(dim=-1)                    # each A token's most similar B token
-    order = best.argsort(dim=-1, descending=True)         # most similar pairs first
-    src = order[:, :r]
-    unm = order[:, r:].sort(dim=-1).values                # kept A tokens stay in their original order
-    return src, partner.gather(1, src), unm
-
-
-def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], src: torch.Tensor, dst: torch.Tensor,
-                 unm: torch.Tensor, num_prefix_tokens: int, groups: Optional[torch.Tensor] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Merge the A tokens ``src`` into the B tokens ``dst`` by size-weighted averages.
-
-    x: (B, N, C); size: (B, N, 1) token sizes or None (all 1). The new sequence is the prefix tokens,
-    then the unmerged A tokens, then the B tokens (merged ones included). ``groups``: optional (B, P)
-    long tensor, for each original patch the index of the mergeable token holding it; mapped along.
-    Returns (x, size, groups)."""
-    P = num_prefix_tokens
-    B, N, C = x.shape
-    n = N - P
-    na, nb, nu = (n + 1) // 2, n // 2, unm.shape[1]
-    dev = x.device
-    if size is None:
-        size = x.new_ones(B, N, 1)
-    # one gather builds the new sequence: prefix, unmerged A tokens, all B tokens (as they are)
-    order = torch.cat([torch.arange(P, device=dev).expand(B, -1), P + 2 * unm,
-                       (P + 1 + 2 * torch.arange(nb, device=dev)).expand(B, -1)], dim=1)
-    out = x.gather(1, order.unsqueeze(-1).expand(-1, -1, C))
-    new_size = size.gather(1, order.unsqueeze(-1))
-    # sizes of the merged B tokens: their own plus those merged into them
-    src_pos = P + 2 * src                                   # positions in x of the merged A tokens
-    src_size = size.gather(1, src_pos.unsqueeze(-1))        # (B, r, 1)
-    dst_pos = P + nu + dst                                  # positions in out of their partners
-    new_size = new_size.scatter_add(1, dst_pos.unsqueeze(-1), src_size)
-    # size-weighted average, touching only the r merged rows:
-    #   x_b' = (s_b x_b + sum s_i x_i) / S = x_b + sum s_i (x_i - x_b) / S,   S = s_b + sum s_i
-    src_x = x.gather(1, src_pos.unsqueeze(-1).expand(-1, -1, C))
-    dst_x = x.gather(1, (P + 1 + 2 * dst).unsqueeze(-1).expand(-1, -1, C))  # from x: out is changed below
-    delta = (src_x - dst_x) * (src_size / new_size.gather(1, dst_pos.unsqueeze(-1)))
-    out.scatter_add_(1, dst_pos.unsqueeze(-1).expand(-1, -1, C), delta)  # out is a fresh gather: in place is safe
-    x, size = out, new_size
-    if groups is not None:
-        new_a = torch.empty(B, na, dtype=torch.long, device=dev)
-        new_a.scatter_(1, unm, torch.arange(nu, device=dev).expand(B, -1))
-        new_a.scatter_(1, src, nu + dst)
-        mapping = torch.empty(B, na + nb, dtype=torch.long, device=dev)
-        mapping[:, ::2] = new_a
-        mapping[:, 1::2] = nu + torch.arange(nb, device=dev)
-        groups = mapping.gather(1, groups)
-    return x, size, groups
-
-
-# ---------------------------------------------------------------------------------------------
 # Block
-class ToMeBlockMixin(SwappedClass):
+class ToMeBlockMixin(ReducingBlockMixin):
     """Added to a timm ``Block`` subclass: merge ``tome_r`` tokens between attention and MLP."""
 
     tome_r: int = 0
-    num_prefix_tokens: int = 1
     prop_attn: bool = True
-
-    def _attention_with_keys(self, x: torch.Tensor, size: Optional[torch.Tensor]
-                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """timm ``Attention.forward`` with proportional attention (``+ log size`` on the keys), plus the
-        head-averaged keys (B, N, d) as the matching metric."""
-        attn = self.attn
-        B, N, C = x.shape
-        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        bias = None
-        if size is not None and self.prop_attn:
-            bias = size.log().to(q.dtype).view(B, 1, 1, N)
-        if attn.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                 dropout_p=attn.attn_drop.p if self.training else 0.0)
-        else:  # explicit path (timm's fused_attn=False): same algorithm, softmax written out
-            a = (q * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                a = a + bias
-            out = attn.attn_drop(a.softmax(dim=-1)) @ v
-        out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-        out = attn.norm(out)
-        if gate is not None:
-            out = out * gate
-        return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
 
     def forward_merge(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: Optional[int] = None,
                       groups: Optional[torch.Tensor] = None):
-        """Block forward that merges ``min(r, n // 2)`` tokens; returns (x, size, groups)."""
+        """Block forward that merges ``min(r, n // 2)`` of the ``n`` non-prefix tokens; returns
+        (x, size, groups). ``groups`` (B, num_patches), if given, is mapped along (see :func:`map_groups`)."""
         r = self.tome_r if r is None else r
         P = self.num_prefix_tokens
         r = min(int(r), (x.shape[1] - P) // 2)
         if r <= 0 and size is None:  # nothing merged so far nor here: timm's block, bit for bit
             return super().forward(x), size, groups
-        out, metric = self._attention_with_keys(self.norm1(x), size)
+        out, _, metric = self._reducing_attention(self.norm1(x), size if self.prop_attn else None, keys=r > 0)
         x = x + self.drop_path1(self.ls1(out))
         if r > 0:
-            src, dst, unm = bipartite_soft_matching(metric[:, P:], r)
-            x, size, groups = merge_tokens(x, size, src, dst, unm, P, groups)
+            plan = bipartite_soft_matching(metric, r, P)
+            if groups is not None:
+                groups = map_groups(groups, plan, x.shape[1])
+            x, size = merge_tokens(x, size, plan)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, groups
 
@@ -364,10 +278,10 @@ class ToMeMethod(ReductionMethod):
         return is_tome(model)
 
     def get_strength(self, model: nn.Module):
-        return model.r
+        return self.reduced_module(model).r
 
     def set_strength(self, model: nn.Module, value) -> None:
-        model.r = value
+        self.reduced_module(model).r = value
 
     def check_strength(self, value):
         if isinstance(value, (list, tuple)):

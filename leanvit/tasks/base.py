@@ -46,6 +46,8 @@ class SweepVariant:
     strength: str            # as printed
     value: Any               # the strength as the method takes it (None for "none")
     model: nn.Module
+    method: Optional[str] = None    # the method's registered name, when ``reduction`` names more (dense)
+    restore: Optional[str] = None   # a dense backbone's restoration strategy
 
 
 class ForwardWith(nn.Module):
@@ -182,12 +184,16 @@ class Task:
         """A random input of ``batch`` images of size ``hw`` as the model takes it (timing, GMACs)."""
         return torch.randn(batch, 3, *hw)
 
-    def sweep_variants(self, model: nn.Module, plain: nn.Module, grid: Sequence[Tuple[Optional[str], Any]]
-                       ) -> Iterator[SweepVariant]:
+    def sweep_variants(self, model: nn.Module, plain: nn.Module, grid: Sequence[Tuple[Optional[str], Any]],
+                       **options) -> Iterator[SweepVariant]:
         """The configurations to sweep for ``grid`` (pairs of method name and strength, (None, None) = the
         model without reduction): one model copy per method (with its strength fixed per call, so that
         every point runs the same weights). ``model``: as built (maybe with a reduction); ``plain``: without.
-        Override to add configurations of your own (e.g. other options of a method)."""
+        Override to add configurations of your own (e.g. other options of a method); ``options``: such
+        settings (``restore`` for the dense tasks), refused here."""
+        if any(v is not None for v in options.values()):
+            raise LeanvitError(f"{', '.join(f'`{k}`' for k in options)} does not apply to a {self.name} model "
+                               "(restore: detection and segmentation models only)")
         per_method: Dict[str, nn.Module] = {}
         yield SweepVariant("none", "-", None, plain)
         for method, value in grid:

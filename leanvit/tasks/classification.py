@@ -226,6 +226,9 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
                    split="val"):
+        if "restore" in getattr(reduction, "options", reduction or {}):
+            raise LeanvitError("`restore` (how a dense backbone restores its token map) applies to detection and "
+                               "segmentation models, not to a classifier")
         data_classes = len(dataset_classes(data, split)) if data is not None else None
         built = build_model(name, checkpoint, reduction, img_size, num_classes, data_classes=data_classes)
         n_out = getattr(built.model, "num_classes", None)

@@ -7,6 +7,7 @@ The model spec (``model_spec`` in checkpoints) is ``{"name": backbone, "task", "
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any, Dict, Optional
@@ -18,9 +19,12 @@ from leanvit.checkpoints import load_checkpoint, read_checkpoint
 from leanvit.data import create_dataset, dataset_classes, dataset_options
 from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
+from leanvit.dense import apply_dense_reduction, dense_reduction_spec
+from leanvit.dense.reduction import dense_variants
+from leanvit.reduction import get_reduction
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
-from leanvit.tasks.base import Task, TrainData
+from leanvit.tasks.base import SweepVariant, Task, TrainData
 from leanvit.tasks.registry import get_task
 from leanvit.utils import to_2tuple
 from leanvit.viz.dense import visualize_dense
@@ -72,6 +76,12 @@ def build_dense_model(spec: Dict[str, Any], pretrained_backbone=None, drop_path:
                                          pretrained_backbone=pretrained_backbone, **kwargs)
 
 
+def _is_dense_checkpoint(path) -> bool:
+    obj = read_checkpoint(path)
+    spec = obj.get("model_spec") if isinstance(obj, dict) else None
+    return isinstance(spec, dict) and isinstance(spec.get("head"), str) and bool(spec.get("task"))
+
+
 def load_dense_model(checkpoint):
     """(model in eval mode with the checkpoint's weights, its spec, its training config, its classes) for a
     checkpoint written by a detection or segmentation ``leanvit train`` run."""
@@ -121,11 +131,25 @@ class DenseTask(Task):
         return dataset_classes(cfg["data"], "train", self.data_options(cfg))
 
     def build_model(self, cfg, num_classes, reduction=None, finetune=None):
-        if reduction is not None:
-            raise LeanvitError(f"token reduction while training a {self.name} model is not supported; "
-                               "remove reduction/keep_rate from the recipe")
+        """The detector or segmenter; ``reduction`` (at its target strength, with its ``restore``) runs in the
+        backbone and is recorded in the spec. ``finetune``: a classification checkpoint (into the backbone,
+        classifier dropped) or a checkpoint of this task (the whole model, e.g. a reduced fine-tune of an
+        unreduced run: a reduction adds no weights)."""
         spec = self.model_spec(cfg, num_classes)
-        model = build_dense_model(spec, pretrained_backbone=finetune, drop_path=cfg.get("drop_path") or 0.0)
+        if reduction is not None:
+            spec["kwargs"]["reduction"] = dict(reduction)
+        whole = finetune is not None and _is_dense_checkpoint(finetune)
+        model = build_dense_model(spec, pretrained_backbone=None if whole else finetune,
+                                  drop_path=cfg.get("drop_path") or 0.0)
+        if whole:
+            recorded = read_checkpoint(finetune)["model_spec"]
+            for key in ("task", "name", "head", "num_classes"):
+                if recorded.get(key) != spec[key]:
+                    raise LeanvitError(f"finetune {finetune} holds a {recorded.get('head')} {recorded.get('task')} "
+                                       f"model on {recorded.get('name')} ({recorded.get('num_classes')} classes), not "
+                                       f"this run's {spec['head']} on {spec['name']} ({spec['num_classes']} classes)")
+            load_checkpoint(model, finetune, strict=True, name=str(finetune))
+            return model, spec, f"initialized from the {self.name} checkpoint {finetune}"
         return model, spec, (f"backbone initialized from {finetune} (classifier dropped)" if finetune else None)
 
     def _eval_dataset(self, data, cfg, split="val"):
@@ -165,11 +189,14 @@ class DenseTask(Task):
                    split="val"):
         if checkpoint is None:
             raise LeanvitError(f"a {self.name} model is loaded from a checkpoint written by leanvit train")
-        for what, v in (("a token reduction", reduction), ("another input size", img_size),
-                        ("another number of classes", num_classes)):
+        for what, v in (("another input size", img_size), ("another number of classes", num_classes)):
             if v is not None:
                 raise LeanvitError(f"{what} cannot be given for the {self.name} checkpoint {checkpoint}")
         model, spec, config, _ = load_dense_model(checkpoint)
+        if isinstance(reduction, dict) and set(reduction) == {"restore"}:  # the trained reduction, restored anew
+            apply_dense_reduction(model, None, reduction["restore"])
+        elif reduction is not None:  # another reduction (or restoration) than the one it was trained with
+            apply_dense_reduction(model, reduction)
         if name is not None and name != spec["name"]:
             raise LeanvitError(f"{checkpoint} holds a {spec['name']} backbone, not {name}")
         hw = self.input_size(spec, config)
@@ -198,6 +225,19 @@ class DenseTask(Task):
 
     def loader(self, dataset, batch_size=64, workers=0, device="cpu"):
         return dense_loader(dataset, self.name, batch_size, workers, pin_memory=torch.device(device).type == "cuda")
+
+    def sweep_variants(self, model, plain, grid, restore=None, **options):
+        """The unreduced model, then every (method, strength) of ``grid`` with each restoration strategy of
+        the method (``restore``: a list of strategy names to sweep instead of all of them)."""
+        if any(v is not None for v in options.values()):
+            raise LeanvitError(f"{', '.join(f'`{k}`' for k in options)} does not apply to a {self.name} sweep")
+        if dense_reduction_spec(plain) is not None:  # trained with a reduction: the unreduced model is the base
+            plain = apply_dense_reduction(copy.deepcopy(plain), "none")
+        yield SweepVariant("none", "-", None, plain)
+        for method, value, rest, view in dense_variants(plain, grid, restore):
+            m = get_reduction(method)
+            yield SweepVariant(f"{method}/{rest}", m.format_strength(value), value, view, method=method,
+                               restore=str(rest))
 
     def draw(self, built, images, out_dir, names, class_names=None, device="cpu", score_thresh=0.3, **options):
         """Predicted boxes (class and score) and masks, or the predicted label map, over the images."""

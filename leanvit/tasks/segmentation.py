@@ -1,5 +1,5 @@
-"""Semantic segmentation: a segmenter (:func:`leanvit.dense.create_segmenter`: semantic_fpn | upernet) on a
-backbone; pixel cross-entropy ignoring label 255; validation is mIoU / pixel accuracy at each image's
+"""Semantic segmentation: a segmenter (:func:`leanvit.dense.create_segmenter`: semantic_fpn | upernet |
+linear) on a backbone; pixel cross-entropy ignoring label 255; validation is mIoU / pixel accuracy at each image's
 original resolution, ``val_miou`` picks ``best.pth`` and ranks the sweep."""
 from __future__ import annotations
 

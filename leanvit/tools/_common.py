@@ -22,21 +22,32 @@ def add_model_arguments(p, keep_rate_help: str = "EViT keep rate in (0, 1] (alia
     p.add_argument("--reduction", default=None, metavar="METHOD:VALUE",
                    help="token reduction to apply, e.g. evit:0.7 or evit-drop:0.5 (default: the model's own)")
     p.add_argument("--keep-rate", type=float, default=None, metavar="R", help=keep_rate_help)
+    p.add_argument("--restore", default=None, metavar="NAME",
+                   help="detection/segmentation models: how the reduced backbone restores its token map: keep, "
+                        "reactivate (or reactivate:N), fused (EViT); unmerge, reactivate (ToMe); default: the "
+                        "checkpoint's, else keep / unmerge")
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="S", help="input size: S or H W")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the model (default: from the checkpoint, else from the data)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
 
-def reduction_from_args(args) -> Optional[ReductionSpec]:
-    """``--reduction METHOD:VALUE`` and/or its EViT alias ``--keep-rate R`` as one spec (or None)."""
+def reduction_from_args(args):
+    """``--reduction METHOD:VALUE`` and/or its EViT alias ``--keep-rate R`` as one spec (or None), with
+    ``--restore`` among its options; ``--restore`` alone: ``{"restore": NAME}`` (the checkpoint's own
+    reduction, restored another way)."""
     keep_rate = getattr(args, "keep_rate", None)
     if keep_rate is not None:
         try:
             check_keep_rate(keep_rate)
         except LeanvitError as e:
             raise LeanvitError(f"--keep-rate: {e}") from None
-    return ReductionSpec.parse(getattr(args, "reduction", None) or None, keep_rate=keep_rate, what="--reduction")
+    spec = ReductionSpec.parse(getattr(args, "reduction", None) or None, keep_rate=keep_rate, what="--reduction")
+    restore = getattr(args, "restore", None)
+    if restore is None:
+        return spec
+    # a restoration for the checkpoint's own reduction, or with the new one
+    return {"restore": restore} if spec is None else spec.with_options(restore=restore)
 
 
 def build_from_args(args, data_classes: Optional[int] = None) -> BuiltModel:

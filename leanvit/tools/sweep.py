@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--reduction", nargs="+", default=["none"], metavar="METHOD:V1,V2",
                    help="the grid, e.g. evit:1.0,0.9,0.8,0.7,0.6,0.5 tome:0,4,8,12,16 evit-drop:0.7,0.5 "
                         "(the unreduced model is always measured)")
+    p.add_argument("--restore", nargs="+", default=None, metavar="NAME",
+                   help="detection/segmentation checkpoints: the restoration strategies to sweep for each method, "
+                        "e.g. keep reactivate fused unmerge (default: every strategy of each method)")
     p.add_argument("--img-sizes", nargs="+", default=None, metavar="S",
                    help="input sizes besides the model's own, e.g. 224,256,288 or 256x320")
     p.add_argument("--num-classes", type=int, default=None)
@@ -113,7 +116,7 @@ def run(args) -> int:
                        config=first.config, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        limit_images=args.limit_images, device=device, warmup=args.warmup, repeats=args.repeats,
                        latency_repeats=args.latency_repeats, workers=args.workers, progress=not args.no_progress,
-                       task=task)
+                       task=task, variant_options={"restore": args.restore} if args.restore else None)
     rows = result.rows
     score, score_head, fmt = task.sweep_columns[0]
     name = task.title(first)

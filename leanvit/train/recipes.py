@@ -89,7 +89,7 @@ DEFAULTS: Dict[str, Any] = {
     # the task (leanvit.tasks) and dense prediction (leanvit.dense)
     "task": None,                # a registered task: classification | detection | segmentation | ... (default: data's)
     "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
-    "segmenter": None,           # semantic_fpn | upernet (task segmentation; backbone: model)
+    "segmenter": None,           # semantic_fpn | upernet | linear (task segmentation; backbone: model)
     "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
     "min_size": None,            # shorter image side (detection: resize; segmentation: base of the random resize)
     "max_size": None,            # longer image side at most (detection)

@@ -1,0 +1,167 @@
+"""Segmentation heads: the linear decoder, and the Semantic FPN / UperNet heads against plain re-implementations
+of their published computation (the heads' own forwards fuse and reorder work; outputs must not change)."""
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leanvit  # noqa: F401
+from leanvit.dense import create_backbone, create_segmenter
+from leanvit.errors import LeanvitError
+
+VIT = dict(depth=2, embed_dim=64, num_heads=2, img_size=64)
+
+
+def _reference_semantic_fpn(head, feats):
+    """Panoptic FPN's semantic branch step by step, NCHW: every branch upsampled to the finest stride on
+    its own, then summed (what SemanticFPNHead computes, without its reordering)."""
+    levels = list(head.fpn(OrderedDict((str(i), f.contiguous()) for i, f in enumerate(feats))).values())
+    out = None
+    for branch, f in zip(head.branches, levels):
+        y = f
+        for layer in branch:
+            y = layer(y.contiguous())
+        if out is not None and y.shape[-2:] != out.shape[-2:]:
+            y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
+        out = y if out is None else out + y
+    return head.classifier(head.dropout(out))
+
+
+def _reference_upernet(head, feats):
+    def up(x, ref):
+        return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+    feats = [f.contiguous() for f in feats]
+    top = feats[-1]
+    psp = head.bottleneck(torch.cat([top] + [up(p(top), top) for p in head.ppm], dim=1))
+    lat = [conv(f) for conv, f in zip(head.lateral, feats[:-1])] + [psp]
+    for i in range(len(lat) - 1, 0, -1):
+        lat[i - 1] = lat[i - 1] + up(lat[i], lat[i - 1])
+    outs = [conv(x) for conv, x in zip(head.fpn_convs, lat[:-1])] + [lat[-1]]
+    outs = [outs[0]] + [up(o, outs[0]) for o in outs[1:]]
+    return head.classifier(head.dropout(head.fuse(torch.cat(outs, dim=1))))
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 88), (80, 80)])  # 72x88: odd coarse maps (5x6 -> 9x11 at stride 8)
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_semantic_fpn_equals_its_step_by_step_computation(size, norm):
+    torch.manual_seed(0)
+    seg = create_segmenter("semantic_fpn", "vit_tiny_patch16_224", 7, fpn_channels=32, channels=32, norm=norm, **VIT)
+    for m in seg.modules():  # non-trivial norm statistics and affine parameters
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            torch.nn.init.normal_(m.weight, 1.0, 0.3)
+            torch.nn.init.normal_(m.bias, 0.0, 0.3)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    seg.eval()
+    with torch.no_grad():
+        feats = seg.backbone(torch.rand(2, 3, *size))
+        got, want = seg.head(feats), _reference_semantic_fpn(seg.head, feats)
+    assert got.shape == want.shape == (2, 7, feats[0].shape[-2], feats[0].shape[-1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_semantic_fpn_gradients_match_the_step_by_step_computation():
+    torch.manual_seed(0)
+    seg = create_segmenter("semantic_fpn", "vit_tiny_patch16_224", 5, fpn_channels=32, channels=32, dropout=0.0, **VIT)
+    feats = [f.detach().requires_grad_() for f in seg.backbone(torch.rand(2, 3, 64, 64))]
+    grads = []
+    for fn in (seg.head, lambda f: _reference_semantic_fpn(seg.head, f)):
+        seg.zero_grad()
+        fn(feats).square().mean().backward()
+        grads.append([seg.head.fpn.layer_blocks[0][0].weight.grad.clone(), feats[3].grad.clone()])
+        for f in feats:
+            f.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_upernet_equals_its_step_by_step_computation():
+    torch.manual_seed(0)
+    seg = create_segmenter("upernet", "vit_tiny_patch16_224", 6, channels=32, **VIT).eval()
+    with torch.no_grad():
+        feats = seg.backbone(torch.rand(2, 3, 64, 96))
+        torch.testing.assert_close(seg.head(feats), _reference_upernet(seg.head, feats), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_head_is_a_1x1_conv_on_the_patch_map():
+    torch.manual_seed(0)
+    seg = create_segmenter("linear", "vit_tiny_patch16_224", 5, **VIT).eval()
+    assert list(seg.backbone.levels) == ["2"] and seg.backbone.strides == [16]  # no other pyramid level is built
+    assert sum(p.numel() for p in seg.head.parameters()) == 64 * 5 + 5
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        y = seg(x)
+        vit = seg.backbone.vit
+        tokens = vit.forward_features((x - seg.pixel_mean) / seg.pixel_std)[:, vit.num_prefix_tokens:]
+        grid = tokens.transpose(1, 2).reshape(2, 64, 4, 6)
+        logits = torch.einsum("bchw,kc->bkhw", grid, seg.head.classifier.weight[:, :, 0, 0])
+        logits = logits + seg.head.classifier.bias.view(1, -1, 1, 1)
+        want = F.interpolate(logits, size=(64, 96), mode="bilinear", align_corners=False)
+    assert y.shape == (2, 5, 64, 96)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_head_trains_and_takes_one_map():
+    torch.manual_seed(0)
+    seg = create_segmenter("linear", "vit_tiny_patch16_224", 3, dropout=0.1, **VIT)
+    y = seg(torch.rand(2, 3, 64, 64))
+    F.cross_entropy(y, torch.randint(0, 3, (2, 64, 64))).backward()
+    assert seg.head.classifier.weight.grad is not None and seg.backbone.vit.blocks[0].attn.qkv.weight.grad is not None
+    seg = create_segmenter("linear", "shunted_t", 3, depths=[1, 1, 1, 1], embed_dims=[64, 64, 128, 128],
+                           num_heads=[2, 2, 4, 4], mlp_ratios=[4, 4, 4, 4])
+    assert seg.backbone.strides == [16] and seg(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(LeanvitError, match="linear head takes one map"):
+        create_segmenter("linear", "vit_tiny_patch16_224", 3, out_indices=(0, 1, 2, 3), **VIT)
+    with pytest.raises(LeanvitError, match="linear head takes one map"):
+        create_segmenter("linear", create_backbone("vit_tiny_patch16_224", **VIT), 3)
+    with pytest.raises(LeanvitError, match="unknown segmenter 'linaer'.*linear"):
+        create_segmenter("linaer", "vit_tiny_patch16_224", 3, **VIT)
+
+
+@pytest.mark.parametrize("name", ["vit_linear_seg_demo", "vit_semfpn_seg_demo", "vit_fcos_det_demo"])
+def test_embedded_vit_dense_recipes_build_their_models(name):
+    """The embedded plain-ViT dense recipes: a DeiT III-style ViT (LayerScale, patch 8: 144 tokens at 96 px)
+    under the head they name, built with the options they give."""
+    from leanvit.dense import create_detector
+    from leanvit.train.recipes import resolve_config
+
+    c = resolve_config(name)
+    assert c["data"] in ("digits-seg", "digits-det") and c["img_size"] == 96
+    opts = dict(c["model_kwargs"], **c["head_kwargs"], img_size=c["img_size"])
+    if c["task"] == "detection":
+        m = create_detector(c["detector"], c["model"], 10, min_size=96, max_size=96, **opts)
+        vit = m.backbone.body.vit
+    else:
+        m = create_segmenter(c["segmenter"], c["model"], 11, **opts)
+        vit = m.backbone.vit
+        assert m(torch.rand(1, 3, 96, 96)).shape == (1, 11, 96, 96)
+    assert vit.patch_embed.num_patches == 144 and float(vit.blocks[0].ls1.gamma.max()) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("reduction,restore", [("evit:1.0", "keep"), ("tome:0", "unmerge")])
+def test_linear_head_with_reduction_off_is_the_unreduced_segmenter(reduction, restore):
+    torch.manual_seed(0)
+    plain = create_segmenter("linear", "vit_tiny_patch16_224", 4, **VIT).eval()
+    torch.manual_seed(0)
+    reduced = create_segmenter("linear", "vit_tiny_patch16_224", 4, reduction=reduction, restore=restore, **VIT).eval()
+    reduced.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(x), plain(x))
+
+
+def test_linear_head_under_a_reduction_keeps_the_full_map():
+    torch.manual_seed(0)
+    seg = create_segmenter("linear", "vit_tiny_patch16_224", 4, reduction="evit:0.5", restore="keep",
+                           depth=4, embed_dim=64, num_heads=2, img_size=64).eval()
+    plain = create_segmenter("linear", "vit_tiny_patch16_224", 4, depth=4, embed_dim=64, num_heads=2,
+                             img_size=64).eval()
+    plain.load_state_dict(seg.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        y, y0 = seg(x), plain(x)
+    assert y.shape == y0.shape == (2, 4, 64, 64) and torch.isfinite(y).all()
+    assert not torch.allclose(y, y0)  # the reduction changed the computation
