@@ -106,6 +106,7 @@ def dense_variants(model: nn.Module, grid, restores=None):
     with no block after EViT's last reorganization) are skipped, with a log line."""
     import copy
     per_method: Dict[str, nn.Module] = {}
+    skipped: set = set()
     wanted = None if restores is None else [parse_restore(r) for r in restores]
     for method, value in grid:
         name = get_reduction(method).name
@@ -119,6 +120,8 @@ def dense_variants(model: nn.Module, grid, restores=None):
             try:
                 restoration_for(vit, restore)
             except LeanvitError as e:
-                _log.info("sweep: %s with restore %s skipped (%s)", name, restore, e)
+                if (name, restore) not in skipped:
+                    skipped.add((name, restore))
+                    _log.info("sweep: %s with restore %s skipped (%s)", name, restore, e)
                 continue
             yield name, value, restore, ReducedDense(reduced, name, value, restore)
