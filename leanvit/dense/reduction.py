@@ -45,10 +45,9 @@ def reduction_options(reduction) -> Optional[Tuple[str, Dict[str, Any], Any]]:
 
 def dense_backbone_of(model: nn.Module):
     """The :class:`~leanvit.dense.backbones.DenseBackbone` of a backbone, segmenter or detector."""
-    from leanvit.dense.backbones import DenseBackbone
     for candidate in (model, getattr(model, "backbone", None), getattr(getattr(model, "backbone", None), "body", None)):
-        if isinstance(candidate, DenseBackbone):
-            return candidate
+        if callable(getattr(candidate, "set_reduction", None)) and callable(getattr(candidate, "restoration", None)):
+            return candidate  # a DenseBackbone (not imported: the backbones import this module)
     raise LeanvitError(f"{type(model).__name__} is not a leanvit dense model (no dense backbone found)")
 
 

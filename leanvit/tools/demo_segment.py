@@ -100,7 +100,8 @@ def _report(rows, table, chosen, png, base, fpn, quick, seconds) -> str:
     else:
         pick = (f"**{chosen['label']}**: mIoU {chosen['val_miou']:.4f} (drop {chosen['val_miou_drop'] * 100:.2f} "
                 f"points), {chosen['speedup']:.2f}x the unreduced model's throughput.")
-    return f"""# leanvit segmentation demo: token reduction in a ViT segmenter{' (--quick: the figures mean nothing)' if quick else ''}
+    title = "leanvit segmentation demo: token reduction in a ViT segmenter"
+    return f"""# {title}{' (--quick: the figures mean nothing)' if quick else ''}
 
 Data: ``digits-seg`` (the embedded scenes: digit scans on cluttered canvases, a label per pixel). Model: a
 DeiT III-style ViT (patch 8, 144 tokens at 96 px) with the linear head (a 1x1 convolution on the patch map).
