@@ -150,7 +150,8 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
         cache_mb: evaluation data up to this size is prepared once per input size and kept in memory.
         extra_models: other models to place among the points as they are (e.g. a fine-tuned EViT model:
             ``{"evit fine-tuned": model}``), evaluated at their own input size and strength, timed in the
-            same interleaved run; their rows have ``reduction`` = the given name.
+            same interleaved run; their rows have ``reduction`` = the given name. A ``(model, (H, W))`` pair
+            gives the input size (a dense model's is not in its config).
         variant_options: task-specific options of the configurations (a dense task's ``restore``: the
             restoration strategies to sweep), given to :meth:`leanvit.tasks.Task.sweep_variants`.
         task: the model's :class:`leanvit.tasks.Task` (default: classification); its first sweep column
@@ -201,7 +202,8 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
             bar.set_postfix_str(point["label"])
         if size is None:
             for name, model in (extra_models or {}).items():
-                mhw = to_2tuple(model_input_size(model))
+                model, mhw = model if isinstance(model, tuple) else (model, model_input_size(model))
+                mhw = to_2tuple(mhw)
                 ds, ld = (dataset, loader) if mhw == hw else eval_loader(built._replace(model=model, img_size=mhw))
                 points.append(_extra_point(task, name, model.eval(), mhw, ld, ds, device))
     bar.close()

@@ -47,9 +47,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # the dense stage is its own run (two 5-minute detector trainings would push the default
     # demo past 10 minutes on 2 cores); see leanvit/tools/demo_dense.py
-    p.add_argument("--task", default="classify", choices=("classify", "detect"),
-                   help="classify (default: the ViT/EViT/Shunted classification demo) or detect (a Shunted "
-                        "detector beside a PVT v2 baseline on the embedded scenes, about 11 minutes)")
+    p.add_argument("--task", default="classify", choices=("classify", "detect", "segment"),
+                   help="classify (default: the ViT/EViT/Shunted classification demo), detect (a Shunted "
+                        "detector beside a PVT v2 baseline on the embedded scenes, about 11 minutes) or segment "
+                        "(a ViT segmenter, EViT/ToMe with each restoration swept, a reduced fine-tune)")
 
 
 def _train_stage(name: str, out: Path, quick: bool, progress: bool, **extra) -> dict:
@@ -102,6 +103,10 @@ def run(args) -> int:
         from leanvit.tools.demo_dense import run_detect
 
         return run_detect(args)
+    if getattr(args, "task", "classify") == "segment":
+        from leanvit.tools.demo_segment import run_segment
+
+        return run_segment(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
