@@ -40,7 +40,6 @@ def num_kept(keep_rate: float, num_tokens: int) -> int:
     return max(1, min(num_tokens, math.ceil(keep_rate * num_tokens)))
 
 
-@register_notrace_function  # an FX leaf: the dtype test cannot be traced symbolically
 def class_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int = 1
                           ) -> torch.Tensor:
     """Head-averaged attention of the class query (token 0) to the non-prefix keys.
@@ -52,10 +51,8 @@ def class_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_pr
     # a broadcast multiply-and-sum, not ``q0 @ k.T``: k is a strided view of the qkv projection, and the
     # matmul would first copy it (4x slower at batch 8, as slow at batch 1)
     logits = (k * (q[:, :, :1] * scale)).sum(dim=-1)  # (B, H, N)
-    if logits.dtype == torch.float16 or logits.dtype == torch.bfloat16:
-        probs = logits.float().softmax(dim=-1).to(q.dtype)
-    else:
-        probs = logits.softmax(dim=-1)
+    # softmax in fp32 (no-op casts for fp32 input; no dtype branch, so torch.fx traces it wherever it is called)
+    probs = logits.float().softmax(dim=-1).to(q.dtype)
     return probs[:, :, num_prefix_tokens:].mean(dim=1)
 
 
