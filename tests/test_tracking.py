@@ -53,6 +53,7 @@ def test_tensorboard_scalars_equal_metrics_and_resume_continues_the_axis(tmp_pat
     assert len(acc.Images("pictures/kept_tokens")) == 3
 
 
+@pytest.mark.slow
 def test_tensorboard_drops_steps_of_a_stopped_attempt(tmp_path):
     """A run overwritten (or resumed from an earlier step) does not show the discarded attempt's values twice."""
     out = tmp_path / "tb"
