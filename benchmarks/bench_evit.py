@@ -4,7 +4,7 @@ timm's ``deit_small_patch16_224`` against leanvit's EViT version of the same wei
 1.0 ... 0.5 (fused, blocks 3/6/9). Inference mode, fp32, batch 32 on CPU by default; the models'
 timed runs are interleaved so that drifts of a shared machine hit all of them alike.
 
-Targets (issue 2): keep 1.0 >= 0.97x vanilla, keep 0.7 >= 1.45x (the FLOPs bound is 1.52x).
+Targets: keep 1.0 >= 0.97x vanilla, keep 0.7 >= 1.45x (the FLOPs bound is 1.52x).
 
     python benchmarks/bench_evit.py [--batch-size 32] [--repeats 7] [--device cpu] [--quick]
 """

@@ -1,4 +1,4 @@
-"""Exported models: ONNX accuracy against eager PyTorch, onnxruntime speed, batch-1 latency (issue 12).
+"""Exported models: ONNX accuracy against eager PyTorch, onnxruntime speed, batch-1 latency.
 
 1. ONNX (dynamo exporter, dynamic batch) vs eager max abs diff, batch 1 and 3 of N(0, 1) images:
    deit_small, evit_deit_small (0.7), evit_deit3_small (0.7), shunted_t at 224 and, exported with dynamic

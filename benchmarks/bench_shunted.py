@@ -8,7 +8,7 @@ batch 16 on CPU by default. Throughput is the median of interleaved timed runs a
 (``leanvit.measure.forward_peak_memory_mb``, which says how it counts on CPU), measured first, so that its
 untimed pass also warms the models up.
 
-Targets (issue 3): SDPA path no slower than the explicit path at 224 (img/s ratio >= 1.00);
+Targets: SDPA path no slower than the explicit path at 224 (img/s ratio >= 1.00);
 lower peak memory than the explicit path at 512x512 (ratio < 1.00).
 
     python benchmarks/bench_shunted.py [--batch-size 16] [--repeats 7] [--repeats-512 3] [--device cpu] [--quick]

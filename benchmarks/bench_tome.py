@@ -5,7 +5,7 @@ timm's ``deit_small_patch16_224`` (random weights) against leanvit's ToMe versio
 3/6/9). Inference mode, fp32, batch 32, 2 threads by default; the timed runs are interleaved so that
 drifts of a shared machine hit all models alike.
 
-Target (issue 13): ToMe r=13 >= 1.7x timm DeiT-S (published: 1.67x on a V100 for the explicit-softmax
+Target: ToMe r=13 >= 1.7x timm DeiT-S (published: 1.67x on a V100 for the explicit-softmax
 implementation).
 
     python benchmarks/bench_tome.py [--batch-size 32] [--repeats 7] [--threads 2] [--r 13 8] [--quick]

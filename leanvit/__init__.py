@@ -6,8 +6,8 @@
 - Shunted Transformer T/S/B (``shunted_t/s/b``)
 
 Importing leanvit registers its models with timm, so ``timm.create_model("evit_deit_small_patch16_224")``
-works afterwards. Layout: ``models/``, ``reduction/``, ``data/``, ``train/``, ``measure/`` are the library;
-``tools/`` holds the commands (see README, "Layout").
+works afterwards. Layout: ``models/``, ``reduction/``, ``dense/``, ``data/``, ``tasks/``, ``train/``, ``measure/``,
+``deploy/``, ``viz/`` and ``utils.py`` are the library; ``tools/`` holds the commands (see README, "Layout").
 """
 from leanvit.errors import LeanvitError
 from leanvit.checkpoints import load_checkpoint, save_checkpoint

@@ -158,6 +158,10 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifi
             parts.append(f"shape mismatch: {_list(mismatched, 4)}")
         raise LeanvitError(f"checkpoint {name} does not fit {type(model).__name__}: " + "; ".join(parts))
     fitting = {k: v for k, v in state_dict.items() if k in own}
+    params = dict(model.named_parameters())
+    broken = [k for k, v in fitting.items() if k in params and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # a diverged or corrupted save: every output would be NaN, so refuse it by name
+        raise LeanvitError(f"checkpoint {name} holds NaN or infinite weights in {_list(broken)}")
     model.load_state_dict(fitting, strict=False)
     return LoadResult(missing, unexpected, skipped)
 

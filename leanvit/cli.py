@@ -1,4 +1,5 @@
-"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export | sweep``.
+"""The ``leanvit`` command line: ``leanvit [--plugin MODULE] train | eval | bench | viz | flops | demo | export |
+sweep``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. User mistakes (:class:`leanvit.errors.LeanvitError`, missing files) are printed
@@ -10,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from leanvit.errors import LeanvitError
@@ -70,7 +72,31 @@ def setup_logging() -> None:
     root.propagate = False
 
 
-def _plugins(argv):
+def error_line(e: BaseException) -> str:
+    """The one line the command line prints for a user error. An error raised in a DataLoader worker comes
+    back wrapped with the worker's traceback ("Caught LeanvitError in DataLoader worker process 0 ..."):
+    its own message is the traceback's last line."""
+    msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+    if "Original Traceback" in msg:
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        name = f"{type(e).__module__}.{type(e).__name__}: "
+        msg = lines[-1][len(name):] if lines[-1].startswith(name) else lines[-1]
+    return msg
+
+
+def flag_names(message: str, args) -> str:
+    """``message`` with each setting the library names in backticks (```num_classes```) shown as this
+    command's flag (``--num-classes``) where the command has one (``train`` takes every recipe key as a flag),
+    else as the plain name."""
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        has = hasattr(args, name) or getattr(args, "_accepts_extra", False)
+        return "--" + name.replace("_", "-") if has else name
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+
+
+def plugin_options(argv):
     """``--plugin MODULE`` options before the command: (modules, the other arguments)."""
     modules, i = [], 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -98,7 +124,7 @@ def load_plugins(modules) -> None:
 def main(argv=None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    plugins, argv = _plugins(argv)
+    plugins, argv = plugin_options(argv)
     try:
         load_plugins(plugins)
     except LeanvitError as e:
@@ -117,8 +143,8 @@ def main(argv=None) -> int:
             return int(args._run(args, extra) or 0)
         return int(args._run(args) or 0)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
-        code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint (issue 11)
+        msg = flag_names(error_line(e), args)
+        code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint
         if _is_main_process():
             print(f"leanvit {args.command}: {'error: ' if code == 2 else ''}{msg}", file=sys.stderr)
         return code

@@ -2,6 +2,10 @@
 
 The command line turns a :class:`LeanvitError` into a one-line message and a non-zero exit status,
 never a traceback. Library users can catch it (it subclasses ``ValueError``).
+
+Library messages name a setting as the library and recipes do, in backticks (```num_classes```,
+```img_size```), never as a command-line flag; the command line shows it as the command's flag
+(``--num-classes``) where the command has one.
 """
 
 

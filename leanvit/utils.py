@@ -29,13 +29,14 @@ def to_2tuple(size: Size) -> Tuple[int, int]:
     return int(h), int(w)
 
 
-def img_size_arg(values, flag: str = "--img-size") -> Optional[Tuple[int, int]]:
-    """An ``--img-size S`` / ``S`` / ``H W`` value as (H, W), or None; a clear error for bad values."""
+def img_size_arg(values, what: str = "`img_size`") -> Optional[Tuple[int, int]]:
+    """An image size given as ``S`` or ``(H, W)`` (``--img-size S`` / ``H W``) as (H, W), or None; a clear error
+    for bad values (naming the setting as ``what``)."""
     if values is None:
         return None
     values = [values] if isinstance(values, int) else list(values)
     if not 1 <= len(values) <= 2 or min(values) < 1:
-        raise LeanvitError(f"{flag} takes S or H W with positive values, got {' '.join(map(str, values))}")
+        raise LeanvitError(f"{what} takes S or H W with positive values, got {' '.join(map(str, values))}")
     return to_2tuple(values[0] if len(values) == 1 else values)
 
 
@@ -53,14 +54,14 @@ def model_input_size(model: nn.Module, img_size: Optional[Size] = None) -> Tuple
     return to_2tuple(cfg.get("input_size", (3, 224, 224))[-2:])
 
 
-def check_input_size(model: nn.Module, hw: Size, flag: str = "--img-size") -> None:
+def check_input_size(model: nn.Module, hw: Size, what: str = "`img_size`") -> None:
     """A clear error when a patch model cannot take an (H, W) input (smaller than one patch)."""
     ps = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if ps is None:
         return
     (ph, pw), (h, w) = to_2tuple(ps), to_2tuple(hw)
     if h < ph or w < pw:
-        raise LeanvitError(f"{flag} {h}x{w} is smaller than the model's {ph}x{pw} px patches")
+        raise LeanvitError(f"{what} {h}x{w} is smaller than the model's {ph}x{pw} px patches")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,12 +76,12 @@ def resolve_device(name: Optional[str]) -> torch.device:
         raise LeanvitError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise LeanvitError("--device cuda: no CUDA device is available here (use --device cpu)")
+            raise LeanvitError("`device` cuda: no CUDA device is available here (use cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LeanvitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) available")
+            raise LeanvitError(f"`device` {name}: only {torch.cuda.device_count()} CUDA device(s) available")
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise LeanvitError("--device mps: MPS is not available here")
+            raise LeanvitError("`device` mps: MPS is not available here")
     elif dev.type != "cpu":
         raise LeanvitError(f"unsupported device '{name}' (use cpu, cuda or cuda:N)")
     return dev
@@ -127,4 +128,4 @@ def busy_note(device="cpu") -> Optional[str]:
     if load is None or load[0] <= load[1]:
         return None
     return (f"the machine is busy (load {load[0]:.1f} on {load[1]} cores): timings vary with the other work; "
-            "compare configurations from one run (they are interleaved) or use --threads 1")
+            "compare configurations from one run (they are interleaved) or measure on one thread")

@@ -1,4 +1,4 @@
-"""Dense data (issue 10): the embedded scenes, the COCO / ADE20K / mask-folder layouts, dense transforms and
+"""Dense data: the embedded scenes, the COCO / ADE20K / mask-folder layouts, dense transforms and
 the metrics. Everything here is tiny: a few scenes, 2-3 synthetic files per split."""
 import json
 

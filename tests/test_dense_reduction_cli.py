@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from cli_helpers import cli, cli_error, one_line_error
+
 from leanvit.checkpoints import read_checkpoint
 from leanvit.train import train
 
@@ -104,3 +104,12 @@ def test_restore_on_a_classifier_and_dense_data_mismatch_are_one_line_errors(run
     one_line_error(rc, err, "restore")
     rc, err = cli_error(capsys, "sweep", "--checkpoint", base["best"], "--data", "digits", "--reduction", "evit:0.5")
     one_line_error(rc, err, "digits")
+
+
+@pytest.mark.slow
+def test_demo_segment_quick(tmp_path, capsys):
+    rc, text, err = cli(capsys, "demo", "--task", "segment", "--quick", "--no-progress", "--output", tmp_path)
+    assert rc == 0, err
+    report = (tmp_path / "segment" / "report.md").read_text()
+    assert "Restorations at the same strength" in report and "| evit | 0.5 |" in report
+    assert "evit/reactivate 0.5, blocks 1-2" in report and (tmp_path / "segment" / "pareto.png").exists()

@@ -1,4 +1,4 @@
-"""Dense training through the engine and the CLI (issue 10): tiny runs (a few steps on small scenes)."""
+"""Dense training through the engine and the CLI: tiny runs (a few steps on small scenes)."""
 import json
 
 import pytest

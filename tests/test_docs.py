@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from markdown.extensions.toc import slugify
 
-from leanvit.cli import COMMANDS, build_parser
+from leanvit.cli import COMMANDS, build_parser, plugin_options
 from leanvit.train import list_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,7 @@ def test_doc_commands_parse():
             if words[0] == "python":
                 assert (ROOT / words[1]).exists(), where
                 continue
+            _, words[1:] = plugin_options(words[1:])  # leanvit --plugin MODULE COMMAND ...
             command, args = words[1], words[2:]
             assert command in COMMANDS, where
             parser = build_parser(command)

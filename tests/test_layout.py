@@ -12,7 +12,7 @@ from PIL import Image
 
 import leanvit
 from leanvit.data import create_dataset, register_dataset
-from leanvit.data.registry import DatasetKind, _KINDS
+from leanvit.data.registry import _KINDS, DatasetKind
 from leanvit.errors import LeanvitError
 from leanvit.measure import build_configurations
 from leanvit.reduction import ReductionMethod, apply_reduction, get_reduction, register_reduction
@@ -367,6 +367,7 @@ def test_the_task_coupling_check_sees_branches_and_imports(tmp_path):
                        "def f(args):\n    return args.task == 'detect'\n",
     })
     mods = _modules(root)
-    found = {n.rsplit(".", 1)[-1]: _task_coupling(p, n, mods) for n, p in mods.items() if n.startswith("leanvit.tools.")}
+    found = {n.rsplit(".", 1)[-1]: _task_coupling(p, n, mods) for n, p in mods.items()
+             if n.startswith("leanvit.tools.")}
     assert found["a"] == ["imports leanvit.tasks.detection"]
     assert all(found[k] for k in "bcde") and found["ok"] == [], found

@@ -1,6 +1,6 @@
-"""Issue 11: runs that survive preemption, crashes, mistakes and shared machines.
+"""Runs that survive preemption, crashes, mistakes and shared machines.
 
-Each test reproduces one way a user lost work or got a wrong result before (points 1-5, 8 of the issue):
+Each test reproduces one way a user lost work or got a wrong result before:
 run folders owned, a lock, crash leftovers, metrics rebuilt, resume config check, --finetune share,
 eval class names, one-line errors, exact mid-epoch resume (in process, kill -9, SIGTERM, torchrun).
 """
@@ -61,7 +61,7 @@ def test_fresh_run_over_a_run_is_refused_and_nothing_touched(tmp_path):
     out = tmp_path / "run"
     _run(out, epochs=1)
     before = _snapshot(out)
-    with pytest.raises(LeanvitError, match="already holds a run.*--resume.*--auto-resume.*--overwrite"):
+    with pytest.raises(LeanvitError, match="already holds a run.*`resume`.*`auto_resume`.*`overwrite`"):
         _run(out, epochs=1)
     assert _snapshot(out) == before
     # --auto-resume: continues the run that is there (2 epochs now), starts fresh where there is none
@@ -133,7 +133,7 @@ def test_finetune_from_an_incompatible_checkpoint_fails(tmp_path, caplog):
     ckpt = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8),
                 "layer1.0.bn1.weight": torch.ones(8)}, ckpt)
-    with pytest.raises(LeanvitError, match=r"only 0/\d+ of the model's tensors loaded.*--finetune-partial"):
+    with pytest.raises(LeanvitError, match=r"only 0/\d+ of the model's tensors loaded.*`finetune_partial`"):
         _run(tmp_path / "ft", epochs=1, finetune=str(ckpt))
     with caplog.at_level(logging.INFO, logger="leanvit"):
         _run(tmp_path / "ft2", epochs=1, finetune=str(ckpt), finetune_partial=True, max_train_batches=1)
@@ -385,7 +385,7 @@ def test_torchrun_auto_resume_one_command_line_finishes_exactly(tmp_path):
     _same_state(tmp_path / "ref" / "last.pth", out / "last.pth")
 
 
-# ------------------------------------------------------------------ the main job tells the truth (issue point 9)
+# ------------------------------------------------------------------ the main job tells the truth
 def test_demo_recipes_run_fixed_work():
     from leanvit.tools.demo import _STAGES
     from leanvit.train import load_recipe

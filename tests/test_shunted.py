@@ -1,4 +1,4 @@
-"""Shunted Transformer (issue 3): official layout and counts, GMACs, SDPA vs explicit softmax vs a literal
+"""Shunted Transformer: official layout and counts, GMACs, SDPA vs explicit softmax vs a literal
 transcription of the official forward, input sizes, timm backbone API, checkpointing, compile, checkpoints."""
 import copy
 import json

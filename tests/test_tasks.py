@@ -9,16 +9,16 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import cli, cli_error, one_line_error
 
 import leanvit
-from cli_helpers import cli, cli_error, one_line_error
 from leanvit.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
 from leanvit.data import create_dataset, dataset_options
 from leanvit.data.dense import detection_transform
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.models.build import BuiltModel
-from leanvit.utils import to_2tuple
 from leanvit.tasks import Task, TrainData, get_task, list_tasks, unregister_task
+from leanvit.utils import to_2tuple
 
 SCENES = {"canvas_size": 32, "min_digit": 8, "max_digit": 16, "max_objects": 3, "val_fraction": 0.03}
 

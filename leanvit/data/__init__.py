@@ -16,10 +16,13 @@ from leanvit.data.registry import (DatasetKind, create_dataset, dataset_classes,
 from leanvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 from leanvit.data import digits as _digits  # noqa: F401,E402  (registers "digits")
 from leanvit.data import folder as _folder  # noqa: F401,E402  (registers ImageFolder trees)
-# dense data (issue 10): embedded digits-det / digits-seg, COCO and segmentation-mask layouts
+# dense data: embedded digits-det / digits-seg, COCO and segmentation-mask layouts
 from leanvit.data import digits_dense as _digits_dense  # noqa: F401,E402
 from leanvit.data import segmentation as _segmentation  # noqa: F401,E402
 from leanvit.data import coco as _coco  # noqa: F401,E402
+# sharded and hub data: WebDataset tar shards, Hugging Face datasets
+from leanvit.data import shards as _shards  # noqa: F401,E402
+from leanvit.data import hf as _hf  # noqa: F401,E402
 from leanvit.utils import model_input_size, to_2tuple
 
 __all__ = ["create_dataset", "dataset_classes", "dataset_options", "register_dataset", "DatasetKind",

@@ -10,8 +10,11 @@ as COCOeval ignores detections matched to them.
 
 What the annotations get wrong is caught before training starts, each named by its file:
 
-* an image the json lists but the folder lacks, a category id the json does not declare, an
-  annotation with a malformed bbox: a one-line error;
+* a file that is not UTF-8 JSON, an image the json lists but the folder lacks, a category id the json
+  does not declare, ids that are not integers, an image without a positive integer ``height`` / ``width``,
+  an annotation whose bbox is not 4 finite numbers (strings, ``null``, NaN): a one-line error;
+* an evaluation split (any split but ``train*``) with no annotation to score against: a one-line error,
+  since its mAP is undefined (COCOeval's -1), not a score;
 * images without annotations: kept as negatives, counted;
 * boxes reaching outside their image: clipped (``torchvision.ops.clip_boxes_to_image``), counted;
   boxes with no width or height (after clipping): dropped, counted;
@@ -23,6 +26,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -33,7 +37,7 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 
 from leanvit.data.dense import SkipCounter
 from leanvit.data.folder import load_image
-from leanvit.data.registry import DatasetKind, register_dataset
+from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 
 __all__ = ["CocoDetection", "CocoKind", "find_coco_split"]
@@ -67,14 +71,62 @@ def find_coco_split(root, split: str) -> Tuple[Path, Path]:
 
 def _load_json(path: Path) -> Dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LeanvitError(f"{path} is not UTF-8 text (byte {e.start}): a COCO json is UTF-8") from None
     except json.JSONDecodeError as e:
         raise LeanvitError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise LeanvitError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list):
         raise LeanvitError(f"{path} is not a COCO instances file (needs 'images', 'annotations', 'categories')")
     data.setdefault("annotations", [])
+    _check_entries(path, data)
     return data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_entries(path: Path, data: Dict[str, Any]) -> None:
+    """The values COCO's format fixes, each checked (a one-line error naming the entry): integer ids,
+    image sizes, file names, finite ``[x, y, w, h]`` boxes, numeric areas, 0/1 ``iscrowd``."""
+    if not isinstance(data["annotations"], list):
+        raise LeanvitError(f"{path}: 'annotations' must be a list, got {type(data['annotations']).__name__}")
+    for key, kind in (("images", "image"), ("categories", "category"), ("annotations", "annotation")):
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise LeanvitError(f"{path}: {key}[{i}] is not an object: {entry!r:.60}")
+            if not _is_int(entry.get("id")):
+                raise LeanvitError(f"{path}: {kind} {key}[{i}] has id {entry.get('id')!r} "
+                                   f"({type(entry.get('id')).__name__}); COCO ids are integers")
+    for im in data["images"]:
+        for k in ("height", "width"):
+            v = im.get(k)
+            if not (_is_int(v) or (isinstance(v, float) and v.is_integer())) or v <= 0:
+                raise LeanvitError(f"{path}: image {im['id']} has {k} {v!r}; COCO images need positive integer "
+                                   "'height' and 'width'")
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            raise LeanvitError(f"{path}: image {im['id']} has file_name {im.get('file_name')!r}")
+    for a in data["annotations"]:
+        for k in ("image_id", "category_id"):
+            if not _is_int(a.get(k)):
+                raise LeanvitError(f"{path}: annotation {a['id']} has {k} {a.get(k)!r} ({type(a.get(k)).__name__});"
+                                   f" COCO ids are integers")
+        bb = a.get("bbox")
+        if not (isinstance(bb, (list, tuple)) and len(bb) == 4 and all(_is_number(v) for v in bb)):
+            raise LeanvitError(f"{path}: annotation {a['id']} has a malformed bbox {bb!r} (needs 4 finite numbers "
+                               "[x, y, width, height])")
+        if "area" in a and not _is_number(a["area"]):
+            raise LeanvitError(f"{path}: annotation {a['id']} has area {a['area']!r}, not a finite number")
+        if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd"), bool):
+            raise LeanvitError(f"{path}: annotation {a['id']} has iscrowd {a.get('iscrowd')!r} (0 or 1)")
 
 
 class CocoDetection:
@@ -198,11 +250,19 @@ class CocoKind(DatasetKind):
         return bool(_annotation_files(Path(data)))
 
     def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
+        self.check_options(options or {})
         ds = CocoDetection(data, split, transform=transform, **(options or {}))
+        scored = [a for a in ds.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+        if not str(split).startswith("train") and not scored:
+            raise LeanvitError(f"{ds.ann_file} has no (non-crowd) annotations: an mAP on it is undefined (COCOeval "
+                               "reports -1), not a score; evaluate on a split with annotated objects")
         if classes is not None and list(classes) != ds.classes:
             raise LeanvitError(f"the categories of {ds.ann_file} differ from training's ({len(ds.classes)} vs "
                                f"{len(classes)})")
         return ds
+
+    def check_options(self, options):
+        check_keyword_options("coco", options, CocoDetection.__init__, skip=("self", "root", "split", "transform"))
 
     def classes(self, data, split="val", options=None):
         try:  # the validation json is the small one; both declare the same categories

@@ -33,15 +33,13 @@ Determinism and split
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 
 from typing import Callable, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-from leanvit.data.registry import DatasetKind, register_dataset
+from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 
 __all__ = ["DigitsDataset", "DigitsKind", "load_scans", "split_indices", "render", "CLASSES"]
@@ -219,15 +217,7 @@ class DigitsKind(DatasetKind):
         return list(CLASSES)
 
     def check_options(self, options):
-        known = [p for p in inspect.signature(DigitsDataset.__init__).parameters
-                 if p not in ("self", "split", "transform")]
-        for k, v in options.items():
-            if k not in known:
-                close = difflib.get_close_matches(str(k), known, n=3)
-                hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(known)}"
-                raise LeanvitError(f"unknown setting 'digits.{k}'{hint}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise LeanvitError(f"digits.{k} must be a number, got {v!r}")
+        check_keyword_options("digits", options, DigitsDataset.__init__)
 
 
 register_dataset(DigitsKind())

@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 
 from leanvit.data.digits import random_color, resize_scan, split_scans
 from leanvit.data.dense import encode_masks
-from leanvit.data.registry import DatasetKind, register_dataset
+from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 
 __all__ = ["DigitScenes", "render_scene", "DigitsDetKind", "DigitsSegKind", "DIGIT_CLASSES"]
@@ -210,6 +210,9 @@ class _DigitScenesKind(DatasetKind):
         if classes is not None and list(classes) != ds.classes:
             raise LeanvitError(f"the {self.name} classes {ds.classes} differ from the expected {list(classes)}")
         return ds
+
+    def check_options(self, options):
+        check_keyword_options(self.options_key, options, DigitScenes.__init__)
 
     def classes(self, data, split="val", options=None):
         return list(DIGIT_CLASSES) if self.task == "detection" else ["background", *DIGIT_CLASSES]

@@ -51,6 +51,9 @@ def _to_rgb8(img: "Image.Image") -> "Image.Image":
     return img.convert("RGB")
 
 
+to_rgb8 = _to_rgb8  # public: tar shards and Hugging Face datasets convert their images the same way
+
+
 def load_image(path) -> "Image.Image":
     """An RGB PIL image from any file PIL reads; a clear error for a missing or unreadable file."""
     path = Path(path)

@@ -8,8 +8,12 @@ registered after the generic ImageFolder wins over it.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from leanvit.errors import LeanvitError
 
@@ -42,8 +46,39 @@ class DatasetKind:
     def check_options(self, options: Dict[str, Any]) -> None:
         """A clear error for an unknown or malformed option (recipes and ``--set KEY.option=...``)."""
 
+    def options_from_config(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """This kind's options in a recorded training config or recipe (default: its ``options_key`` mapping;
+        a kind may add top-level settings, e.g. ``val_data``)."""
+        return dict(config.get(self.options_key) or {}) if self.options_key else {}
+
 
 _KINDS: List[DatasetKind] = []
+
+
+def check_keyword_options(where: str, options: Any, target: Callable,
+                          skip: Iterable[str] = ("self", "split", "task", "transform")) -> None:
+    """Check a kind's options against the keyword arguments of ``target`` (its dataset's ``__init__``): a
+    one-line error for an unknown name (with the close ones) or a value of the wrong kind; each value must
+    match its default's type (true/false, an integer >= 0, a finite number >= 0)."""
+    if not isinstance(options, Mapping):
+        raise LeanvitError(f"{where} must be a mapping of options, got {options!r}")
+    params = {n: p for n, p in inspect.signature(target).parameters.items()
+              if n not in set(skip) and p.kind is p.POSITIONAL_OR_KEYWORD}
+    for k, v in options.items():
+        if k not in params:
+            close = difflib.get_close_matches(str(k), list(params), n=3)
+            hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(params)}"
+            raise LeanvitError(f"unknown setting '{where}.{k}'{hint}")
+        default = params[k].default
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise LeanvitError(f"{where}.{k} must be true or false, got {v!r}")
+        elif isinstance(default, int):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise LeanvitError(f"{where}.{k} must be an integer >= 0, got {v!r}")
+        elif isinstance(default, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise LeanvitError(f"{where}.{k} must be a number >= 0, got {v!r}")
 
 
 def register_dataset(kind: DatasetKind) -> DatasetKind:
@@ -65,7 +100,7 @@ def resolve_dataset_kind(data) -> DatasetKind:
             return kind
     if not Path(str(data)).exists():
         names = [k.name for k in _KINDS if k.embedded]
-        raise LeanvitError(f"--data: no such folder: {data} (or use one of the embedded datasets: "
+        raise LeanvitError(f"`data`: no such folder: {data} (or use one of the embedded datasets: "
                            f"{', '.join(names)})")
     raise LeanvitError(f"cannot tell what kind of data {data} is (expected an ImageFolder tree "
                        f"DIR/train/<class>/*, DIR/val/<class>/*)")
@@ -74,9 +109,9 @@ def resolve_dataset_kind(data) -> DatasetKind:
 def dataset_options(data, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The options a recorded training config (or recipe) holds for ``data``'s kind (e.g. ``digits:``)."""
     kind = resolve_dataset_kind(data)
-    if not kind.options_key or not isinstance(config, dict):
+    if not isinstance(config, dict):
         return {}
-    return dict(config.get(kind.options_key) or {})
+    return kind.options_from_config(config)
 
 
 def check_dataset_options(cfg: Dict[str, Any]) -> None:
@@ -103,6 +138,8 @@ def create_dataset(data, split: str = "train", transform: Optional[Callable] = N
         skip_corrupt: replace unreadable images by readable ones (counted) instead of failing.
     """
     kind = resolve_dataset_kind(data)
+    if options:
+        kind.check_options(options)
     return kind.create(str(data), split, transform=transform, options=options, classes=classes,
                        skip_corrupt=skip_corrupt)
 

@@ -101,7 +101,11 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 def train_sampler(dataset, cfg: Dict[str, Any], env):
-    """The training order of ``dataset`` for process ``env.rank`` of ``env.world_size`` (see the module doc)."""
+    """The training order of ``dataset`` for process ``env.rank`` of ``env.world_size`` (see the module doc).
+    A dataset with its own ``train_sampler(world_size, rank, seed)`` (tar shards: a locality-keeping order)
+    gives it, unless ``repeated_aug``."""
+    if hasattr(dataset, "train_sampler") and not cfg["repeated_aug"]:
+        return dataset.train_sampler(env.world_size, env.rank, cfg["seed"])
     if cfg["repeated_aug"]:
         return RepeatAugSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, num_repeats=3)
     if env.distributed:

@@ -12,8 +12,9 @@ Generic (``--data DIR`` with ``DIR/images/{train,val}/`` and ``DIR/masks/{train,
     K is the largest label found in the masks + 1 (the masks are scanned once).
 
 Checked before training starts, each a one-line error naming the file: an image without a mask, a
-mask whose size differs from its image's, a mask that is not single-channel, an empty split; when an
-item is read: mask values outside the label set.
+mask whose size differs from its image's, a mask that is not single-channel, an image or mask PIL cannot
+read (not an image, truncated), a ``classes.txt`` that is not UTF-8, an empty split; when an item is
+read: mask values outside the label set.
 """
 from __future__ import annotations
 
@@ -42,6 +43,23 @@ _ADE_SPLITS = {"train": "training", "val": "validation"}
 
 def _images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """``Image.open`` with a one-line error naming the file (not an image PIL knows, unreadable)."""
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise LeanvitError(f"cannot read {what} {path}: {e}") from None
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    """A mask's pixels (truncated or corrupt files: a one-line error naming the file)."""
+    try:
+        with _open(path, "mask") as m:
+            return np.array(m)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise LeanvitError(f"cannot read mask {path}: {e}") from None
 
 
 def _mask_mode_ok(mode: str) -> bool:
@@ -80,7 +98,7 @@ class SegmentationFolder:
             self.samples.append((im, masks[key]))
         if check_sizes:
             for im, m in self.samples:
-                with Image.open(im) as a, Image.open(m) as b:
+                with _open(im, "image") as a, _open(m, "mask") as b:
                     if a.size != b.size:
                         raise LeanvitError(f"mask {m} is {b.size[0]}x{b.size[1]} but its image {im} is "
                                            f"{a.size[0]}x{a.size[1]}")
@@ -135,13 +153,15 @@ def _ade_classes(root: Path) -> List[str]:
     info = root / "objectInfo150.csv"
     if info.is_file():
         try:
-            with info.open(newline="") as f:
+            with info.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
-            names = [r["Name"].split(";")[0].strip() for r in rows]
+            names = [str(r["Name"]).split(";")[0].strip() for r in rows]
             if len(names) == ADE20K_CLASSES:
                 return names
-        except (KeyError, csv.Error, UnicodeDecodeError):
-            pass
+            problem = f"{len(names)} rows, not {ADE20K_CLASSES}"
+        except (KeyError, AttributeError, csv.Error, UnicodeDecodeError, OSError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        log.warning(f"warning: {info}: {problem}; the classes are named class_1 ... class_{ADE20K_CLASSES}")
     return [f"class_{i}" for i in range(1, ADE20K_CLASSES + 1)]
 
 
@@ -179,9 +199,7 @@ def _scan_num_classes(mask_dirs) -> int:
     top = -1
     for d in mask_dirs:
         for p in _images(d):
-            with Image.open(p) as m:
-                a = np.array(m)
-            vals = np.unique(a)
+            vals = np.unique(_read_mask(p))
             vals = vals[vals != IGNORE_INDEX]
             if vals.size:
                 top = max(top, int(vals.max()))
@@ -220,7 +238,14 @@ class MaskFolderKind(DatasetKind):
         root = Path(data)
         listed = root / "classes.txt"
         if listed.is_file():
-            names = [ln.strip() for ln in listed.read_text().splitlines() if ln.strip()]
+            try:
+                text = listed.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LeanvitError(f"{listed} is not UTF-8 text (byte {e.start}); write one class name per line "
+                                   "in UTF-8") from None
+            except OSError as e:
+                raise LeanvitError(f"cannot read {listed}: {e.strerror or e}") from None
+            names = [ln.strip() for ln in text.splitlines() if ln.strip()]
             if not names:
                 raise LeanvitError(f"{listed} names no classes")
             return names

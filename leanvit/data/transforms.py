@@ -28,9 +28,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from timm.data import create_transform
 from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
-from timm.layers import to_2tuple
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.layers import to_2tuple
 from torchvision import transforms as T
 
 from leanvit.errors import LeanvitError

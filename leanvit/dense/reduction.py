@@ -45,10 +45,9 @@ def reduction_options(reduction) -> Optional[Tuple[str, Dict[str, Any], Any]]:
 
 def dense_backbone_of(model: nn.Module):
     """The :class:`~leanvit.dense.backbones.DenseBackbone` of a backbone, segmenter or detector."""
-    from leanvit.dense.backbones import DenseBackbone
     for candidate in (model, getattr(model, "backbone", None), getattr(getattr(model, "backbone", None), "body", None)):
-        if isinstance(candidate, DenseBackbone):
-            return candidate
+        if callable(getattr(candidate, "set_reduction", None)) and callable(getattr(candidate, "restoration", None)):
+            return candidate  # a DenseBackbone (not imported: the backbones import this module)
     raise LeanvitError(f"{type(model).__name__} is not a leanvit dense model (no dense backbone found)")
 
 
@@ -106,6 +105,7 @@ def dense_variants(model: nn.Module, grid, restores=None):
     with no block after EViT's last reorganization) are skipped, with a log line."""
     import copy
     per_method: Dict[str, nn.Module] = {}
+    skipped: set = set()
     wanted = None if restores is None else [parse_restore(r) for r in restores]
     for method, value in grid:
         name = get_reduction(method).name
@@ -119,6 +119,8 @@ def dense_variants(model: nn.Module, grid, restores=None):
             try:
                 restoration_for(vit, restore)
             except LeanvitError as e:
-                _log.info("sweep: %s with restore %s skipped (%s)", name, restore, e)
+                if (name, restore) not in skipped:
+                    skipped.add((name, restore))
+                    _log.info("sweep: %s with restore %s skipped (%s)", name, restore, e)
                 continue
             yield name, value, restore, ReducedDense(reduced, name, value, restore)

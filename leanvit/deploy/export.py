@@ -9,8 +9,8 @@
 - Token reduction settings are fixed in the file: an EViT model exported at keep rate 0.7 always keeps
   70 % of the tokens (the kept count is a constant of the graph). Export one file per keep rate.
 
-:func:`verify_export` runs the file (:class:`OnnxRuntimeModel`, onnxruntime, for ONNX; the loaded ExportedProgram for .pt2) on random
-inputs and returns the max abs difference to eager PyTorch.
+:func:`verify_export` runs the file (:class:`OnnxRuntimeModel`, onnxruntime, for ONNX; the loaded
+ExportedProgram for .pt2) on random inputs and returns the max abs difference to eager PyTorch.
 
 ONNX needs the optional ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install leanvit[export]``).
 """
@@ -25,11 +25,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 from torch.export import Dim
 
 from leanvit.errors import LeanvitError
 from leanvit.models.shunted import ShuntedTransformer, min_input_size
-from timm.layers import to_2tuple
 
 __all__ = ["FORMATS", "export_model", "load_exported", "verify_export", "VerifyResult", "supports_dynamic_size",
            "min_dynamic_side", "keep_rate_path", "format_from_path", "OnnxRuntimeModel", "require"]
@@ -114,11 +114,11 @@ def _dynamic_shapes(model: nn.Module, hw: Tuple[int, int], dynamic_size: bool):
     if dynamic_size:
         if not supports_dynamic_size(model):
             raise LeanvitError(
-                f"--dynamic-size: {type(model).__name__} computes on a fixed patch grid (position embedding, "
+                f"`dynamic_size`: {type(model).__name__} computes on a fixed patch grid (position embedding, "
                 "EViT's kept-token counts); export one file per input size instead")
         lo = min_dynamic_side(model)
         if min(hw) < lo:
-            raise LeanvitError(f"--dynamic-size needs an example size with each side >= {lo} px, got "
+            raise LeanvitError(f"`dynamic_size` needs an example size with each side >= {lo} px, got "
                                f"{hw[0]}x{hw[1]}")
         dims[2] = Dim("height", min=lo, max=MAX_SIDE)
         dims[3] = Dim("width", min=lo, max=MAX_SIDE)
@@ -136,7 +136,7 @@ def export_model(model: nn.Module, path, fmt: Optional[str] = None, img_size=224
     if fmt not in FORMATS:
         raise LeanvitError(f"unknown export format {fmt!r} (use {' or '.join(FORMATS)}, or a .onnx/.pt2 path)")
     if path.is_dir():
-        raise LeanvitError(f"--output {path} is a folder; give a file name")
+        raise LeanvitError(f"`output` {path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     hw = to_2tuple(img_size)

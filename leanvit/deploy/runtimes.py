@@ -68,7 +68,7 @@ def prepare_runtime(model: nn.Module, runtime: str, example: torch.Tensor, workd
             compiled(example)
         return RuntimeModel(compiled, runtime, time.perf_counter() - t0)
     if example.device.type != "cpu":
-        raise LeanvitError("the onnxruntime runtime runs on the CPU here; use --device cpu")
+        raise LeanvitError("the onnxruntime runtime runs on the CPU here; use `device` cpu")
     folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="leanvit_ort_"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"model_{id(model):x}_{example.shape[-2]}x{example.shape[-1]}.onnx"

@@ -191,7 +191,7 @@ def _create_at_size(name: str, size, num_classes):
         return model  # convolutional models take any input size as they are
     except (RuntimeError, ValueError, AssertionError) as e:
         raise LeanvitError(f"{name} cannot be built for input size {size[0]}x{size[1]}: {e}") from None
-    check_input_size(model, size, "--img-sizes")
+    check_input_size(model, size, "`img_sizes`")
     return model
 
 

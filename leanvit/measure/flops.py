@@ -14,7 +14,6 @@ import torch
 from timm.layers import to_2tuple
 from torch.utils.flop_counter import FlopCounterMode
 
-
 __all__ = ["gmacs", "count_macs"]
 
 

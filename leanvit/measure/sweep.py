@@ -11,10 +11,10 @@ size; its strengths are forward-call overrides, as :class:`leanvit.measure.Reduc
 (:class:`leanvit.tasks.Task`) supplies the configurations (:meth:`~leanvit.tasks.Task.sweep_variants`), the
 evaluation data and metrics (the same images and numbers ``leanvit eval`` gives for that configuration:
 top-1 for classification, mAP for detection, mIoU for segmentation; the first of its
-:attr:`~leanvit.tasks.Task.sweep_columns` ranks the points) and the input it is timed on. Speed is measured for all points in **one**
-interleaved run (:func:`leanvit.measure.interleaved_measure`): throughput at ``batch_size`` and batch-1
-latency (median and p90 of ``latency_repeats`` single-image calls). ``speedup`` is over the baseline: the
-unreduced model at its own input size.
+:attr:`~leanvit.tasks.Task.sweep_columns` ranks the points) and the input it is timed on. Speed is
+measured for all points in **one** interleaved run (:func:`leanvit.measure.interleaved_measure`): throughput
+at ``batch_size`` and batch-1 latency (median and p90 of ``latency_repeats`` single-image calls).
+``speedup`` is over the baseline: the unreduced model at its own input size.
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
         cache_mb: evaluation data up to this size is prepared once per input size and kept in memory.
         extra_models: other models to place among the points as they are (e.g. a fine-tuned EViT model:
             ``{"evit fine-tuned": model}``), evaluated at their own input size and strength, timed in the
-            same interleaved run; their rows have ``reduction`` = the given name.
+            same interleaved run; their rows have ``reduction`` = the given name. A ``(model, (H, W))`` pair
+            gives the input size (a dense model's is not in its config).
         variant_options: task-specific options of the configurations (a dense task's ``restore``: the
             restoration strategies to sweep), given to :meth:`leanvit.tasks.Task.sweep_variants`.
         task: the model's :class:`leanvit.tasks.Task` (default: classification); its first sweep column
@@ -201,7 +202,8 @@ def run_sweep(build: Callable[[Optional[Tuple[int, int]]], Any], grid: Sequence[
             bar.set_postfix_str(point["label"])
         if size is None:
             for name, model in (extra_models or {}).items():
-                mhw = to_2tuple(model_input_size(model))
+                model, mhw = model if isinstance(model, tuple) else (model, model_input_size(model))
+                mhw = to_2tuple(mhw)
                 ds, ld = (dataset, loader) if mhw == hw else eval_loader(built._replace(model=model, img_size=mhw))
                 points.append(_extra_point(task, name, model.eval(), mhw, ld, ds, device))
     bar.close()
@@ -251,12 +253,12 @@ def _timed_rows(task: Task, points: List[dict], batch_size: int, device, warmup:
     base_ips = batch_size / (thr[baseline["label"]].latency_ms / 1e3)
     rows = []
     for p in points:
-        t, l = thr[p["label"]], lat[p["label"]]
+        t, b1 = thr[p["label"]], lat[p["label"]]
         ips = batch_size / (t.latency_ms / 1e3)
         row = {k: v for k, v in p.items() if not k.startswith("_") and k != "hw"}
         drop = baseline[score] - p[score] if task.higher_is_better else p[score] - baseline[score]
         row.update({f"{score}_drop": drop}, img_per_s=ips, speedup=ips / base_ips,
-                   latency_ms=l.latency_ms, p90_ms=l.p90_ms, batch_size=batch_size, device=t.device, dtype=t.dtype,
+                   latency_ms=b1.latency_ms, p90_ms=b1.p90_ms, batch_size=batch_size, device=t.device, dtype=t.dtype,
                    threads=t.threads)
         rows.append(row)
     fast = pareto_front(rows, "img_per_s", higher=True, score=score, score_higher=task.higher_is_better)

@@ -23,7 +23,8 @@ def create_model(name: str, reduction=None, img_size=None, num_classes=None, kee
     ``reduction``: anything :meth:`leanvit.reduction.ReductionSpec.parse` reads (``"evit:0.7"``,
     ``{"method": "evit", "keep_rate": 0.7}``, a :class:`ReductionSpec`; or the older ``keep_rate=0.7``
     / ``locations``). On an ``evit_*`` model EViT's settings are the entrypoint's own options; on any other
-    timm ViT the method is applied, so every ViT with a class token can be measured or trained reduced. ``pretrained=True`` goes through timm's own machinery."""
+    timm ViT the method is applied, so every ViT with a class token can be measured or trained reduced.
+    ``pretrained=True`` goes through timm's own machinery."""
     if not timm.is_model(name):
         close = suggest_models(name)
         hint = f"; did you mean: {', '.join(close)}" if close else ""

@@ -19,7 +19,6 @@ gradient checkpointing, and the timm backbone API: ``features_only=True``, ``for
 ``reset_classifier`` and friends. The official code's bugs (``reset_classifier`` using a missing
 attribute, ``no_weight_decay`` naming parameters that do not exist) are not reproduced.
 """
-from __future__ import annotations
 
 import math
 from functools import partial
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models import resolve_pretrained_cfg
@@ -62,7 +61,7 @@ def stage_grids(img_size: SizeLike, num_stages: int = 4) -> List[Tuple[int, int]
     return _grids(h, w, num_stages)
 
 
-def _grids(h, w, num_stages: int):
+def _grids(h: int, w: int, num_stages: int) -> List[Tuple[int, int]]:
     """:func:`stage_grids` on sizes that may be symbolic (torch.export): integer arithmetic only."""
     h, w = ((h + 1) // 2) // 2, ((w + 1) // 2) // 2
     grids = [(h, w)]
@@ -72,26 +71,62 @@ def _grids(h, w, num_stages: int):
     return grids
 
 
-def _side_ok(n: int, sr_ratios: Sequence[int], axis: int) -> bool:
-    return all(g[axis] >= r for g, r in zip(stage_grids((n, n), len(sr_ratios)), sr_ratios))
+def _min_side(sr_ratios: List[int]) -> int:
+    n = 1
+    ok = False
+    while not ok:
+        ok = True
+        for g, r in zip(_grids(n, n, len(sr_ratios)), sr_ratios):
+            if g[0] < r:
+                ok = False
+        if not ok:
+            n += 1
+    return n
 
 
 def min_input_size(sr_ratios: Sequence[int] = (8, 4, 2, 1)) -> int:
     """The smallest side length (pixels) for which every stage grid is at least its aggregation rate."""
-    n = 1
-    while not _side_ok(n, sr_ratios, 0):
-        n += 1
-    return n
+    return _min_side([int(r) for r in sr_ratios])
 
 
-def _check_input(h: int, w: int, sr_ratios: Sequence[int]) -> None:
-    for i, ((gh, gw), r) in enumerate(zip(stage_grids((h, w), len(sr_ratios)), sr_ratios)):
-        if gh < r or gw < r:
-            m = min_input_size(sr_ratios)
+def _check_input(h: int, w: int, sr_ratios: List[int]) -> None:
+    i = 0
+    for g, r in zip(_grids(h, w, len(sr_ratios)), sr_ratios):
+        i += 1
+        if g[0] < r or g[1] < r:
+            m = _min_side(sr_ratios)
             raise LeanvitError(
-                f"input {h}x{w} is too small for the Shunted Transformer: stage {i + 1} gets a {gh}x{gw} token "
+                f"input {h}x{w} is too small for the Shunted Transformer: stage {i} gets a {g[0]}x{g[1]} token "
                 f"grid, smaller than its token-aggregation rate {r}; the smallest valid input is {m}x{m} "
                 f"(each side >= {m} px)")
+
+
+@torch.jit.unused
+def _check_symbolic(x: torch.Tensor, sr_ratios: List[int]) -> None:
+    """torch.export / torch.compile / ONNX: the sizes may be symbolic. torch._check records the condition (a
+    runtime assertion, a range on a dynamic dim) instead of specializing the graph to the example's size,
+    as reading int(x.shape[-2]) would."""
+    h, w = x.shape[-2], x.shape[-1]
+    m = _min_side(sr_ratios)
+    for (gh, gw), r in zip(_grids(h, w, len(sr_ratios)), sr_ratios):
+        torch._check(gh >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
+        torch._check(gw >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
+
+
+@register_notrace_function  # an FX leaf: torch.fx sizes are proxies, the check runs on the real input
+def checked_image_batch(x: torch.Tensor, sr_ratios: List[int]) -> torch.Tensor:
+    """``x`` itself, after checking that it is an image batch whose stage grids reach ``sr_ratios``
+    (a clear error otherwise). Returning ``x`` keeps the check in FX graphs (a node with a user); an FX
+    leaf (registered with timm) because torch.fx traces sizes as proxies, and public because torch.fx
+    only wraps functions whose names do not start with an underscore."""
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            _check_symbolic(x, sr_ratios)
+            return x
+    if x.ndim != 4:
+        raise LeanvitError(f"expected an image batch (B, C, H, W), got shape {list(x.shape)}")
+    _check_input(int(x.shape[-2]), int(x.shape[-1]), sr_ratios)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,30 +215,43 @@ class ShuntedAttention(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
 
-    def _group_kv(self, x_map: torch.Tensor, sr: nn.Module, norm: nn.Module, kv: nn.Module,
-                  local_conv: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Aggregate the map with ``sr`` (+ LN + GELU), project to K and V for half the heads and add the
-        local enhancement to V on the aggregated grid. Returns K, V of shape (B, heads/2, M, head_dim)."""
-        B = x_map.shape[0]
+    def _group_kv(self, kv: torch.Tensor, v_local: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one head group, (B, heads/2, M, head_dim): ``kv`` (B, M, C) holds [K | V] of the aggregated
+        tokens, ``v_local`` (B, M, C/2) the local enhancement added to V. Tensors only (TorchScript)."""
+        B, M = kv.shape[0], kv.shape[1]
         heads = self.num_heads // 2
         half = self.dim // 2
-        t = sr(x_map)
-        h, w = t.shape[-2:]
-        t = self.act(norm(t.flatten(2).transpose(1, 2)))          # (B, M, C)
-        kv = kv(t)                                                 # (B, M, C): [K | V], each heads/2 x d
-        k, v = kv[..., :half], kv[..., half:]
-        v = v + local_conv(v.transpose(1, 2).reshape(B, half, h, w)).flatten(2).transpose(1, 2)
-        k = k.reshape(B, h * w, heads, self.head_dim).transpose(1, 2)  # explicit sizes: an empty batch works
-        v = v.reshape(B, h * w, heads, self.head_dim).transpose(1, 2)
+        k, v = kv[..., :half], kv[..., half:] + v_local
+        k = k.reshape(B, M, heads, self.head_dim).transpose(1, 2)  # explicit sizes: an empty batch works
+        v = v.reshape(B, M, heads, self.head_dim).transpose(1, 2)
         return k, v
+
+    @staticmethod
+    def _map(t: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) map -> (B, h*w, C) tokens."""
+        return t.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _grid(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, C) tokens -> (B, C, h, w) map."""
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.sr_ratio > 1:
+        if hasattr(self, "sr1"):  # sr_ratio > 1 (hasattr, not the rate: TorchScript resolves it when scripting)
+            # each head group: aggregate the map with its strided conv (+ LN + GELU), project to [K | V] and
+            # add the local enhancement to V on the aggregated grid
             x_map = x.transpose(1, 2).reshape(B, C, H, W)
-            k1, v1 = self._group_kv(x_map, self.sr1, self.norm1, self.kv1, self.local_conv1)
-            k2, v2 = self._group_kv(x_map, self.sr2, self.norm2, self.kv2, self.local_conv2)
+            half = self.dim // 2
+            t1 = self.sr1(x_map)
+            h1, w1 = t1.shape[-2], t1.shape[-1]
+            kv1 = self.kv1(self.act(self.norm1(self._map(t1))))
+            k1, v1 = self._group_kv(kv1, self._map(self.local_conv1(self._grid(kv1[..., half:], h1, w1))))
+            t2 = self.sr2(x_map)
+            h2, w2 = t2.shape[-2], t2.shape[-1]
+            kv2 = self.kv2(self.act(self.norm2(self._map(t2))))
+            k2, v2 = self._group_kv(kv2, self._map(self.local_conv2(self._grid(kv2[..., half:], h2, w2))))
             g = self.num_heads // 2
             out = torch.cat([self._attend(q[:, :g], k1, v1), self._attend(q[:, g:], k2, v2)], dim=1)
             out = out.transpose(1, 2).reshape(B, N, C)
@@ -296,7 +344,7 @@ class ShuntedTransformer(nn.Module):
         if embed_dims[0] != 64:
             raise LeanvitError("the Shunted stem produces 64 channels: embed_dims[0] must be 64")
         self.img_size = _pair(img_size)
-        _check_input(*self.img_size, tuple(sr_ratios)[:num_stages])
+        _check_input(self.img_size[0], self.img_size[1], [int(r) for r in sr_ratios][:num_stages])
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -395,6 +443,7 @@ class ShuntedTransformer(nn.Module):
         return out
 
     # ---- forward -------------------------------------------------------------------------
+    @torch.jit.unused
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``i`` (0-based) on an NCHW map (or the image for i = 0); returns its NCHW output map."""
         B = x.shape[0]
@@ -405,25 +454,44 @@ class ShuntedTransformer(nn.Module):
         x = getattr(self, f"norm{i + 1}")(x)
         return x.transpose(1, 2).reshape(B, x.shape[-1], H, W)
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise LeanvitError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        rates = self.sr_ratios[:self.num_stages]
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            # torch.export / torch.compile / ONNX: the sizes may be symbolic. torch._check records the
-            # condition (a runtime assertion, a range on a dynamic dim) instead of specializing the graph
-            # to the example's size, as reading int(x.shape[-2]) would.
-            h, w = x.shape[-2], x.shape[-1]
-            m = min_input_size(rates)
-            for (gh, gw), r in zip(_grids(h, w, len(rates)), rates):
-                torch._check(gh >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
-                torch._check(gw >= r, lambda: f"Shunted Transformer inputs need each side >= {m} px")
-            return
-        _check_input(int(x.shape[-2]), int(x.shape[-1]), rates)
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        rates: List[int] = []
+        for r in self.sr_ratios:  # the rates of the stages the model has (a loop: TorchScript slices no tuple)
+            if len(rates) < self.num_stages:
+                rates.append(int(r))
+        return checked_image_batch(x, rates)
+
+    def _forward_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_features` for TorchScript, which cannot look stages up by name: the same stages
+        unrolled (``hasattr`` is resolved when scripting, so a pruned model scripts too)."""
+        B = x.shape[0]
+        if hasattr(self, "patch_embed1"):
+            x, H, W = self.patch_embed1(x)
+            for blk in self.block1:
+                x = blk(x, H, W)
+            x = self.norm1(x).transpose(1, 2).reshape(B, -1, H, W)
+        if hasattr(self, "patch_embed2"):
+            x, H, W = self.patch_embed2(x)
+            for blk in self.block2:
+                x = blk(x, H, W)
+            x = self.norm2(x).transpose(1, 2).reshape(B, -1, H, W)
+        if hasattr(self, "patch_embed3"):
+            x, H, W = self.patch_embed3(x)
+            for blk in self.block3:
+                x = blk(x, H, W)
+            x = self.norm3(x).transpose(1, 2).reshape(B, -1, H, W)
+        if hasattr(self, "patch_embed4"):
+            x, H, W = self.patch_embed4(x)
+            for blk in self.block4:
+                x = blk(x, H, W)
+            x = self.norm4(x).transpose(1, 2).reshape(B, -1, H, W)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's normalized map, (B, C, H/32, W/32)."""
-        self._check(x)
+        x = self._check(x)
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
         for i in range(self.num_stages):
             x = self._run_stage(i, x)
         return x
@@ -431,7 +499,7 @@ class ShuntedTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
             x = x.mean(dim=(-2, -1))  # = the official mean over the stage-4 tokens
-        x = F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate else x
+        x = F.dropout(x, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else x
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -445,7 +513,7 @@ class ShuntedTransformer(nn.Module):
         maps are always normalized and ``norm`` changes nothing."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise LeanvitError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check(x)
+        x = self._check(x)
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         last = max_index if (stop_early or intermediates_only) else self.num_stages - 1
         intermediates = []

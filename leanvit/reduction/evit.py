@@ -18,13 +18,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from timm.layers import register_notrace_function
 from timm.models._features import feature_take_indices
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction.attention import ReducingBlockMixin
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
 from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, kept_token_masks, num_kept, reorganize,
-                                    tokens_to_grid, write_tokens)
+                                    reorganize_at_rate, tokens_to_grid, write_tokens)
 from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
 
 __all__ = [
@@ -77,6 +78,10 @@ class EViTBlockMixin(ReducingBlockMixin):
         block removes are written there as they were when removed (after attention, before the MLP); the
         last slot collects fused tokens. ``token_ids`` is required with it."""
         rate = self.keep_rate if keep_rate is None else keep_rate
+        if isinstance(x, torch.fx.Proxy):  # torch.fx: sizes are unknown, the size-dependent step is one leaf
+            out, scores, _ = self._reducing_attention(self.norm1(x), class_scores=True)
+            x = reorganize_at_rate(x + self.drop_path1(self.ls1(out)), scores, rate, self.fuse, self.num_prefix_tokens)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), token_ids
         n = x.shape[1] - self.num_prefix_tokens
         k = num_kept(rate, n)
         if k >= n:  # nothing to remove: the unmodified block, bit for bit
@@ -153,6 +158,8 @@ class EViTModelMixin(SwappedClass):
             rate = None if rates is None else rates[j]
             if ckpt:
                 x, token_ids = checkpoint(blk.forward_reorg, x, rate, token_ids, use_reentrant=False)
+            elif rate is None and token_ids is None:
+                x = blk(x)  # through __call__: forward hooks and torch.fx's module paths see the block
             else:
                 x, token_ids = blk.forward_reorg(x, rate, token_ids)
             if return_kept_indices:
@@ -255,10 +262,24 @@ class EViTModelMixin(SwappedClass):
 
     def forward(self, x: torch.Tensor, keep_rate: Optional[KeepRate] = None, return_kept_indices: bool = False):
         """Logits; with ``return_kept_indices=True`` a tuple (logits, kept indices per reorganizing block)."""
+        if isinstance(return_kept_indices, torch.fx.Proxy):  # torch.fx tracing: the model's own keep rates
+            x = check_traced_call(x, keep_rate, return_kept_indices)
+            keep_rate, return_kept_indices = None, False
         if return_kept_indices:
             feats, kept = self.forward_features(x, keep_rate, return_kept_indices=True)
             return self.forward_head(feats), kept
         return self.forward_head(self.forward_features(x, keep_rate))
+
+
+@register_notrace_function  # runs in an FX graph with the call's real arguments
+def check_traced_call(x: torch.Tensor, keep_rate=None, return_kept_indices=False) -> torch.Tensor:
+    """``x``; in an FX-traced EViT model, a clear error for per-call arguments the graph cannot honour (the
+    graph runs the keep rates the model had when it was traced and returns logits only)."""
+    if keep_rate is not None or return_kept_indices:
+        raise LeanvitError("an FX-traced EViT model runs the keep rates it was traced with and returns logits "
+                           "only: set model.keep_rate before tracing instead of passing keep_rate / "
+                           "return_kept_indices")
+    return x
 
 
 def per_layer_keep_rates(value: KeepRate, n: int) -> Tuple[float, ...]:

@@ -14,11 +14,12 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from timm.layers import register_notrace_function
 
 from leanvit.errors import LeanvitError
 
-__all__ = ["num_kept", "class_token_attention", "reorganize", "FUSED_TOKEN_ID", "kept_token_masks", "tokens_to_grid",
-           "write_tokens"]
+__all__ = ["num_kept", "class_token_attention", "reorganize", "reorganize_at_rate", "FUSED_TOKEN_ID",
+           "kept_token_masks", "tokens_to_grid", "write_tokens"]
 
 #: Patch id used in the kept-index bookkeeping for a fused token (never a real patch index).
 FUSED_TOKEN_ID = -1
@@ -50,10 +51,8 @@ def class_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_pr
     # a broadcast multiply-and-sum, not ``q0 @ k.T``: k is a strided view of the qkv projection, and the
     # matmul would first copy it (4x slower at batch 8, as slow at batch 1)
     logits = (k * (q[:, :, :1] * scale)).sum(dim=-1)  # (B, H, N)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        probs = logits.float().softmax(dim=-1).to(q.dtype)
-    else:
-        probs = logits.softmax(dim=-1)
+    # softmax in fp32 (no-op casts for fp32 input; no dtype branch, so torch.fx traces it wherever it is called)
+    probs = logits.float().softmax(dim=-1).to(q.dtype)
     return probs[:, :, num_prefix_tokens:].mean(dim=1)
 
 
@@ -69,9 +68,9 @@ def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool 
     P = num_prefix_tokens
     B, N, C = x.shape
     n = N - P
-    if scores.shape != (B, n):
-        raise LeanvitError(f"scores must have shape {(B, n)}, got {tuple(scores.shape)}")
-    if not 1 <= num_keep <= n:
+    if scores.ndim != 2 or scores.shape[0] != B or scores.shape[1] != n:
+        raise LeanvitError(f"scores must have shape ({B}, {n}), got {list(scores.shape)}")
+    if num_keep < 1 or num_keep > n:
         raise LeanvitError(f"num_keep must be in [1, {n}], got {num_keep}")
     order_scores, order = scores.sort(dim=1, descending=True)
     new_ids = None if token_ids is None else token_ids.gather(1, order[:, :num_keep])
@@ -92,6 +91,19 @@ def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool 
     if new_ids is not None:
         new_ids = torch.cat([new_ids, new_ids.new_full((B, 1), FUSED_TOKEN_ID)], dim=1)
     return torch.cat([x[:, :P], ordered[:, :num_keep], fused], dim=1), new_ids
+
+
+@register_notrace_function  # an FX leaf: how many tokens stay depends on the input's size
+def reorganize_at_rate(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, fuse: bool = True,
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
+    """:func:`reorganize` keeping ``num_kept(keep_rate, n)`` of the ``n`` non-prefix tokens of ``x``; ``x``
+    itself when that is all of them. The reorganizing step of an FX-traced EViT block (torch.fx traces
+    sizes as proxies, so this step runs as one call on the real tensors; also scriptable)."""
+    n = x.shape[1] - num_prefix_tokens
+    k = num_kept(keep_rate, n)
+    if k >= n:
+        return x
+    return reorganize(x, scores, k, fuse=fuse, num_prefix_tokens=num_prefix_tokens)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,11 +130,11 @@ class Task:
 
     def done_message(self, res: Dict[str, Any]) -> str:
         """The line ``leanvit train`` prints at the end (``res``: what ``train()`` returned)."""
-        last = res["last_metric"]
-        best = res["best_metric"]
-        return (f"done in {res['seconds']:.0f} s: best {res['main_metric']} "
-                f"{'n/a' if best is None else f'{best:.4f}'}, last {'n/a' if last is None else f'{last:.4f}'}; "
-                f"checkpoints in {res['output']}")
+        def shown(v):  # a negative metric is COCOeval's "undefined" (nothing to score against), never a score
+            return "n/a" if v is None else ("undefined" if v < 0 else f"{v:.4f}")
+
+        return (f"done in {res['seconds']:.0f} s: best {res['main_metric']} {shown(res['best_metric'])}, "
+                f"last {shown(res['last_metric'])}; checkpoints in {res['output']}")
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name: Optional[str] = None, reduction: Optional[dict] = None,
@@ -159,8 +159,8 @@ class Task:
         raise NotImplementedError
 
     def title(self, built) -> str:
-        """How ``leanvit eval`` names the model it evaluated."""
-        return built.name
+        """How ``leanvit eval`` names the model it evaluated (as built: see :func:`leanvit.models.build.describe_model`)."""
+        return built.description
 
     def record(self, built) -> Dict[str, Any]:
         """What the evaluation's JSON records about the model besides its name."""

@@ -20,17 +20,17 @@ from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classe
 from leanvit.data.folder import check_same_classes
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
+from leanvit.models.build import build_model
 from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
 from leanvit.reduction.evit import is_evit
 from leanvit.reduction.tome import is_tome
-from leanvit.models.build import build_model
-from leanvit.utils import check_input_size, to_2tuple
 from leanvit.tasks.base import Task, TrainData
 from leanvit.tasks.classification_eval import accumulate, evaluate
 from leanvit.tasks.registry import register_task
-from leanvit.viz.tokens import visualize
+from leanvit.utils import check_input_size, to_2tuple
 from leanvit.viz.merges import visualize_merges
+from leanvit.viz.tokens import visualize
 
 __all__ = ["ClassificationTask", "build_data", "model_spec_from_config", "build_training_model", "finetune_from",
            "build_mixup", "build_loss", "check_class_names", "FINETUNE_MIN_SHARE"]
@@ -47,7 +47,7 @@ def build_data(cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
     options = dataset_options(cfg["data"], cfg)
     train_set = build_train_dataset(cfg["data"], img_size, model, transform=tf, options=options,
                                     skip_corrupt=cfg["skip_corrupt"])
-    classes = list(getattr(train_set, "classes"))
+    classes = list(train_set.classes)
     val_set = build_eval_dataset(cfg["data"], model, img_size, config=cfg, split="val", classes=classes,
                                  options=options)
     check_same_classes(classes, val_set.classes, f" ({cfg['data']})")
@@ -105,7 +105,7 @@ def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
     try:
         res = load_checkpoint(model, path, strict=False, ignore_classifier=True)
     except LeanvitError as e:
-        raise LeanvitError(f"--finetune: {e}") from None
+        raise LeanvitError(f"`finetune`: {e}") from None
     loaded = total - len(res.missing_keys) - len(res.skipped_keys)
     notes = [f"loaded {loaded}/{total} tensors"]
     if res.skipped_keys:
@@ -115,27 +115,10 @@ def finetune_from(model: nn.Module, path, partial: bool = False) -> str:
     if res.unexpected_keys:
         notes.append(f"unused: {', '.join(res.unexpected_keys[:6])}")
     if loaded < FINETUNE_MIN_SHARE * total and not partial:
-        raise LeanvitError(f"--finetune {path}: only {loaded}/{total} of the model's tensors loaded (less than "
+        raise LeanvitError(f"`finetune` {path}: only {loaded}/{total} of the model's tensors loaded (less than "
                            f"{FINETUNE_MIN_SHARE:.0%}; is it a checkpoint of another model?); give "
-                           "--finetune-partial to train from it anyway")
+                           "`finetune_partial` to train from it anyway")
     return f"fine-tuning from {path} ({'; '.join(notes)})"
-
-
-def build_mixup(cfg: Dict[str, Any], num_classes: int) -> Optional[Mixup]:
-    if not (cfg["mixup"] > 0 or cfg["cutmix"] > 0):
-        return None
-    return Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], prob=cfg["mixup_prob"],
-                 switch_prob=cfg["mixup_switch_prob"], mode="batch", label_smoothing=cfg["smoothing"],
-                 num_classes=num_classes)
-
-
-def build_loss(cfg: Dict[str, Any], mixing: bool) -> nn.Module:
-    if cfg["loss"] == "bce":
-        # DeiT III: after mixup/cutmix every class with a non-zero weight is a positive (targets.gt(0))
-        return BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0 if mixing else None)
-    if mixing:
-        return SoftTargetCrossEntropy()  # smoothing is applied inside Mixup
-    return nn.CrossEntropyLoss(label_smoothing=float(cfg["smoothing"]))
 
 
 def build_mixup(cfg: Dict[str, Any], num_classes: int) -> Optional[Mixup]:
@@ -183,7 +166,7 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
     else:
         what = (f"differ: not in the data {missing[:6] or 'none'}, not in the checkpoint {extra[:6] or 'none'}")
     raise LeanvitError(f"the class names of {data} {what} than those {checkpoint} was trained with; the accuracy "
-                       "would be meaningless (give --ignore-class-names to evaluate by label position anyway)")
+                       "would be meaningless (give `ignore_class_names` to evaluate by label position anyway)")
 
 
 class ClassificationTask(Task):
@@ -275,7 +258,7 @@ class ClassificationTask(Task):
         merging = is_tome(model)
         if not merging and not is_evit(model):
             raise LeanvitError(f"{built.name} does not reorganize tokens nor merge them: use an EViT model "
-                               "(evit_*), or pass --keep-rate / --reduction evit:R or tome:R to a plain ViT")
+                               "(evit_*), or pass `keep_rate` / `reduction` evit:R or tome:R to a plain ViT")
         draw = visualize_merges if merging else visualize
         return draw(model.to(device), list(images), out_dir, names=list(names), class_names=class_names,
                     batch_size=batch_size)
@@ -283,7 +266,7 @@ class ClassificationTask(Task):
     def title(self, built):
         method = applied_reduction(built.model)
         shown = f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method else ""
-        return f"{built.name}{shown}"
+        return f"{built.description}{shown}"
 
     def record(self, built):
         method = applied_reduction(built.model)

@@ -24,9 +24,9 @@ from leanvit.dense.reduction import dense_variants
 from leanvit.reduction import get_reduction
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
-from leanvit.utils import to_2tuple
 from leanvit.tasks.base import SweepVariant, Task, TrainData
 from leanvit.tasks.registry import get_task
+from leanvit.utils import to_2tuple
 from leanvit.viz.dense import visualize_dense
 
 __all__ = ["DenseTask", "dense_loader", "load_dense_model", "build_dense_model"]

@@ -76,5 +76,5 @@ def check_data(task: Task, data, what: str = "the task") -> None:
     kind = resolve_dataset_kind(data)
     accepted = tuple(task.data_tasks) or (task.name,)
     if kind.task not in accepted:
-        raise LeanvitError(f"{data} is {kind.task} data ({kind.name}), but {what} is {task.name}: give "
+        raise LeanvitError(f"`data` {data} is {kind.task} data ({kind.name}), but {what} is {task.name}: give "
                            f"{' or '.join(accepted)} data")

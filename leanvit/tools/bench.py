@@ -10,15 +10,22 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from leanvit.errors import LeanvitError
-from leanvit.measure import BENCH_COLUMNS, benchmark_models, build_configurations, format_table, plot_benchmark, write_csv
-from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
 from leanvit.deploy.runtimes import RUNTIMES
+from leanvit.errors import LeanvitError
+from leanvit.measure import (
+    BENCH_COLUMNS,
+    benchmark_models,
+    build_configurations,
+    format_table,
+    plot_benchmark,
+    write_csv,
+)
+from leanvit.measure.load import LoadWatch
+from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
 from leanvit.reduction import is_none_text, parse_strengths
 from leanvit.reduction.reorg import check_keep_rate
-from leanvit.measure.load import LoadWatch
-from leanvit.utils import busy_note, environment, resolve_device
 from leanvit.tools._common import check_output_folder
+from leanvit.utils import busy_note, environment, resolve_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

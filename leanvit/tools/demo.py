@@ -19,13 +19,13 @@ import torch
 
 from leanvit.data import build_eval_dataset
 from leanvit.errors import LeanvitError
-from leanvit.tasks.classification_eval import evaluate
 from leanvit.measure import benchmark_models
 from leanvit.measure.load import LoadWatch
-from leanvit.reduction.evit import apply_evit
-from leanvit.utils import environment, model_input_size
 from leanvit.models.build import build_model
+from leanvit.reduction.evit import apply_evit
+from leanvit.tasks.classification_eval import evaluate
 from leanvit.train import train
+from leanvit.utils import environment, model_input_size
 from leanvit.viz import render_kept_tokens
 
 # per stage: recipe overrides for the full run and for --quick
@@ -45,11 +45,12 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default="demo_out", metavar="DIR", help="where runs, plots and report.md go")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # issue 10: the dense stage is its own run (two 5-minute detector trainings would push the default
+    # the dense stage is its own run (two 5-minute detector trainings would push the default
     # demo past 10 minutes on 2 cores); see leanvit/tools/demo_dense.py
-    p.add_argument("--task", default="classify", choices=("classify", "detect"),
-                   help="classify (default: the ViT/EViT/Shunted classification demo) or detect (a Shunted "
-                        "detector beside a PVT v2 baseline on the embedded scenes, about 11 minutes)")
+    p.add_argument("--task", default="classify", choices=("classify", "detect", "segment"),
+                   help="classify (default: the ViT/EViT/Shunted classification demo), detect (a Shunted "
+                        "detector beside a PVT v2 baseline on the embedded scenes, about 11 minutes) or segment "
+                        "(a ViT segmenter, EViT/ToMe with each restoration swept, a reduced fine-tune)")
 
 
 def _train_stage(name: str, out: Path, quick: bool, progress: bool, **extra) -> dict:
@@ -98,16 +99,20 @@ def run(args) -> int:
         if args.threads < 1:
             raise LeanvitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if getattr(args, "task", "classify") == "detect":  # issue 10
+    if getattr(args, "task", "classify") == "detect":
         from leanvit.tools.demo_dense import run_detect
 
         return run_detect(args)
+    if getattr(args, "task", "classify") == "segment":
+        from leanvit.tools.demo_segment import run_segment
+
+        return run_segment(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     t0 = time.perf_counter()
     times: Dict[str, float] = {}
-    load = LoadWatch()  # issue 11: the report states the load and any stage stopped early
+    load = LoadWatch()  # the report states the load and any stage stopped early
     print(load.line, flush=True)
     early: List[str] = []
 
@@ -214,7 +219,7 @@ Which patches the EViT model kept after each reorganizing layer (removed or fuse
 
 
 # ---------------------------------------------------------------------------------------------------------
-# issue 13: a `leanvit sweep` of the DeiT III demo model (EViT fused / dropping, ToMe) with the fine-tuned
+# a `leanvit sweep` of the DeiT III demo model (EViT fused / dropping, ToMe) with the fine-tuned
 # EViT model among the points; the Pareto picture and the chosen point go into report.md.
 _SWEEP = {"full": dict(grid=["evit:1.0,0.9,0.8,0.7,0.6,0.5", "evit-drop:0.7,0.5", "tome:2,4,6,8"], limit=None,
                        repeats=5, latency_repeats=15, max_drop=1.0),

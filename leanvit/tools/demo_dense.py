@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-
 from leanvit.checkpoints import read_checkpoint
 from leanvit.measure import gmacs
-from leanvit.utils import environment
-from leanvit.train import train
+from leanvit.measure.load import LoadWatch
 from leanvit.tasks import task_of_checkpoint
+from leanvit.train import train
+from leanvit.utils import environment
 
-__all__ = ["run_detect", "DETECT_STAGES"]
+__all__ = ["run_detect", "DETECT_STAGES", "verdict"]
 
 DETECT_STAGES = {
     "Shunted (shunted_t_fcos_demo)": "shunted_t_fcos_demo",
@@ -57,6 +57,8 @@ def run_detect(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     t0 = time.perf_counter()
+    load = LoadWatch()  # the report states the machine load, as `leanvit demo` does
+    print(load.line, flush=True)
     rows: List[Dict] = []
     for label, recipe in DETECT_STAGES.items():
         r = _train(label, recipe, out, args.quick, progress)
@@ -78,9 +80,12 @@ def run_detect(args) -> int:
                                score_thresh=0.3)
         pictures.append((r["label"], paths[-1].relative_to(out)))
     seconds = time.perf_counter() - t0
-    report = _report(rows, pictures, environment("cpu"), args.quick, seconds)
+    report = _report(rows, pictures, environment("cpu"), args.quick, seconds, load.stop())
     (out / "report.md").write_text(report)
     print("\n" + _table(rows))
+    print(load.line)
+    if load.warning:
+        print(f"warning: {load.warning}")
     print(f"\nwrote {out / 'report.md'} and {', '.join(str(out / p) for _, p in pictures)} ({seconds:.0f} s in all)")
     return 0
 
@@ -110,13 +115,29 @@ def _equal_steps(rows: List[dict]) -> str:
     return f" At equal training (after epoch {e + 1}, the last both validated): " + "; ".join(parts) + "."
 
 
-def _report(rows, pictures, env: str, quick: bool, seconds: float) -> str:
+def verdict(rows: List[dict]) -> str:
+    """Which model scored the higher val mAP, as the report says it: no winner when either score is undefined
+    (COCOeval's -1), when both are 0.000 (neither detects anything yet) or when they tie at the shown precision."""
+    a, b = rows[0], rows[1]
+    if a["val_map"] < 0 or b["val_map"] < 0:
+        return "No comparison: the val mAP is undefined (the validation scenes hold no object to score against)."
+    if round(a["val_map"], 3) == 0 and round(b["val_map"], 3) == 0:
+        return "No winner: both models score 0.000 val mAP (neither detects the digits yet; train longer)."
+    if round(a["val_map"], 3) == round(b["val_map"], 3):
+        return f"No winner: both models score {a['val_map']:.3f} val mAP."
+    better = a if a["val_map"] > b["val_map"] else b
+    return f"Higher val mAP here: {better['label']}."
+
+
+def _report(rows, pictures, env: str, quick: bool, seconds: float, load: LoadWatch = None) -> str:
     cfg = rows[0]["config"]
     d = cfg.get("digits_dense") or {}
     pics = "\n\n".join(f"{label}: predicted boxes (score >= 0.3) on the same validation scenes\n\n![{label}]({p})"
                        for label, p in pictures)
     a, b = rows[0], rows[1]
-    better = a["label"] if a["val_map"] > b["val_map"] else b["label"]
+    load_lines = ""
+    if load is not None:
+        load_lines = f"\n{load.line}.\n" + (f"\n**Warning: {load.warning}.**\n" if load.warning else "")
     caveat = ""
     if min(a["steps"], b["steps"]) < 0.9 * max(a["steps"], b["steps"]):
         caveat = (f" **Caveat:** the two runs got {a['steps']} and {b['steps']} training steps in the same time "
@@ -133,7 +154,7 @@ Machine: {env}. CPU time is shared with whatever else runs: steps/s says how muc
 
 {_table(rows)}
 
-Higher val mAP here: {better}.{caveat}{_equal_steps(rows)} Total time: {seconds:.0f} s.
-
+{verdict(rows)}{caveat}{_equal_steps(rows)} Total time: {seconds:.0f} s.
+{load_lines}
 {pics}
 """

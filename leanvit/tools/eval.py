@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from leanvit.errors import LeanvitError
-from leanvit.utils import img_size_arg, resolve_device
 from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import add_model_arguments, reduction_from_args
+from leanvit.utils import img_size_arg, resolve_device
 
 
 def add_arguments(p) -> None:

@@ -10,13 +10,19 @@ from __future__ import annotations
 import argparse
 import time
 
+from leanvit.deploy.export import (
+    FORMATS,
+    export_model,
+    format_from_path,
+    keep_rate_path,
+    min_dynamic_side,
+    verify_export,
+)
 from leanvit.errors import LeanvitError
-from leanvit.deploy.export import (FORMATS, export_model, format_from_path, keep_rate_path, min_dynamic_side,
-                            verify_export)
 from leanvit.reduction import reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
+from leanvit.tasks import task_of_checkpoint
 from leanvit.utils import img_size_arg
-from leanvit.models.build import build_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +50,8 @@ def run(args) -> int:
         raise LeanvitError(f"--format: give onnx or pt2 (cannot tell from --output {args.output})")
     rates = [check_keep_rate(r, "--keep-rate") for r in args.keep_rate] if args.keep_rate else [None]
     reduction = {"method": "evit", "keep_rate": rates[0]} if rates[0] is not None else None
-    built = build_model(args.model, args.checkpoint, reduction, img_size_arg(args.img_size), args.num_classes)
+    built = task_of_checkpoint(args.checkpoint).load_model(args.checkpoint, args.model, reduction,
+                                                           img_size_arg(args.img_size), args.num_classes)
     model, hw = built.model, built.img_size
     in_chans = int(getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0] or 3)
     sizes = [hw]
@@ -55,7 +62,7 @@ def run(args) -> int:
             model.keep_rate = rate
         path = keep_rate_path(args.output, rate) if len(rates) > 1 else args.output
         spec = reduction_spec(model)
-        what = built.name + (f" ({spec['method']} {_spec_value(spec)})" if spec else "")
+        what = built.description + (f" ({spec['method']} {_spec_value(spec)})" if spec else "")
         t0 = time.perf_counter()
         path = export_model(model, path, fmt, hw, dynamic_size=args.dynamic_size, in_chans=in_chans,
                             opset=args.opset)

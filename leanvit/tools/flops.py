@@ -8,8 +8,8 @@ import argparse
 
 from leanvit.measure import gmacs
 from leanvit.models.factory import create_model
-from leanvit.utils import check_input_size, img_size_arg, model_input_size
 from leanvit.tools._common import reduction_from_args
+from leanvit.utils import check_input_size, img_size_arg, model_input_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,8 +10,8 @@ On a detection or segmentation checkpoint the points are ranked by mAP (with mAP
 it) or mIoU, measured on the whole model at the recipe's input size (the checkpoint's task says how:
 :mod:`leanvit.tasks`).
 
-Prints a table (the task's metrics, e.g. val top-1/top-5, drop from the unreduced model, GMACs, img/s at --batch-size, speed-up,
-batch-1 latency median and p90, Pareto membership), writes sweep.csv and pareto.png into --output, and
+Prints a table (the task's metrics, e.g. val top-1/top-5, drop from the unreduced model, GMACs, img/s at
+--batch-size, speed-up, batch-1 latency median and p90, Pareto membership), writes sweep.csv and pareto.png into --output, and
 with --max-drop / --target-speedup the chosen configuration with the command and Python line applying it.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 from leanvit.errors import LeanvitError
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import apply_line, choose, parse_grid, plot_pareto, run_sweep, sweep_columns
-from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
 from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import check_output_folder
+from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
 
 
 def add_arguments(p) -> None:

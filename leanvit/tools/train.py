@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME|FILE.yaml",
                    help="a shipped recipe (see --list-recipes) or a YAML file")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
-    # ---- run folder ownership and preemption (issue 11)
+    # ---- run folder ownership and preemption
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/last.pth (an epoch-end or mid-epoch recovery checkpoint)")
     p.add_argument("--auto-resume", action="store_true",

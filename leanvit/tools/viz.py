@@ -17,9 +17,9 @@ from typing import List
 from leanvit.data import dataset_classes
 from leanvit.data.folder import load_image
 from leanvit.errors import LeanvitError
-from leanvit.utils import img_size_arg, resolve_device
 from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import add_model_arguments, check_output_folder, reduction_from_args
+from leanvit.utils import img_size_arg, resolve_device
 
 
 def add_arguments(p) -> None:

@@ -10,8 +10,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 
 __all__ = ["DistEnv", "seed_everything", "seed_step"]
 

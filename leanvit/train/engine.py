@@ -30,17 +30,25 @@ import yaml
 
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
 from leanvit.errors import LeanvitError
+from leanvit.models.build import describe_model
 from leanvit.reduction import get_reduction
-from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.tasks import check_data, task_for_config
+from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch
 from leanvit.train.metrics import MetricsLog
 from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
 from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
-from leanvit.train.run_folder import (RunLock, check_output_path, clear_run_files, config_differences,
-                                      remove_orphans, resume_decision)
+from leanvit.train.run_folder import (
+    RunLock,
+    check_output_path,
+    clear_run_files,
+    config_differences,
+    remove_orphans,
+    resume_decision,
+)
 from leanvit.train.setup import build_state
 from leanvit.train.state import TrainState
+from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
 
 __all__ = ["train", "Run"]
 
@@ -51,7 +59,7 @@ def _read_resume(path: Path) -> Dict[str, Any]:
     obj = read_checkpoint(path)
     if not isinstance(obj, dict) or "optimizer" not in obj or "epoch" not in obj:
         raise LeanvitError(f"{path} is not a leanvit training checkpoint (no optimizer/epoch state) "
-                           "and cannot be resumed; use --finetune to start from its weights")
+                           "and cannot be resumed; use `finetune` to start from its weights")
     return obj
 
 
@@ -61,9 +69,11 @@ class Run:
     def __init__(self, cfg: Dict[str, Any], env: DistEnv, progress: bool = True, resume: Union[bool, str] = False,
                  overwrite: bool = False, stop: Optional[StopRequest] = None):
         self.cfg, self.env, self.progress = cfg, env, progress
+        parse_log_to(cfg.get("log_to"))  # an unknown backend or a missing package: an error before any work
+        self.tracker = Trackers()  # rank 0's TensorBoard / W&B (leanvit.train.tracking), opened by fit
         if not cfg["data"]:
-            raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give --data DIR (an ImageFolder tree "
-                               "with train/ and val/) or --data digits")
+            raise LeanvitError(f"recipe '{cfg.get('recipe')}' needs data: give `data` DIR (an ImageFolder tree "
+                               "with train/ and val/) or `data` digits")
         self.out = check_output_path(Path(cfg["output"] or Path("runs") / str(cfg.get("recipe") or cfg["model"])))
         self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
         self.stop = stop or StopRequest()
@@ -72,25 +82,25 @@ class Run:
         self._stopping = False
         self.resume = resume_decision(self.out, resume, overwrite)  # every rank, before anyone writes
         try:
-            self._own_folder(overwrite)
+            self._own_folder()
             seed_everything(cfg["seed"], 0, env.rank)
             self._build()
+            if overwrite and not self.resume and env.is_main:
+                # only now that the new run could be built: a data or model error leaves the old run intact
+                clear_run_files(self.out)
         except BaseException:
             self.close()
             raise
 
     # ---------------------------------------------------------------- run folder (see .run_folder)
-    def _own_folder(self, overwrite: bool) -> None:
-        """Rank 0 takes the lock, removes crash leftovers (and, with --overwrite, the old run); every rank
-        stops if it could not."""
+    def _own_folder(self) -> None:
+        """Rank 0 takes the lock and removes crash leftovers; every rank stops if it could not."""
         env, err = self.env, None
         env.barrier()
         if env.is_main:
             try:
                 self.lock.acquire()
                 remove_orphans(self.out)
-                if overwrite and not self.resume:
-                    clear_run_files(self.out)
             except LeanvitError as e:
                 err = e
         failed = env.all_sum([1.0 if err is not None else 0.0])[0] if env.distributed else 0.0
@@ -100,6 +110,7 @@ class Run:
             raise LeanvitError(f"rank 0 could not take the run folder {self.out} (see its message)")
 
     def close(self) -> None:
+        self.tracker.close()
         self.lock.release()
 
     def _build(self) -> None:
@@ -159,9 +170,9 @@ class Run:
         full = {**{k: v for k, v in DEFAULTS.items() if k in self.cfg}, **recorded}
         diffs = config_differences(full, self.cfg)
         if diffs:
-            raise LeanvitError(f"--resume with other settings than {self.last_path} was trained with: "
+            raise LeanvitError(f"`resume` with other settings than {self.last_path} was trained with: "
                                f"{'; '.join(diffs)} (only epochs, time_limit, workers, log_every, eval_every, "
-                               "save_every_steps, keep_last and device may change; start a new --output instead)")
+                               "save_every_steps, keep_last and device may change; start a new `output` instead)")
 
     def _check_mid_epoch(self, obj: Dict[str, Any], k: int) -> None:
         ws, iters = obj.get("world_size"), obj.get("iters")
@@ -179,6 +190,10 @@ class Run:
         stop = self.stop.requested(self.env)
         every = self.cfg.get("save_every_steps")
         due = bool(every) and st.step % int(every) == 0
+        if self.tracker and st.step % max(1, int(self.cfg["log_every"])) == 0:
+            loss_sum, seen = self.ctx.running
+            self.tracker.log_scalars({"step/train_loss": loss_sum / max(seen, 1),
+                                      "step/lr": st.optimizer.param_groups[0]["lr"]}, st.step)
         if k >= self.data.iters:  # the epoch's last step: the epoch-end checkpoint follows
             self._stopping = self._stopping or stop
             return
@@ -189,7 +204,7 @@ class Run:
 
     def _stop_message(self) -> str:
         return (f"stopped by {self.stop.name} at step {self.state.step} (epoch {self.state.epoch + 1}); a recovery "
-                f"checkpoint is in {self.last_path}: run the same command with --resume (or --auto-resume)")
+                f"checkpoint is in {self.last_path}: run the same command with `resume` (or `auto_resume`)")
 
     def save_recovery(self, k: int) -> None:
         """``last.pth`` in the middle of an epoch: everything to continue after its step ``k``."""
@@ -206,8 +221,8 @@ class Run:
 
     def _announce(self) -> None:
         cfg, env, d = self.cfg, self.env, self.data
-        n_params = sum(p.numel() for p in self.state.model.parameters())
-        log.info(f"training {self.spec['name']} ({n_params / 1e6:.2f}M params, {self.num_classes} classes) on "
+        what = describe_model(self.spec["name"], self.state.model, self.spec.get("kwargs"))
+        log.info(f"training {what}, {self.num_classes} classes, on "
                  f"{cfg['data']}: {len(d.train_set)} train / {len(d.val_set)} val images, {cfg['epochs']} epochs "
                  f"x {d.iters} iterations, batch {cfg['batch_size']} x {env.world_size} process(es), "
                  f"{env.device}, {torch.get_num_threads()} threads -> {self.out}")
@@ -215,7 +230,8 @@ class Run:
     def save(self, row: Dict[str, Any], is_best: bool, metrics: MetricsLog) -> None:
         """``last.pth`` (resumable), ``best.pth`` when it improved, and the metrics row; rank 0 only."""
         extra = {"model_spec": self.spec, "classes": self.data.classes, "config": dict(self.cfg),
-                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters, "world_size": self.env.world_size}
+                 "task": self.task.name, "main_metric": self.task.main_metric, "iters": self.data.iters,
+                 "world_size": self.env.world_size}
         save_checkpoint(self.state.checkpoint(**extra), self.last_path)
         keep_last_copies(self.last_path, self.state.step, self.cfg.get("keep_last"))
         if is_best:
@@ -246,6 +262,7 @@ class Run:
             metrics = MetricsLog(self.out)
             metrics.start(st.history)  # rebuilt from the checkpoint (a fresh run: empty)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+            self.tracker = create_trackers(cfg, self.out, st.step, bool(self.resume))
             self._announce()
         t_run, start_epoch, row = time.perf_counter(), st.epoch, {}
         self.stopped_early = None
@@ -277,6 +294,7 @@ class Run:
                 st.best = row[self.task.main_metric]
             if env.is_main:
                 self.save(row, is_best, metrics)
+                self._track(row, evaluate_now)
                 log.info(self._epoch_message(row))
             env.barrier()
             if self._stopping and not last_epoch:
@@ -290,14 +308,28 @@ class Run:
                 break
         return self._summary(row, time.perf_counter() - t_run)
 
+    def _track(self, row: Dict[str, Any], evaluated: bool) -> None:
+        """The epoch's row (and, after an evaluation, pictures of a few validation images) to the trackers."""
+        if not self.tracker:
+            return
+        self.tracker.log_row(row, self.state.step)
+        if evaluated:
+            try:
+                pics = evaluation_pictures(self.task, self.state.model, self.cfg, self.data.val_set, self.data.classes)
+            except Exception as e:  # noqa: BLE001 - a picture must never stop a run
+                log.warning(f"warning: no evaluation pictures for the trackers: {e}")
+                pics = {}
+            self.tracker.log_images(pics, self.state.step)
+
     def _improves(self, value) -> bool:
-        """Whether this epoch's main metric beats every earlier one (the first evaluated epoch always does)."""
+        """Whether this epoch's main metric beats the best so far (``state.best``: -1 before any evaluation; a
+        lower-is-better metric's first evaluation always counts)."""
         if value is None:
             return False
-        earlier = [r[self.task.main_metric] for r in self.state.history[:-1] if self.task.main_metric in r]
-        if not earlier:
-            return True
-        return value > self.state.best if self.task.higher_is_better else value < self.state.best
+        if self.task.higher_is_better:
+            return value > self.state.best
+        earlier = [r for r in self.state.history[:-1] if self.task.main_metric in r]
+        return not earlier or value < self.state.best
 
     def _summary(self, row: Dict[str, Any], seconds: float) -> Dict[str, Any]:
         skipped = getattr(self.data.train_set, "num_skipped", 0)
@@ -305,7 +337,7 @@ class Run:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
         notes = self.task.data_notes(self.data) if self.env.is_main else []
         st = self.state
-        evaluated = any(self.task.main_metric in r for r in st.history)
+        evaluated = self.best_path.exists()  # best.pth: written at the first evaluation that counted
         return {"task": self.task.name, "main_metric": self.task.main_metric,
                 "best_metric": st.best if evaluated else None,
                 "last_metric": row.get(self.task.main_metric), "data_notes": notes,

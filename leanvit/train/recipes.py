@@ -41,6 +41,9 @@ DEFAULTS: Dict[str, Any] = {
     # data
     "data": "digits",
     "digits": {},                # options of leanvit.data.digits.DigitsDataset
+    "val_data": None,            # validation data when --data names training shards (a brace pattern or glob)
+    "shards": {},                # options of tar shards (leanvit.data.shards): class_map, group
+    "hf": {},                    # options of Hugging Face datasets (leanvit.data.hf): columns, split names
     "crop": "rrc",               # rrc | src | none
     "scale": [0.08, 1.0],
     "src_padding": 4,
@@ -82,8 +85,9 @@ DEFAULTS: Dict[str, Any] = {
     "time_limit": None,          # seconds; stop before an epoch that would end past it (demo budget)
     "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
     "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
+    "log_to": None,              # experiment tracking: tensorboard, wandb or both (list or "tensorboard,wandb")
     # the task (leanvit.tasks) and dense prediction (leanvit.dense)
-    "task": None,                # a registered task: classification | detection | segmentation | ... (default: the data's)
+    "task": None,                # a registered task: classification | detection | segmentation | ... (default: data's)
     "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
     "segmenter": None,           # semantic_fpn | upernet | linear (task segmentation; backbone: model)
     "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
@@ -103,13 +107,22 @@ def list_recipes() -> List[str]:
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LeanvitError(f"recipe {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise LeanvitError(f"cannot read recipe {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise LeanvitError(f"recipe {path} is not valid YAML: {e}") from None
+        raise LeanvitError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise LeanvitError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise LeanvitError(f"recipe {path}: setting names are words, got {bad[0]!r} ({type(bad[0]).__name__})")
+    if "base" in data and data["base"] is not None and not isinstance(data["base"], str):
+        raise LeanvitError(f"recipe {path}: base must name one recipe (a name or a .yaml path), got {data['base']!r}")
     return data
 
 

@@ -30,20 +30,20 @@ log = logging.getLogger(__name__)
 # settings that may change between a run and its resumption without changing what it computes
 # (``epochs`` lengthens the cosine schedule: allowed, as a deliberate extension of a run)
 SAFE_RESUME_KEYS = frozenset({"epochs", "time_limit", "workers", "log_every", "output", "device", "recipe",
-                              "eval_every", "save_every_steps", "keep_last", "skip_corrupt"})
+                              "eval_every", "save_every_steps", "keep_last", "skip_corrupt", "log_to"})
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "metrics.csv", "config.yaml")
 LOCK_NAME = ".lock"
 
 
-def check_output_path(out: Path, flag: str = "--output") -> Path:
+def check_output_path(out: Path, what: str = "`output`") -> Path:
     """``out`` can be a run folder: not an existing file, and not under one."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise LeanvitError(f"{flag} {out} exists and is not a folder (a run folder is a directory)")
+        raise LeanvitError(f"{what} {out} exists and is not a folder (a run folder is a directory)")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise LeanvitError(f"{flag} {out}: {parent} is a file, not a folder")
+                raise LeanvitError(f"{what} {out}: {parent} is a file, not a folder")
             break
     return out
 
@@ -53,20 +53,20 @@ def resume_decision(out: Path, resume: Union[bool, str] = False, overwrite: bool
     last = Path(out) / "last.pth"
     if resume == "auto":
         if overwrite:
-            raise LeanvitError("--auto-resume and --overwrite contradict each other: give one")
+            raise LeanvitError("`auto_resume` and `overwrite` contradict each other: give one")
         return last.exists()
     if resume:
         if overwrite:
-            raise LeanvitError("--resume and --overwrite contradict each other: give one")
+            raise LeanvitError("`resume` and `overwrite` contradict each other: give one")
         if not last.exists():
-            raise LeanvitError(f"nothing to resume: {last} does not exist (--auto-resume starts fresh then)")
+            raise LeanvitError(f"nothing to resume: {last} does not exist (`auto_resume` starts fresh then)")
         return True
     if not overwrite:
         existing = [n for n in ("last.pth", "best.pth") if (Path(out) / n).exists()]
         if existing:
             raise LeanvitError(f"{out} already holds a run ({', '.join(existing)}); nothing was changed. Give "
-                               "--resume to continue it, --auto-resume to continue it if possible, "
-                               "--overwrite to replace it, or another --output")
+                               "`resume` to continue it, `auto_resume` to continue it if possible, "
+                               "`overwrite` to replace it, or another `output`")
     return False
 
 
@@ -118,7 +118,7 @@ class RunLock:
                     continue
                 who = f"pid {pid} on host {host} since {owner.get('since')}" if owner else "an unknown owner"
                 raise LeanvitError(f"{self.path.parent} is in use by another run ({who}); wait for it, use "
-                                   f"another --output, or remove {self.path} if that run is gone")
+                                   f"another `output`, or remove {self.path} if that run is gone")
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me) + "\n")
                 f.flush()
@@ -170,7 +170,7 @@ def clear_run_files(out: Path) -> List[str]:
             p.unlink()
             gone.append(p.name)
     if gone:
-        log.info(f"--overwrite: removed the previous run's {', '.join(gone)}")
+        log.info(f"overwriting: removed the previous run's {', '.join(gone)}")
     return gone
 
 

@@ -14,8 +14,8 @@ __all__ = ["TrainState"]
 class TrainState:
     """The model and what trains it, plus where the run stands.
 
-    ``epoch``: epochs completed; ``step``: optimizer steps taken; ``best``: best val top-1 so far (-1 before
-    any evaluation); ``history``: one metrics row per completed epoch."""
+    ``epoch``: epochs completed; ``step``: optimizer steps taken; ``best``: the best value of the task's main
+    metric so far (-1 before any evaluation); ``history``: one metrics row per completed epoch."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer

@@ -23,8 +23,17 @@ import torch.nn as nn
 from leanvit.errors import LeanvitError
 from leanvit.reduction.tome import is_tome, per_layer_r, tokens_per_block
 from leanvit.utils import model_input_size
-from leanvit.viz.common import (as_images, default_names, draw_rows, normalize_params, palette, patch_grid,
-                                run_eval, viz_transform, write_rows)
+from leanvit.viz.common import (
+    as_images,
+    default_names,
+    draw_rows,
+    normalize_params,
+    palette,
+    patch_grid,
+    run_eval,
+    viz_transform,
+    write_rows,
+)
 
 __all__ = ["shown_blocks", "merge_groups", "paint_groups", "render_merged_tokens", "visualize_merges",
            "merged_token_rows"]
@@ -42,7 +51,7 @@ def merge_groups(model: nn.Module, x: torch.Tensor, r=None, blocks: Optional[Seq
     tensor: the token each patch belongs to after that block (equal ids = merged together)."""
     if not is_tome(model):
         raise LeanvitError(f"{type(model).__name__} does not merge tokens: apply ToMe first "
-                           "(leanvit.apply_reduction(model, 'tome', r=8) or --reduction tome:8)")
+                           "(leanvit.apply_reduction(model, 'tome', r=8) or `reduction` tome:8)")
     blocks = shown_blocks(len(model.blocks)) if blocks is None else list(blocks)
     logits, groups = model(x, r=r, return_groups=True)
     _, (gh, gw) = patch_grid(model)

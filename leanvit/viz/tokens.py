@@ -30,8 +30,16 @@ from leanvit.errors import LeanvitError
 from leanvit.reduction.evit import is_evit, kept_token_masks, per_layer_keep_rates
 from leanvit.reduction.reorg import num_kept
 from leanvit.utils import model_input_size
-from leanvit.viz.common import (as_images, default_names, draw_rows, normalize_params, patch_grid, run_eval,
-                                viz_transform, write_rows)
+from leanvit.viz.common import (
+    as_images,
+    default_names,
+    draw_rows,
+    normalize_params,
+    patch_grid,
+    run_eval,
+    viz_transform,
+    write_rows,
+)
 
 __all__ = ["kept_masks", "mask_patches", "visualize", "render_kept_tokens", "token_counts", "kept_token_rows"]
 
