@@ -26,8 +26,8 @@ import torch
 
 import leanvit
 from leanvit.measure import forward_peak_memory_mb, interleaved_measure
-from leanvit.utils import environment
 from leanvit.models.shunted import set_fused_attn
+from leanvit.utils import environment
 
 SPEED_TARGET = 1.00  # SDPA img/s / explicit img/s at 224, at least
 MEMORY_TARGET = 1.00  # SDPA peak / explicit peak at 512, below

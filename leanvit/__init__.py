@@ -9,12 +9,12 @@ Importing leanvit registers its models with timm, so ``timm.create_model("evit_d
 works afterwards. Layout: ``models/``, ``reduction/``, ``dense/``, ``data/``, ``tasks/``, ``train/``, ``measure/``,
 ``deploy/``, ``viz/`` and ``utils.py`` are the library; ``tools/`` holds the commands (see README, "Layout").
 """
-from leanvit.errors import LeanvitError
 from leanvit.checkpoints import load_checkpoint, save_checkpoint
+from leanvit.errors import LeanvitError
+from leanvit.measure.flops import gmacs
+from leanvit.models import create_model
 from leanvit.reduction import apply_reduction, list_reductions, remove_reduction
 from leanvit.reduction.evit import apply_evit, keep_rate_schedule, kept_token_masks, remove_evit
-from leanvit.models import create_model
-from leanvit.measure.flops import gmacs
 
 __version__ = "0.1.0"
 

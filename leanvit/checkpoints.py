@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch

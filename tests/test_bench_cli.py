@@ -3,11 +3,11 @@ import csv
 
 import pytest
 import torch
+from cli_helpers import leanvit, one_line_error
 
+from leanvit.errors import LeanvitError
 from leanvit.measure import build_configurations, format_table, forward_peak_memory_mb
 from leanvit.tools.bench import parse_img_sizes, parse_keep_rates
-from leanvit.errors import LeanvitError
-from cli_helpers import leanvit, one_line_error
 
 
 def test_bench_cli_table_csv_plot(tmp_path):
@@ -110,8 +110,8 @@ def test_format_table_and_memory():
 def test_benchmark_models_api_on_built_models():
     """What a demo calls: ready models (plain, or with a size and extra fields), rows back."""
     from leanvit.measure import benchmark_models
-    from leanvit.reduction.evit import apply_evit
     from leanvit.models.factory import create_model
+    from leanvit.reduction.evit import apply_evit
 
     vit = create_model("test_vit", img_size=32, num_classes=10)
     evit = apply_evit(create_model("test_vit", img_size=32, num_classes=10), keep_rate=0.5)

@@ -12,7 +12,6 @@ from leanvit.data.dense import IGNORE_INDEX, collate_segmentation, detection_tra
 from leanvit.errors import LeanvitError
 from leanvit.tasks.dense_eval import coco_map, confusion_matrix, segmentation_scores
 
-
 # ------------------------------------------------------------------------------------------ embedded scenes
 
 def test_digit_scenes_kinds_and_classes():

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from cli_helpers import cli, cli_error, one_line_error
+
 from leanvit.errors import LeanvitError
 from leanvit.train import train
 

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from cli_helpers import cli, leanvit, one_line_error
 from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
-from cli_helpers import cli, leanvit, one_line_error
 from leanvit.models.factory import create_model
 
 
@@ -56,8 +56,8 @@ def test_eval_recorded_checkpoint_json(ckpts, tmp_path):
     from torch.utils.data import DataLoader, Subset
 
     from leanvit.data import build_eval_dataset
-    from leanvit.tasks.classification_eval import evaluate
     from leanvit.models.build import build_model
+    from leanvit.tasks.classification_eval import evaluate
 
     model = build_model(None, ckpts / "recorded.pth").model
     ds = Subset(build_eval_dataset("digits", model, (64, 64)), range(32))

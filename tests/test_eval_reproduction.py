@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from cli_helpers import cli
 from PIL import Image
 
 from leanvit.data import build_eval_dataset
 from leanvit.train import train
-from cli_helpers import cli
 
 SHORT = dict(epochs=1, max_train_batches=3, progress=False, device="cpu")
 

@@ -5,12 +5,12 @@ import re
 import pytest
 import timm
 import torch
+from cli_helpers import cli, one_line_error
 
 import leanvit  # noqa: F401  (registers the models)
-from leanvit.errors import LeanvitError
 from leanvit.deploy.export import export_model, keep_rate_path, load_exported, min_dynamic_side, verify_export
 from leanvit.deploy.runtimes import prepare_runtime
-from cli_helpers import cli, one_line_error
+from leanvit.errors import LeanvitError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

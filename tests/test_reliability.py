@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli, cli_error, image_tree, one_line_error
 from PIL import Image
 
-from cli_helpers import cli, cli_error, image_tree, one_line_error
 from leanvit.errors import LeanvitError
 from leanvit.train import train
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from cli_helpers import cli_error, leanvit, one_line_error
+
 from leanvit import LeanvitError
 from leanvit.checkpoints import save_checkpoint
 from leanvit.measure.sweep import apply_line, choose, pareto_front, parse_grid
@@ -112,8 +112,8 @@ def test_sweep_cli_errors(tiny_checkpoint, capsys):
 def test_demo_sweep_section(tmp_path):
     """The demo's sweep step on a tiny trained DeiT III model and its EViT version: report section,
     sweep.csv and pareto.png."""
-    from leanvit.reduction.evit import apply_evit
     from leanvit.models.build import build_model
+    from leanvit.reduction.evit import apply_evit
     from leanvit.tools import demo
     from leanvit.train import train
 

@@ -18,8 +18,8 @@ import fnmatch
 import math
 
 import pytest
-import torch
 import timm
+import torch
 from timm import create_model, list_models, set_scriptable
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names

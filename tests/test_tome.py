@@ -8,8 +8,17 @@ import torch
 import leanvit
 from leanvit import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction, parse_reduction_spec
-from leanvit.reduction.tome import (apply_tome, bipartite_soft_matching, decreasing_schedule, is_tome,
-                                    map_groups, merge_tokens, remove_tome, tokens_per_block, unmerge)
+from leanvit.reduction.tome import (
+    apply_tome,
+    bipartite_soft_matching,
+    decreasing_schedule,
+    is_tome,
+    map_groups,
+    merge_tokens,
+    remove_tome,
+    tokens_per_block,
+    unmerge,
+)
 
 IMG = 32
 

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_helpers import image_tree
 from PIL import Image, ImageOps
 
 from leanvit.errors import LeanvitError
-from cli_helpers import image_tree
 from leanvit.train import list_recipes, load_recipe, resolve_config, train
 
 TINY = dict(model="deit3_small_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from cli_helpers import cli_error, leanvit, one_line_error
 from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
-from cli_helpers import cli_error, leanvit, one_line_error
-from leanvit.reduction.evit import apply_evit
 from leanvit.models.factory import create_model
+from leanvit.reduction.evit import apply_evit
 from leanvit.viz import kept_masks, mask_patches, render_kept_tokens, visualize
 
 
@@ -55,7 +55,8 @@ def test_viz_cli_digits_and_recorded_checkpoint(files, tmp_path):
 
 
 def test_masks_titles_and_api(files, tmp_path):
-    from leanvit.viz.tokens import kept_token_rows as _rows, viz_transform
+    from leanvit.viz.tokens import kept_token_rows as _rows
+    from leanvit.viz.tokens import viz_transform
 
     torch.manual_seed(0)
     model = apply_evit(create_model("vit_tiny_patch16_224", img_size=64, num_classes=10), keep_rate=0.5)

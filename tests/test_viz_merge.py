@@ -2,10 +2,10 @@
 import pytest
 import timm
 import torch
+from cli_helpers import leanvit as run_cli
 from PIL import Image
 
 import leanvit
-from cli_helpers import leanvit as run_cli
 from leanvit.viz.merges import merge_groups, paint_groups, render_merged_tokens, shown_blocks
 
 

@@ -31,7 +31,6 @@ from torchvision.transforms import v2
 
 from leanvit.errors import LeanvitError
 
-
 __all__ = ["IGNORE_INDEX", "DENSE_TASKS", "SkipCounter", "detection_transform", "segmentation_transform",
            "collate_detection", "collate_segmentation", "collate_fn", "DenseTransform", "encode_masks"]
 

@@ -33,7 +33,6 @@ Determinism and split
 """
 from __future__ import annotations
 
-
 from typing import Callable, Optional, Tuple
 
 import numpy as np

@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from leanvit.data.digits import random_color, resize_scan, split_scans
 from leanvit.data.dense import encode_masks
+from leanvit.data.digits import random_color, resize_scan, split_scans
 from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from leanvit.deploy.runtimes import RUNTIMES, prepare_runtime
 from leanvit.errors import LeanvitError
 from leanvit.measure.flops import gmacs
 from leanvit.measure.memory import forward_peak_memory_mb
-from leanvit.deploy.runtimes import RUNTIMES, prepare_runtime
 from leanvit.measure.timing import interleaved_measure
 from leanvit.models.factory import create_model
 from leanvit.reduction import ReductionMethod, applied_reduction, get_reduction

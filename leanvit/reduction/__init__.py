@@ -11,14 +11,28 @@ A setting as users write it (``"evit:0.7"``, ``{method: evit, keep_rate: 0.7}``,
 read once into a :class:`ReductionSpec` (``spec.py``).
 A new method is one module here plus :func:`register_reduction` (see CONTRIBUTING.md).
 """
-from leanvit.reduction.registry import (
-    ReductionMethod, applied_reduction, apply_reduction, cosine_schedule, get_reduction, list_reductions,
-    reduction_spec, register_reduction, remove_reduction,
+from leanvit.reduction import (
+    evit,  # noqa: F401,E402  (registers "evit" and "evit-drop")
+    tome,  # noqa: F401,E402  (registers "tome")
 )
-from leanvit.reduction.spec import (ReductionSpec, apply_reduction_spec, is_none_text, parse_reduction_spec,
-                                   parse_strengths)
-from leanvit.reduction import evit  # noqa: F401,E402  (registers "evit" and "evit-drop")
-from leanvit.reduction import tome  # noqa: F401,E402  (registers "tome")
+from leanvit.reduction.registry import (
+    ReductionMethod,
+    applied_reduction,
+    apply_reduction,
+    cosine_schedule,
+    get_reduction,
+    list_reductions,
+    reduction_spec,
+    register_reduction,
+    remove_reduction,
+)
+from leanvit.reduction.spec import (
+    ReductionSpec,
+    apply_reduction_spec,
+    is_none_text,
+    parse_reduction_spec,
+    parse_strengths,
+)
 
 __all__ = ["ReductionMethod", "register_reduction", "get_reduction", "list_reductions", "apply_reduction",
            "remove_reduction", "applied_reduction", "reduction_spec", "apply_reduction_spec",

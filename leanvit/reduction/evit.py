@@ -17,15 +17,23 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import register_notrace_function
 from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction.attention import ReducingBlockMixin
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
-from leanvit.reduction.reorg import (FUSED_TOKEN_ID, check_keep_rate, kept_token_masks, num_kept, reorganize,
-                                    reorganize_at_rate, tokens_to_grid, write_tokens)
+from leanvit.reduction.reorg import (
+    FUSED_TOKEN_ID,
+    check_keep_rate,
+    kept_token_masks,
+    num_kept,
+    reorganize,
+    reorganize_at_rate,
+    tokens_to_grid,
+    write_tokens,
+)
 from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
 
 __all__ = [

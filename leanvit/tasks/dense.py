@@ -21,9 +21,9 @@ from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.dense import apply_dense_reduction, dense_reduction_spec
 from leanvit.dense.reduction import dense_variants
-from leanvit.reduction import get_reduction
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
+from leanvit.reduction import get_reduction
 from leanvit.tasks.base import SweepVariant, Task, TrainData
 from leanvit.tasks.registry import get_task
 from leanvit.utils import to_2tuple
