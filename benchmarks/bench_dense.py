@@ -145,7 +145,8 @@ def main(argv=None) -> int:
         for head in args.heads:
             ca = next(c for c in cases if c.backbone == a and c.head == head)
             cb = next(c for c in cases if c.backbone == b and c.head == head)
-            print(f"{head}: {a} / {b}: memory x{ca.peak_mb / cb.peak_mb:.2f}, time per step x{ca.seconds / cb.seconds:.2f}")
+            print(f"{head}: {a} / {b}: memory x{ca.peak_mb / cb.peak_mb:.2f}, "
+                  f"time per step x{ca.seconds / cb.seconds:.2f}")
     print(f"# memory: live tensors per operator (_LiveTensorBytes) on {device.type}"
           if device.type != "cuda" else "# memory: torch.cuda peak allocated minus allocated before the step")
     print(f"# load after: {machine_load()}; threads {torch.get_num_threads()}; pid {os.getpid()}")

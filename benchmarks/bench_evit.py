@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         verdict = "" if target is None else (f">= {target:.2f}x " + ("ok" if ratio >= target else "MISSED"))
         if target is not None and ratio < target:
             failed.append(name)
-        print(f"{name:<20} {macs[name]:6.2f} {m.img_per_s:9.1f} {m.latency_ms:9.1f} {ratio:8.2f}x {bound:11.2f}x  {verdict}")
+        print(f"{name:<20} {macs[name]:6.2f} {m.img_per_s:9.1f} {m.latency_ms:9.1f} {ratio:8.2f}x "
+              f"{bound:11.2f}x  {verdict}")
     if failed and not args.quick:
         print(f"targets missed: {', '.join(failed)}")
     return 0

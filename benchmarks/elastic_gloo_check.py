@@ -81,7 +81,8 @@ def main():
                 out, err = p.communicate(timeout=a.timeout)
                 good = p.returncode == 0 and out.count(" done") == 2
                 ok += good
-                attempts = sorted({line.split("attempt ")[1].split()[0] for line in out.splitlines() if "attempt" in line})
+                attempts = sorted({line.split("attempt ")[1].split()[0] for line in out.splitlines()
+                                   if "attempt" in line})
                 notes.append(f"{'ok' if good else 'rc %d' % p.returncode} {time.time() - t0:.0f}s"
                              f"{' (finished in attempt ' + ','.join(attempts) + ')' if good else ''}")
             except subprocess.TimeoutExpired:

@@ -101,7 +101,8 @@ def run(cmd, **env):
 def check_kill9(recipe, base, ref, nproc=0):
     out = base / f"kill9_{nproc or 1}p"
     mark = base / f"mark_kill9_{nproc}"
-    p = subprocess.Popen(_cmd(recipe, out, nproc=nproc), env=_env(PAUSE_AT_STEP=7, PAUSE_MARK=mark, PAUSE_RANK=1 if nproc else 0),
+    p = subprocess.Popen(_cmd(recipe, out, nproc=nproc),
+                         env=_env(PAUSE_AT_STEP=7, PAUSE_MARK=mark, PAUSE_RANK=1 if nproc else 0),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     pid = int(_wait_for(Path(f"{mark}.{1 if nproc else 0}"), p))
     os.kill(pid, signal.SIGKILL)
@@ -110,7 +111,8 @@ def check_kill9(recipe, base, ref, nproc=0):
     else:
         p.wait(timeout=30)
     ck = torch.load(out / "last.pth", weights_only=True)
-    at = f"killed after step 7; last.pth at step {ck['step']} (epoch {ck['epoch'] + 1}, step {ck.get('epoch_step')} of it)"
+    at = (f"killed after step 7; last.pth at step {ck['step']} (epoch {ck['epoch'] + 1}, "
+          f"step {ck.get('epoch_step')} of it)")
     r = run(_cmd(recipe, out, "--resume", nproc=nproc))
     resumed = [line for line in r.stdout.splitlines() if "resuming" in line or "stale lock" in line]
     return f"{at}; --resume: {same_weights(ref, out / 'last.pth')} ({' | '.join(resumed)})"

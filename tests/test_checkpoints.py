@@ -92,7 +92,8 @@ def test_mismatched_architecture_names_keys(tmp_path):
     assert "does not fit" in str(e.value)
     with pytest.raises(LeanvitError, match=r"missing keys: blocks\.4\."):
         load_checkpoint(small(depth=5), tmp_path / "w.pth")
-    with pytest.raises(LeanvitError, match=r"shape mismatch: cls_token \(1, 1, 32\) vs model \(1, 1, 48\).*patch_embed\.proj\.bias \(32,\) vs model \(48,\)"):
+    with pytest.raises(LeanvitError, match=r"shape mismatch: cls_token \(1, 1, 32\) vs model \(1, 1, 48\)"
+                                           r".*patch_embed\.proj\.bias \(32,\) vs model \(48,\)"):
         load_checkpoint(small(embed_dim=48), tmp_path / "w.pth")
     result = load_checkpoint(small(depth=5), tmp_path / "w.pth", strict=False)
     assert result.missing_keys and all(k.startswith("blocks.4.") for k in result.missing_keys)

@@ -18,7 +18,8 @@ DET_SMALL = dict(min_size=64, max_size=96, fpn_channels=32, detections_per_img=1
 def _images_and_targets(masks=False):
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 80)]
     targets = [dict(boxes=torch.tensor([[4.0, 4.0, 30.0, 30.0]]), labels=torch.tensor([0])),
-               dict(boxes=torch.tensor([[10.0, 12.0, 50.0, 40.0], [1.0, 1.0, 20.0, 20.0]]), labels=torch.tensor([2, 1]))]
+               dict(boxes=torch.tensor([[10.0, 12.0, 50.0, 40.0], [1.0, 1.0, 20.0, 20.0]]),
+                    labels=torch.tensor([2, 1]))]
     if masks:
         for img, t in zip(images, targets):
             m = torch.zeros(len(t["boxes"]), *img.shape[-2:], dtype=torch.uint8)
@@ -197,7 +198,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone):
         body = model.backbone.body.model
         block = body.blocks[0] if hasattr(body, "blocks") else body.block1[0]
         calls = []
-        block.register_forward_pre_hook(lambda *a: calls.append(1))
+        block.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
         loss = sum(model(images, targets).values())
         loss.backward()
         assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes the block in the backward pass
@@ -247,7 +248,8 @@ def test_real_data_recipes_build_their_models():
         with torch.device("cpu" if c["model"].startswith("shunted") else "meta"):
             if c["task"] == "detection":
                 assert c["min_size"] == 800 and c["max_size"] == 1333 and c["epochs"] == 12
-                m = create_detector(c["detector"], c["model"], 80, min_size=c["min_size"], max_size=c["max_size"], **opts)
+                m = create_detector(c["detector"], c["model"], 80, min_size=c["min_size"], max_size=c["max_size"],
+                                    **opts)
                 assert m.transform.min_size == (800,) and m.transform.max_size == 1333
             else:
                 assert c["crop_size"] == 512 and c["schedule"] == "poly" and c["iterations"] in (40000, 160000)

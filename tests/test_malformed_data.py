@@ -355,7 +355,8 @@ def test_ade20k_unreadable_class_names_are_reported(tmp_path):
     for split in ("training", "validation"):
         (tmp_path / "images" / split).mkdir(parents=True)
         (tmp_path / "annotations" / split).mkdir(parents=True)
-    (tmp_path / "objectInfo150.csv").write_bytes("Idx,Ratio,Train,Val,Name\n1,0.1,1,1,b\u00e2timent\n".encode("latin-1"))
+    (tmp_path / "objectInfo150.csv").write_bytes(
+        "Idx,Ratio,Train,Val,Name\n1,0.1,1,1,b\u00e2timent\n".encode("latin-1"))
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append  # on leanvit's logger itself: the CLI may have stopped its propagation

@@ -105,7 +105,8 @@ def test_shunted_pretrained_file_and_clear_error_without(tmp_path):
     sd = src.state_dict()
     path = tmp_path / "ckpt_T.pth"
     torch.save({"model": {"module." + k: v for k, v in sd.items()}}, path)  # official wrapper + DDP prefix
-    model = timm.create_model("shunted_t", pretrained=True, num_classes=7, pretrained_cfg_overlay=dict(file=str(path), num_classes=7))
+    model = timm.create_model("shunted_t", pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=7))
     _same_weights(model, sd)
     # towhee-style names map back
     towhee = {k.replace(".mlp.dwconv.dwconv.", ".mlp.dwconv."): v for k, v in sd.items()}

@@ -24,10 +24,10 @@ from PIL import Image
 from leanvit.errors import LeanvitError
 from leanvit.train import train
 
-TINY = dict(model="deit3_small_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-            img_size=32, data="digits", digits={"val_fraction": 0.05}, crop="none", hflip=0.0, batch_size=16,
-            max_train_batches=3, epochs=2, warmup_epochs=1, lr=1e-3, opt="adamw", loss="ce", mixup=0.0, cutmix=0.0,
-            workers=0)
+TINY = dict(model="deit3_small_patch16_224",
+            model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, img_size=32, data="digits",
+            digits={"val_fraction": 0.05}, crop="none", hflip=0.0, batch_size=16, max_train_batches=3, epochs=2,
+            warmup_epochs=1, lr=1e-3, opt="adamw", loss="ce", mixup=0.0, cutmix=0.0, workers=0)
 # every random piece on: crop, flip, 3-Augment, colour jitter, mixup/cutmix, drop-path
 RANDOM = dict(crop="rrc", hflip=0.5, three_augment=True, mixup=0.8, cutmix=1.0, drop_path=0.1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,8 +167,8 @@ def test_orphans_removed_and_metrics_rebuilt_from_the_checkpoint(tmp_path, caplo
 
 # ------------------------------------------------------------------ 2. eval checks the class names
 def test_eval_refuses_data_with_other_class_names(tmp_path, capsys):
-    trained = _run(tmp_path / "run", data=str(image_tree(tmp_path / "ab", ("a", "b"), per_class=3)), batch_size=2, epochs=1, digits={},
-                   max_train_batches=1)
+    trained = _run(tmp_path / "run", data=str(image_tree(tmp_path / "ab", ("a", "b"), per_class=3)), batch_size=2,
+                   epochs=1, digits={}, max_train_batches=1)
     other = image_tree(tmp_path / "az", ("a", "z"), per_class=3)
     rc, err = cli_error(capsys, "eval", "--checkpoint", trained["last"], "--data", other, "--no-progress")
     one_line_error(rc, err, "class names", "'b'", "'z'", "--ignore-class-names")
@@ -180,8 +180,9 @@ def test_eval_refuses_data_with_other_class_names(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ 8. one-line errors, 16-bit, empty batch
-_TRAIN = ["train", "--model", "deit3_small_patch16_224", "--set", "model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, "
-          "num_heads: 2}", "--epochs", "1", "--max-train-batches", "1", "--batch-size", "8", "--no-progress"]
+_TRAIN = ["train", "--model", "deit3_small_patch16_224",
+          "--set", "model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+          "--epochs", "1", "--max-train-batches", "1", "--batch-size", "8", "--no-progress"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -262,7 +263,8 @@ def test_resume_from_any_recovery_checkpoint_equals_the_uninterrupted_run(tmp_pa
         shutil.copy(copies[step - 1], d / "last.pth")
         res = train({**TINY, **kw, "output": str(d), "keep_last": None}, progress=False, device="cpu", resume=True)
         _same_state(straight["last"], d / "last.pth")
-        assert [r["train_loss"] for r in res["history"]] == pytest.approx([r["train_loss"] for r in straight["history"]])
+        assert ([r["train_loss"] for r in res["history"]]
+                == pytest.approx([r["train_loss"] for r in straight["history"]]))
 
 
 def test_mid_epoch_checkpoint_needs_the_same_world_size(tmp_path):

@@ -273,7 +273,8 @@ def test_evit_torchscript_is_excluded():
     """EViT is excluded from TorchScript (see the module docstring); if it ever scripts, lift the exclusion."""
     with set_scriptable(True):
         model = create_model(MODELS[0]).eval()
-    with pytest.raises(Exception):
+    # torch 2.14 raises ValueError ("Unknown type annotation"); TorchScript's own errors are RuntimeErrors
+    with pytest.raises((RuntimeError, ValueError)):
         torch.jit.script(model)
 
 

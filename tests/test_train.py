@@ -13,10 +13,10 @@ from PIL import Image, ImageOps
 from leanvit.errors import LeanvitError
 from leanvit.train import list_recipes, load_recipe, resolve_config, train
 
-TINY = dict(model="deit3_small_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-            img_size=32, data="digits", digits={"val_fraction": 0.05}, crop="none", hflip=0.0, batch_size=16,
-            max_train_batches=3, epochs=2, warmup_epochs=1, lr=1e-3, opt="adamw", loss="ce", mixup=0.0, cutmix=0.0,
-            workers=0)
+TINY = dict(model="deit3_small_patch16_224",
+            model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, img_size=32, data="digits",
+            digits={"val_fraction": 0.05}, crop="none", hflip=0.0, batch_size=16, max_train_batches=3, epochs=2,
+            warmup_epochs=1, lr=1e-3, opt="adamw", loss="ce", mixup=0.0, cutmix=0.0, workers=0)
 
 
 def _run(tmp_path, name="run", **kw):
@@ -39,7 +39,8 @@ def test_every_shipped_recipe_resolves():
 
 def test_recipe_values_match_the_reference():
     s = load_recipe("deit3_s_in1k")
-    assert (s["opt"], s["lr"], s["drop_path"], s["img_size"], s["epochs"], s["loss"]) == ("lamb", 4e-3, 0.05, 224, 800, "bce")
+    assert ((s["opt"], s["lr"], s["drop_path"], s["img_size"], s["epochs"], s["loss"])
+            == ("lamb", 4e-3, 0.05, 224, 800, "bce"))
     assert (s["mixup"], s["cutmix"], s["smoothing"], s["weight_decay"], s["crop"]) == (0.8, 1.0, 0.0, 0.05, "rrc")
     h = load_recipe("deit3_h_in1k")
     assert (h["model"], h["img_size"], h["drop_path"], h["lr"]) == ("deit3_huge_patch14_224", 160, 0.6, 3e-3)
@@ -98,13 +99,14 @@ def test_simple_random_crop_and_eval_transform():
 
     img = Image.fromarray(np.zeros((40, 60, 3), np.uint8))
     crop = SimpleRandomCrop(32, padding=4)
-    outs = {np.asarray(crop(Image.fromarray((np.arange(40 * 60 * 3) % 251).reshape(40, 60, 3).astype(np.uint8)))).tobytes()
-            for _ in range(10)}
+    noise = (np.arange(40 * 60 * 3) % 251).reshape(40, 60, 3).astype(np.uint8)
+    outs = {np.asarray(crop(Image.fromarray(noise))).tobytes() for _ in range(10)}
     assert np.asarray(crop(img)).shape == (32, 32, 3) and len(outs) > 1  # random placement
     assert build_eval_transform(32)(img).shape == (3, 32, 32)
     t = build_train_transform(32, crop="src", three_augment=True, color_jitter=0.3)
     assert t(img).shape == (3, 32, 32)
-    assert build_train_transform(32, crop="rrc", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)(img).shape == (3, 32, 32)
+    rand_t = build_train_transform(32, crop="rrc", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    assert rand_t(img).shape == (3, 32, 32)
     with pytest.raises(LeanvitError, match="crop mode"):
         build_train_transform(32, crop="zoom")
 

@@ -156,7 +156,8 @@ class CocoDetection:
         if not self.classes:
             raise LeanvitError(f"{self.ann_file} declares no categories")
         self.ids = sorted(int(im["id"]) for im in data["images"])
-        missing = [coco.imgs[i]["file_name"] for i in self.ids if not (self.folder / coco.imgs[i]["file_name"]).is_file()]
+        missing = [coco.imgs[i]["file_name"] for i in self.ids
+                   if not (self.folder / coco.imgs[i]["file_name"]).is_file()]
         if missing:
             raise LeanvitError(f"{self.ann_file} references {len(missing)} image file(s) missing from {self.folder}, "
                                f"e.g. {missing[0]}")

@@ -11,7 +11,8 @@ digits rarely hide each other. Objects of very different sizes share one image: 
 Targets
     * ``digits-det``: a tight box around each digit's ink (pixels where its upscaled scan is above
       ``ink_threshold``; its area for COCO's small/medium/large split is the box's, since a digit's thin
-      ink would make nearly every digit "small"), its label (the digit, 0..9) and, with the option ``masks: true`` (Mask R-CNN), its instance mask;
+      ink would make nearly every digit "small"), its label (the digit, 0..9) and, with the option
+      ``masks: true`` (Mask R-CNN), its instance mask;
     * ``digits-seg``: a label map: 0 background, 1 + digit where a digit's ink is (the digit drawn last
       wins where two overlap). ``val_miou`` is the mean IoU over the ten digit classes; ``val_miou_all``
       also counts the background.
@@ -177,7 +178,8 @@ class DigitScenes:
         lab = torch.tensor(labels, dtype=torch.int64)
         t = {"boxes": tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=s), "labels": lab,
              "image_id": index, "orig_size": s, "gt_boxes": b.clone(), "gt_labels": lab.clone(),
-             "gt_area": torch.tensor(areas, dtype=torch.float32), "gt_iscrowd": torch.zeros(len(lab), dtype=torch.int64)}
+             "gt_area": torch.tensor(areas, dtype=torch.float32),
+             "gt_iscrowd": torch.zeros(len(lab), dtype=torch.int64)}
         if self.with_masks:
             m = np.stack(masks) if masks else np.zeros((0, *s), dtype=bool)
             t["masks"] = tv_tensors.Mask(torch.from_numpy(m.astype(np.uint8)))

@@ -133,7 +133,7 @@ class ImageFolderDataset:
                     raise
                 if i not in self.skipped:
                     self.skipped.add(i)
-                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}")
+                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
                 continue
             if self.transform is not None:
                 img = self.transform(img)

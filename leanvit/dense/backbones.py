@@ -39,8 +39,8 @@ from leanvit.errors import LeanvitError
 from leanvit.models import create_model
 from leanvit.reduction import apply_reduction, apply_reduction_spec, reduction_spec, remove_reduction
 
-__all__ = ["resolve_backbone", "DenseBackbone", "FeatureBackbone", "SimpleFeaturePyramid", "create_backbone", "is_plain_vit",
-           "load_pretrained"]
+__all__ = ["resolve_backbone", "DenseBackbone", "FeatureBackbone", "SimpleFeaturePyramid", "create_backbone",
+           "is_plain_vit", "load_pretrained"]
 
 _log = logging.getLogger(__name__)
 

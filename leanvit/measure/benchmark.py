@@ -119,7 +119,7 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
     steps = tqdm(total=len(configs) * (2 if memory else 1) + len(by_size), desc="bench", unit="step",
                  disable=not progress, leave=False)
     info = {}
-    for label, (model, hw, extra) in configs.items():
+    for label, (_model, hw, _extra) in configs.items():
         src = sources[label].eval()
         key = id(src), hw
         if key not in info:
@@ -221,7 +221,8 @@ def build_configurations(model_names: Sequence[str], reductions: Sequence[Config
     """Models for every (image size, model, reduction), ready for :func:`benchmark_models`.
 
     ``reductions``: (method, strength) pairs, e.g. ``[(None, None), ("evit", 0.7), ("evit", 0.5)]``
-    (a bare number is an EViT keep rate); (None, None) measures the model as built (an ``evit_*`` model at its own rate, others unmodified);
+    (a bare number is an EViT keep rate); (None, None) measures the model as built (an ``evit_*`` model at
+    its own rate, others unmodified);
     a method runs a model that has it at that strength, or applies it to a plain timm ViT (all strengths
     of one method share one model). Models that cannot be reduced (no class-token ViT) are measured once,
     as built, and a note says so."""

@@ -38,6 +38,8 @@ from leanvit.errors import LeanvitError
 
 __all__ = ["ShuntedTransformer", "ShuntedAttention", "set_fused_attn", "min_input_size", "stage_grids"]
 
+_LAYER_NORM_EPS6 = partial(nn.LayerNorm, eps=1e-6)  # Block's default norm_layer
+
 SizeLike = Union[int, Tuple[int, int], Sequence[int]]
 
 
@@ -267,7 +269,7 @@ class Block(nn.Module):
     """Pre-norm block: x + DropPath(attn(norm1(x))), x + DropPath(mlp(norm2(x))) (one shared DropPath)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=_LAYER_NORM_EPS6,
                  sr_ratio: int = 1, fused_attn: bool = True):
         super().__init__()
         self.norm1 = norm_layer(dim)

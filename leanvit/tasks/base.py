@@ -159,7 +159,8 @@ class Task:
         raise NotImplementedError
 
     def title(self, built) -> str:
-        """How ``leanvit eval`` names the model it evaluated (as built: see :func:`leanvit.models.build.describe_model`)."""
+        """How ``leanvit eval`` names the model it evaluated (as built: see
+        :func:`leanvit.models.build.describe_model`)."""
         return built.description
 
     def record(self, built) -> Dict[str, Any]:

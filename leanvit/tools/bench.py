@@ -43,7 +43,8 @@ def parse_keep_rates(values: Optional[Sequence[str]]) -> List[Optional[float]]:
 
 
 def parse_reductions(values: Optional[Sequence[str]]) -> list:
-    """``["evit:1.0,0.7", "evit-drop:0.5", "none"]`` -> [("evit", 1.0), ("evit", 0.7), ("evit-drop", 0.5), (None, None)]."""
+    """``["evit:1.0,0.7", "evit-drop:0.5", "none"]`` ->
+    [("evit", 1.0), ("evit", 0.7), ("evit-drop", 0.5), (None, None)]."""
     out = []
     for text in values or []:
         if is_none_text(text):
@@ -140,7 +141,8 @@ def run(args) -> int:
                             repeats=args.repeats, memory=not args.no_memory, progress=not args.no_progress,
                             runtimes=runtimes, latency_repeats=args.latency_repeats, workdir=out / "onnx")
     columns = BENCH_COLUMNS[:1] + (RUNTIME_COLUMNS[:1] if runtimes != ["eager"] else ()) + BENCH_COLUMNS[1:]
-    columns += (RUNTIME_COLUMNS[1:] if runtimes != ["eager"] else ()) + (LATENCY_COLUMNS if args.latency_repeats else ())
+    columns += ((RUNTIME_COLUMNS[1:] if runtimes != ["eager"] else ())
+                + (LATENCY_COLUMNS if args.latency_repeats else ()))
     print(format_table(rows, columns))
     if args.latency_repeats:
         print(f"b1 ms: batch-1 latency, median and 90th percentile of {args.latency_repeats} interleaved runs")

@@ -98,7 +98,8 @@ def _table(rows: List[dict]) -> str:
     lines = ["| model | backbone params (M) | backbone GMACs (96 px) | val mAP | mAP@0.5 | AP small | AP medium | "
              "train steps | train time (s) | steps/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['backbone_params_m']:.2f} | {r['backbone_gmacs']:.3f} | {_fmt(r['val_map'])} | "
+        lines.append(f"| {r['label']} | {r['backbone_params_m']:.2f} | {r['backbone_gmacs']:.3f} | "
+                     f"{_fmt(r['val_map'])} | "
                      f"{_fmt(r['val_map50'])} | {_fmt(r['val_map_small'])} | {_fmt(r['val_map_medium'])} | "
                      f"{r['steps']} | {r['train_s']:.0f} | {r['steps_per_s']:.2f} |")
     return "\n".join(lines)
@@ -146,10 +147,12 @@ def _report(rows, pictures, env: str, quick: bool, seconds: float, load: LoadWat
     return f"""# leanvit detection demo{' (--quick: tiny budgets, the figures mean nothing)' if quick else ''}
 
 Data: ``digits-det``, the embedded scenes: 1-{d.get('max_objects', 4)} real scikit-learn digit scans of
-{d.get('min_digit', 12)}-{d.get('max_digit', 40)} px on {d.get('canvas_size', 96)} px cluttered canvases, split by source scan
+{d.get('min_digit', 12)}-{d.get('max_digit', 40)} px on {d.get('canvas_size', 96)} px cluttered canvases, \
+split by source scan
 ({len(a['dataset'])} fixed validation scenes). Both detectors: torchvision FCOS, FPN of width
 {(cfg.get('head_kwargs') or {}).get('fpn_channels', 256)} over strides 8/16/32, the same data, optimizer and time budget
-({cfg.get('time_limit')} s, batch {cfg['batch_size']}). Metrics: pycocotools COCOeval (bbox); "small" is COCO's < 32x32 px.
+({cfg.get('time_limit')} s, batch {cfg['batch_size']}). Metrics: pycocotools COCOeval (bbox); \
+"small" is COCO's < 32x32 px.
 Machine: {env}. CPU time is shared with whatever else runs: steps/s says how much training each model got.
 
 {_table(rows)}

@@ -11,8 +11,9 @@ it) or mIoU, measured on the whole model at the recipe's input size (the checkpo
 :mod:`leanvit.tasks`).
 
 Prints a table (the task's metrics, e.g. val top-1/top-5, drop from the unreduced model, GMACs, img/s at
---batch-size, speed-up, batch-1 latency median and p90, Pareto membership), writes sweep.csv and pareto.png into --output, and
-with --max-drop / --target-speedup the chosen configuration with the command and Python line applying it.
+--batch-size, speed-up, batch-1 latency median and p90, Pareto membership), writes sweep.csv and pareto.png
+into --output, and with --max-drop / --target-speedup the chosen configuration with the command and Python
+line applying it.
 """
 from __future__ import annotations
 

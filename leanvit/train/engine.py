@@ -366,7 +366,8 @@ def train(recipe: Union[str, Dict[str, Any], None] = None, device: Optional[str]
     Raises :class:`~leanvit.train.preemption.TrainingInterrupted` after saving a recovery checkpoint when
     SIGTERM or SIGUSR1 arrives (in the main thread).
     """
-    cfg = resolve_config(None, {**recipe, **overrides}) if isinstance(recipe, dict) else resolve_config(recipe, overrides)
+    cfg = (resolve_config(None, {**recipe, **overrides}) if isinstance(recipe, dict)
+           else resolve_config(recipe, overrides))
     env = DistEnv(device)
     stop = StopRequest().install()
     run = None

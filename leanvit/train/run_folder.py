@@ -118,7 +118,7 @@ class RunLock:
                     continue
                 who = f"pid {pid} on host {host} since {owner.get('since')}" if owner else "an unknown owner"
                 raise LeanvitError(f"{self.path.parent} is in use by another run ({who}); wait for it, use "
-                                   f"another `output`, or remove {self.path} if that run is gone")
+                                   f"another `output`, or remove {self.path} if that run is gone") from None
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me) + "\n")
                 f.flush()
