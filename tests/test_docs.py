@@ -52,7 +52,7 @@ def test_docs_build_fails_on_broken_link_and_unlisted_page(tmp_path):
     result = _mkdocs(config, tmp_path / "broken")
     assert result.returncode != 0 and "no-such-page.md" in result.stdout + result.stderr
 
-    page.write_text(good + "\n[a heading that is not there](dense.md#no-such-heading)\n")
+    page.write_text(good + "\n[a heading that is not there](dense-prediction.md#no-such-heading)\n")
     result = _mkdocs(config, tmp_path / "anchor")
     assert result.returncode != 0 and "no-such-heading" in result.stdout + result.stderr
 
