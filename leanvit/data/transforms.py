@@ -1,6 +1,7 @@
 """Image transforms: DeiT III's 3-Augment, simple random crop, RandomResizedCrop, evaluation.
 
-The DeiT III training transform (Touvron et al., ECCV 2022, "3-Augment"; facebookresearch/deit `augment.py`, `new_data_aug_generator`) is, in order:
+The DeiT III training transform (Touvron et al., ECCV 2022, "3-Augment"; facebookresearch/deit
+`augment.py`, `new_data_aug_generator`) is, in order:
 
 1. a primary crop: RandomResizedCrop (``"rrc"``, scale (0.08, 1), ratio (3/4, 4/3), bicubic) for
    ImageNet-1k pre-training, or the *simple random crop* (``"src"``: resize the shorter side to the size,
