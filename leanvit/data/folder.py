@@ -17,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["ImageFolderDataset", "find_split", "check_same_classes", "IMG_EXTENSIONS", "ImageFolderKind", "load_image"]
+__all__ = ["ImageFolderDataset", "SkippingImageDataset", "find_split", "check_same_classes", "IMG_EXTENSIONS",
+           "ImageFolderKind", "load_image"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -71,7 +72,42 @@ def load_image(path) -> "Image.Image":
         raise LeanvitError(f"cannot read image {path}: {e}") from None
 
 
-class ImageFolderDataset:
+class SkippingImageDataset:
+    """What the image datasets (ImageFolder trees, tar shards, Hugging Face tables) share: ``__getitem__``
+    returns ``(transform(load(i)), int(targets[i]))``; with ``skip_corrupt`` an unreadable image is skipped
+    (the next readable one is returned instead), warned about once and counted in :attr:`num_skipped`.
+    Subclasses set ``targets``, ``transform``, ``skip_corrupt``, ``skipped = set()`` and give ``load(i)``
+    (raising :class:`LeanvitError` for an unreadable image) and ``source`` (named when nothing is readable)."""
+
+    source = "the dataset"
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        n = len(self.targets)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                img = self.load(i)
+            except LeanvitError as e:
+                if not self.skip_corrupt:
+                    raise
+                if i not in self.skipped:
+                    self.skipped.add(i)
+                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, int(self.targets[i])
+        raise LeanvitError(f"no readable image in {self.source}")
+
+
+class ImageFolderDataset(SkippingImageDataset):
     """Images under ``root/<class>/`` as (transformed image, class index).
 
     Args:
@@ -111,11 +147,8 @@ class ImageFolderDataset:
         self.skipped = set()
 
     @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-    def __len__(self) -> int:
-        return len(self.samples)
+    def source(self) -> str:
+        return str(self.root)
 
     def load(self, index: int):
         """The untransformed RGB image ``index`` (a clear error for an unreadable file)."""
@@ -123,22 +156,6 @@ class ImageFolderDataset:
 
     image = load
 
-    def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            try:
-                img = self.load(i)
-            except LeanvitError as e:
-                if not self.skip_corrupt:
-                    raise
-                if i not in self.skipped:
-                    self.skipped.add(i)
-                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, self.samples[i][1]
-        raise LeanvitError(f"no readable image in {self.root}")
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, classes={len(self.classes)}, images={len(self)})"

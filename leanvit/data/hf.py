@@ -13,14 +13,13 @@ Options (recipe mapping ``hf:``): ``image_column`` / ``label_column`` (default: 
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
 
-from leanvit.data.folder import to_rgb8
+from leanvit.data.folder import SkippingImageDataset, to_rgb8
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -77,7 +76,7 @@ def _pick(columns: Sequence[str], given: Optional[str], defaults: Sequence[str],
                        f"name it with hf.{what}_column")
 
 
-class HFDataset(torch.utils.data.Dataset):
+class HFDataset(SkippingImageDataset, torch.utils.data.Dataset):
     """One split of a Hugging Face dataset as (transformed image, label)."""
 
     def __init__(self, table, data: str, transform: Optional[Callable] = None, classes: Optional[Sequence[str]] = None,
@@ -107,11 +106,8 @@ class HFDataset(torch.utils.data.Dataset):
         self.skipped = set()
 
     @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-    def __len__(self) -> int:
-        return len(self.targets)
+    def source(self) -> str:
+        return str(self.data)
 
     def load(self, index: int) -> "Image.Image":
         value = self.table[int(index)][self.image_column]
@@ -132,23 +128,6 @@ class HFDataset(torch.utils.data.Dataset):
 
     image = load
 
-    def __getitem__(self, index: int):
-        n = len(self.targets)
-        for attempt in range(n):
-            i = (index + attempt) % n
-            try:
-                img = self.load(i)
-            except LeanvitError as e:
-                if not self.skip_corrupt:
-                    raise
-                if i not in self.skipped:
-                    self.skipped.add(i)
-                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, self.targets[i]
-        raise LeanvitError(f"no readable image in {self.data}")
 
     def __repr__(self) -> str:
         return f"HFDataset({self.data!r}, classes={len(self.classes)}, images={len(self)})"

@@ -23,7 +23,6 @@ import logging
 import os
 import tarfile
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leanvit.data.folder import to_rgb8
+from leanvit.data.folder import SkippingImageDataset, to_rgb8
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -145,7 +144,7 @@ def _read_class_map(path) -> List[str]:
     return names
 
 
-class ShardDataset(torch.utils.data.Dataset):
+class ShardDataset(SkippingImageDataset, torch.utils.data.Dataset):
     """The samples of tar shards as (transformed image, label); ``keys[i]`` is sample i's ``shard:key``.
 
     Args:
@@ -183,11 +182,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self._lock = threading.Lock()
 
     @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-    def __len__(self) -> int:
-        return len(self.targets)
+    def source(self) -> str:
+        return f"{self.files[0]} ..."
 
     def __getstate__(self):  # open files stay in the process that opened them
         state = dict(self.__dict__)
@@ -224,23 +220,6 @@ class ShardDataset(torch.utils.data.Dataset):
 
     image = load
 
-    def __getitem__(self, index: int):
-        n = len(self.targets)
-        for attempt in range(n):
-            i = (index + attempt) % n
-            try:
-                img = self.load(i)
-            except LeanvitError as e:
-                if not self.skip_corrupt:
-                    raise
-                if i not in self.skipped:
-                    self.skipped.add(i)
-                    warnings.warn(f"skipping unreadable image ({len(self.skipped)} so far): {e}", stacklevel=2)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, int(self.targets[i])
-        raise LeanvitError(f"no readable image in {self.files[0]} ...")
 
     def train_sampler(self, world_size: int, rank: int, seed: int) -> "ShardOrderSampler":
         """The training order the engine uses for this dataset (see :class:`ShardOrderSampler`)."""
