@@ -54,7 +54,7 @@ from leanvit.errors import LeanvitError
 from leanvit.measure import count_macs, forward_peak_memory_mb, interleaved_measure
 from leanvit.measure.load import LoadWatch
 from leanvit.measure.memory import _LiveTensorBytes
-from leanvit.utils import environment, sync_device
+from leanvit.utils import environment, retain_freed_memory, sync_device
 
 SEG_HEADS = ("linear", "semantic_fpn", "upernet")
 EVIT_RESTORES = ("keep", "reactivate", "fused")
@@ -356,6 +356,10 @@ def main(argv=None) -> int:
                    help="also time the Semantic FPN head alone, step by step vs leanvit's, on the same weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="128 px, batch 1, one repeat: a smoke run")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: retain freed memory, see leanvit.utils."
+                        "retain_freed_memory: the 157 MB logits of a 512x512 image are then not page-faulted "
+                        "in on every call)")
     args = p.parse_args(argv)
     if args.quick:
         args.seg_size = args.det_size = 128
@@ -363,7 +367,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"# {environment(device)}; fp32; random weights")
+    retained = False if args.system_malloc else retain_freed_memory()
+    malloc = "freed memory retained (mallopt)" if retained else "glibc malloc as is (large blocks unmapped on free)"
+    print(f"# {environment(device)}; fp32; random weights; {malloc}")
     for kind in args.heads:
         size = args.det_size if kind == "retinanet" else args.seg_size
         bench_model(kind, size, args.batch_sizes, args.repeats, args.memory, device)
