@@ -11,8 +11,17 @@ from leanvit.checkpoints import save_checkpoint
 from leanvit.tasks import get_task
 
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 5, "num_heads": 2, "init_values": 0.1}
-QUICK = ("--batch-size", "2", "--repeats", "1", "--warmup", "0", "--latency-repeats", "1", "--no-progress",
-         "--no-memory")
+FAST = ("--batch-size", "2", "--threads", "1", "--repeats", "1", "--warmup", "0", "--latency-repeats", "1",
+        "--no-progress")
+QUICK = FAST + ("--no-memory",)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """`--threads` sets torch's thread count for the process: give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _dense_checkpoint(path, task, head, model="deit3_small_patch16_224", kwargs=VIT, size=32, head_kwargs=None):
@@ -32,7 +41,8 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchck")
     return {"seg": _dense_checkpoint(root / "seg.pth", "segmentation", "semantic_fpn",
                                      head_kwargs={"fpn_channels": 8, "channels": 8}),
-            "det": _dense_checkpoint(root / "det.pth", "detection", "fcos"),
+            "det": _dense_checkpoint(root / "det.pth", "detection", "fcos",
+                                     head_kwargs={"fpn_channels": 64, "head_convs": 1}),
             "root": root}
 
 
@@ -42,7 +52,7 @@ def _rows(path):
 
 
 def test_bench_segmentation_checkpoint_reductions_restorations_head_share(ckpts, capsys, tmp_path):
-    rc, text, err = cli(capsys, "bench", "--models", ckpts["seg"], "--reduction", "evit:0.5", "tome:4", *QUICK,
+    rc, text, err = cli(capsys, "bench", "--models", ckpts["seg"], "--reduction", "evit:0.5", "tome:4", *FAST,
                         "--output", tmp_path)
     assert rc == 0, err
     rows = _rows(tmp_path / "bench.csv")
@@ -59,6 +69,7 @@ def test_bench_segmentation_checkpoint_reductions_restorations_head_share(ckpts,
                                                        abs=1e-4)
     assert float(rows[0]["speedup"]) == 1.0
     assert float(rows[1]["gmacs"]) < float(rows[0]["gmacs"])  # the reduced backbone does less work
+    assert all(float(r["peak_mem_mb"]) > 0 for r in rows)
     assert "head share" in text and "evit/keep" in text
 
 
@@ -85,10 +96,10 @@ def test_bench_detection_checkpoint(ckpts, capsys, tmp_path):
 def test_bench_classification_checkpoint_with_its_own_reduction(capsys, tmp_path):
     import leanvit
     torch.manual_seed(0)
-    model = leanvit.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3)
+    model = leanvit.create_model("test_vit", img_size=32, num_classes=3)
     path = tmp_path / "cls.pth"
     save_checkpoint({"model": model.state_dict(),
-                     "model_spec": {"name": "deit_tiny_patch16_224", "kwargs": {"img_size": 32, "num_classes": 3},
+                     "model_spec": {"name": "test_vit", "kwargs": {"img_size": 32, "num_classes": 3},
                                     "reduction": {"method": "evit", "keep_rate": 0.7}}}, path)
     rc, _, err = cli(capsys, "bench", "--models", path, "--reduction", "tome:2", *QUICK, "--output", tmp_path / "o")
     assert rc == 0, err
@@ -104,12 +115,14 @@ def test_bench_classification_checkpoint_with_its_own_reduction(capsys, tmp_path
 
 def test_bench_checkpoint_errors(ckpts, capsys, tmp_path):
     root = ckpts["root"]
-    shunted = _dense_checkpoint(root / "shunted.pth", "segmentation", "semantic_fpn", model="shunted_t", kwargs={},
-                                size=32, head_kwargs={"fpn_channels": 8, "channels": 8})
+    tiny_shunted = {"depths": [1, 1, 1, 1], "embed_dims": [64, 16, 32, 32], "num_heads": [2, 2, 4, 4],
+                    "mlp_ratios": [2, 2, 2, 2]}
+    shunted = _dense_checkpoint(root / "shunted.pth", "segmentation", "semantic_fpn", model="shunted_t",
+                                kwargs=tiny_shunted, size=32, head_kwargs={"fpn_channels": 8, "channels": 8})
     (root / "corrupt.pth").write_bytes(b"not a checkpoint at all")
 
     def error(*args, needles=()):
-        rc, err = cli_error(capsys, "bench", *args, "--output", tmp_path)
+        rc, err = cli_error(capsys, "bench", *args, "--threads", "1", "--output", tmp_path)
         one_line_error(rc, err, *needles)
 
     seg = ckpts["seg"]
@@ -122,5 +135,5 @@ def test_bench_checkpoint_errors(ckpts, capsys, tmp_path):
     error("--models", shunted, "--reduction", "evit:0.5", needles=["shunted_t", "plain ViT"])
     error("--models", str(root / "missing.pth"), needles=["missing.pth"])
     error("--models", str(root / "corrupt.pth"), needles=["corrupt.pth"])
-    error("--models", "deit_tiny_patch16_224", "--restore", "keep", needles=["--restore"])
+    error("--models", "test_vit", "--restore", "keep", needles=["--restore"])
     error("--models", seg, "--img-sizes", "64", needles=["input size", "seg.pth"])  # measured at its own size
