@@ -137,3 +137,31 @@ def test_bench_checkpoint_errors(ckpts, capsys, tmp_path):
     error("--models", str(root / "corrupt.pth"), needles=["corrupt.pth"])
     error("--models", "test_vit", "--restore", "keep", needles=["--restore"])
     error("--models", seg, "--img-sizes", "64", needles=["input size", "seg.pth"])  # measured at its own size
+
+
+def test_backbone_part_is_exactly_what_the_head_takes():
+    import copy
+
+    from leanvit.dense import apply_dense_reduction, create_detector, create_segmenter
+    from leanvit.dense.reduction import BackbonePart, ReducedDense
+    from leanvit.tasks import get_task
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny ops: no thread contention on a shared machine (restored after the test)
+    x = torch.rand(2, 3, 32, 32)
+    seg = create_segmenter("linear", "deit3_small_patch16_224", 3, img_size=32, **VIT).eval()
+    reduced = apply_dense_reduction(copy.deepcopy(seg), "evit:0.7")
+    view = ReducedDense(reduced, "evit", 0.5, "keep")  # another strength and restoration than the model's own
+    reference = apply_dense_reduction(copy.deepcopy(seg), "evit:0.5", restore="keep")
+    with torch.no_grad():
+        maps = get_task("segmentation").backbone_part(view)(x)
+        want = reference.backbone((x - reference.pixel_mean) / reference.pixel_std)
+        assert all(torch.equal(a, b) for a, b in zip(maps, want))
+        logits = torch.nn.functional.interpolate(reference.head(maps), size=(32, 32), mode="bilinear",
+                                                 align_corners=False)
+        assert torch.allclose(logits, view(x), atol=1e-6)  # the head on these maps is the whole model
+        det = create_detector("fcos", "deit3_small_patch16_224", 3, img_size=32, min_size=32, max_size=32,
+                              fpn_channels=64, head_convs=1, **VIT).eval()
+        maps = BackbonePart(det)(x)
+        want = det.backbone.body(det.transform(list(x))[0].tensors)
+        assert all(torch.equal(a, b) for a, b in zip(maps, want))
+    assert get_task("classification").backbone_part(seg) is None
