@@ -20,7 +20,7 @@ from leanvit.errors import LeanvitError
 from leanvit.reduction import ReductionSpec, get_reduction, reduction_spec
 
 __all__ = ["reduction_options", "dense_backbone_of", "apply_dense_reduction", "dense_reduction_spec", "ReducedDense",
-           "dense_variants"]
+           "dense_variants", "BackbonePart"]
 
 _log = logging.getLogger(__name__)
 
@@ -101,26 +101,62 @@ class ReducedDense(nn.Module):
 def dense_variants(model: nn.Module, grid, restores=None):
     """``(method, value, restore, ReducedDense)`` for every point ``(method, value)`` of ``grid`` and every
     restoration of ``restores`` that applies to the method (default: all of them), one model copy per
-    method (the unreduced ``model`` copied and reduced). Restorations that cannot apply (e.g. ``reactivate``
-    with no block after EViT's last reorganization) are skipped, with a log line."""
+    method (the unreduced ``model`` copied and reduced). Restorations that cannot apply to a method (e.g.
+    ``unmerge`` with EViT, or ``reactivate`` with no block after EViT's last reorganization) are skipped for it,
+    with a log line; a restoration of ``restores`` that applies to none of the grid's methods (or an empty
+    grid) raises a :class:`LeanvitError` naming it before any point is yielded."""
     import copy
     per_method: Dict[str, nn.Module] = {}
-    skipped: set = set()
-    wanted = None if restores is None else [parse_restore(r) for r in restores]
     for method, value in grid:
         name = get_reduction(method).name
         if name not in per_method:
             per_method[name] = apply_dense_reduction(copy.deepcopy(model), {"method": name,
                                                                            get_reduction(name).knob: value})
-        reduced = per_method[name]
+    wanted = None if restores is None else [parse_restore(r) for r in restores]
+    if wanted and not per_method:
+        raise LeanvitError(f"restore '{wanted[0]}' needs a reduction (e.g. evit:0.7 or tome:8)")
+    fits: Dict[str, list] = {}  # method -> its restorations, in order
+    errors: Dict[Restore, LeanvitError] = {}
+    for name, reduced in per_method.items():
         vit = dense_backbone_of(reduced).model
-        family = method_family(vit)
-        for restore in (wanted or [Restore(n) for n in RESTORATIONS[family]]):
+        fits[name] = []
+        for restore in (wanted or [Restore(n) for n in RESTORATIONS[method_family(vit)]]):
             try:
                 restoration_for(vit, restore)
             except LeanvitError as e:
-                if (name, restore) not in skipped:
-                    skipped.add((name, restore))
-                    _log.info("sweep: %s with restore %s skipped (%s)", name, restore, e)
+                errors.setdefault(restore, e)
+                _log.info("%s with restore %s skipped (%s)", name, restore, e)
                 continue
-            yield name, value, restore, ReducedDense(reduced, name, value, restore)
+            fits[name].append(restore)
+    for restore in wanted or []:
+        if restore in errors and not any(restore in f for f in fits.values()):
+            raise LeanvitError(str(errors[restore]))
+    for method, value in grid:
+        name = get_reduction(method).name
+        for restore in fits[name]:
+            yield name, value, restore, ReducedDense(per_method[name], name, value, restore)
+
+
+class BackbonePart(nn.Module):
+    """The part of a dense model before its head, at the same configuration as the model: the input's
+    preparation (a segmenter's normalization; a torchvision detector's resizing, normalization and padding)
+    and the dense backbone's maps. Timed beside the whole model, it gives the head's share of the time
+    (1 - backbone / whole). ``model``: a segmenter, a detector or a :class:`ReducedDense` view of one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        view = self.model
+        inner = view.model if isinstance(view, ReducedDense) else view
+        backbone = dense_backbone_of(inner)
+        if isinstance(view, ReducedDense):  # the view's point, as its forward sets it
+            backbone.restore = view.restore
+            view.method.set_strength(inner, view.value)
+        transform = getattr(inner, "transform", None)
+        if callable(transform):  # torchvision's GeneralizedRCNNTransform
+            x = transform(list(x))[0].tensors
+        elif getattr(inner, "normalize", False):
+            x = (x - inner.pixel_mean.to(x.dtype)) / inner.pixel_std.to(x.dtype)
+        return backbone(x)

@@ -81,7 +81,7 @@ def _as_config(label: str, value, img_size) -> Tuple[nn.Module, tuple, dict]:
 def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cpu", dtype=torch.float32,
                      warmup: int = 2, repeats: int = 5, memory: bool = True, progress: bool = True,
                      img_size=None, runtimes: Sequence[str] = ("eager",), latency_repeats: int = 0,
-                     workdir=None) -> List[dict]:
+                     workdir=None, backbones: Optional[Dict[str, nn.Module]] = None) -> List[dict]:
     """Measure several ready-made models; returns one row (a dict) per model, in order.
 
     Args:
@@ -101,7 +101,12 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
     (:mod:`leanvit.deploy.runtimes`; labels of non-eager entries get `` [runtime]``); rows then also have
     ``runtime`` and ``setup_s`` (compile time, or ONNX export + session creation). ``latency_repeats > 0``
     adds a batch-1 latency pass, interleaved over all entries of a size: ``lat1_ms`` (median) and
-    ``lat1_p90_ms`` (90th percentile) over ``latency_repeats`` runs."""
+    ``lat1_p90_ms`` (90th percentile) over ``latency_repeats`` runs.
+
+    ``backbones``: maps labels of ``models`` to the part of the model before its head, taking the same input
+    (:meth:`leanvit.tasks.Task.backbone_part`); each is timed in the same interleaved run as the whole models,
+    and its row gets ``backbone_ms`` (ms per batch) and ``head_share`` (1 - backbone / whole model time, at
+    least 0)."""
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise LeanvitError(f"benchmark_models: need batch_size >= 1, repeats >= 1, warmup >= 0 "
                            f"(got {batch_size}, {repeats}, {warmup})")
@@ -127,10 +132,12 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
         info[label] = info[key]
         steps.update()
     results = {}
+    parts = {(k, "backbone"): v for k, v in (backbones or {}).items() if k in configs}
     for hw, labels in by_size.items():
-        results.update(interleaved_measure({k: configs[k][0] for k in labels}, batch_size=batch_size,
-                                           img_size=hw, device=device, dtype=dtype, warmup=warmup,
-                                           repeats=repeats))
+        group = {k: configs[k][0] for k in labels}
+        group.update({(k, "backbone"): parts[(k, "backbone")] for k in labels if (k, "backbone") in parts})
+        results.update(interleaved_measure(group, batch_size=batch_size, img_size=hw, device=device, dtype=dtype,
+                                           warmup=warmup, repeats=repeats))
         steps.update()
     latency = {}
     if latency_repeats > 0:  # batch-1 latency: median and p90 over interleaved runs
@@ -147,6 +154,9 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
             steps.update()
         if label in latency:
             extra = dict(extra, lat1_ms=latency[label].latency_ms, lat1_p90_ms=latency[label].p90_ms)
+        if (label, "backbone") in results:
+            b = results[(label, "backbone")].latency_ms
+            extra = dict(extra, backbone_ms=b, head_share=max(0.0, 1.0 - b / m.latency_ms))
         row = {"label": label, **_row_fields(sources[label]), **extra}
         row.setdefault("model", label)
         ref = base.setdefault((row["model"], hw), m.img_per_s)

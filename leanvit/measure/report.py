@@ -5,7 +5,8 @@ import csv
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-__all__ = ["format_table", "BENCH_COLUMNS", "RUNTIME_COLUMNS", "LATENCY_COLUMNS", "write_csv", "plot_benchmark"]
+__all__ = ["format_table", "BENCH_COLUMNS", "RUNTIME_COLUMNS", "LATENCY_COLUMNS", "HEAD_COLUMNS", "write_csv",
+           "plot_benchmark"]
 
 
 def format_table(rows: List[dict], columns: Sequence[Tuple[str, str, str]]) -> str:
@@ -38,6 +39,8 @@ BENCH_COLUMNS = (
 #: extra columns of ``leanvit bench --runtime ...`` and of the batch-1 latency pass
 RUNTIME_COLUMNS = (("runtime", "runtime", ""), ("setup_s", "compile/export (s)", ".1f"))
 LATENCY_COLUMNS = (("lat1_ms", "b1 ms (median)", ".2f"), ("lat1_p90_ms", "b1 ms (p90)", ".2f"))
+#: the part before the head timed beside the whole model (``benchmark_models(..., backbones=...)``)
+HEAD_COLUMNS = (("backbone_ms", "backbone ms", ".2f"), ("head_share", "head share", ".0%"))
 
 
 def write_csv(rows: List[dict], path) -> Path:

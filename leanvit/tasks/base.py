@@ -10,7 +10,8 @@ Training (called by :class:`leanvit.train.engine.Run`, in this order):
 A trained model (``eval``, ``viz``, ``sweep``):
   :meth:`Task.load_model` -> :meth:`Task.eval_data` -> :meth:`Task.evaluate` -> :meth:`Task.describe`;
   :meth:`Task.draw` for pictures; :meth:`Task.sweep_variants`, :meth:`Task.example_input` and
-  :attr:`Task.sweep_columns` for ``leanvit sweep``.
+  :attr:`Task.sweep_columns` for ``leanvit sweep``; :meth:`Task.sweep_variants` and :meth:`Task.backbone_part`
+  for ``leanvit bench`` of a checkpoint.
 """
 from __future__ import annotations
 
@@ -184,6 +185,12 @@ class Task:
     def example_input(self, batch: int, hw: Tuple[int, int]):
         """A random input of ``batch`` images of size ``hw`` as the model takes it (timing, GMACs)."""
         return torch.randn(batch, 3, *hw)
+
+    def backbone_part(self, model: nn.Module) -> Optional[nn.Module]:
+        """The part of ``model`` (as :meth:`load_model` or :meth:`sweep_variants` gives it) before its head,
+        on the same input: timed beside the whole model, it gives the head's share of the time
+        (``leanvit bench``). None: the task's models have no head worth reporting apart (classification)."""
+        return None
 
     def sweep_variants(self, model: nn.Module, plain: nn.Module, grid: Sequence[Tuple[Optional[str], Any]],
                        **options) -> Iterator[SweepVariant]:

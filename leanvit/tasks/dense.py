@@ -20,7 +20,7 @@ from leanvit.data import create_dataset, dataset_classes, dataset_options
 from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.dense import apply_dense_reduction, dense_reduction_spec
-from leanvit.dense.reduction import dense_variants
+from leanvit.dense.reduction import BackbonePart, dense_variants
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
 from leanvit.reduction import get_reduction
@@ -238,6 +238,10 @@ class DenseTask(Task):
             m = get_reduction(method)
             yield SweepVariant(f"{method}/{rest}", m.format_strength(value), value, view, method=method,
                                restore=str(rest))
+
+    def backbone_part(self, model):
+        """The input's preparation and the dense backbone's maps, at ``model``'s reduction point."""
+        return BackbonePart(model)
 
     def draw(self, built, images, out_dir, names, class_names=None, device="cpu", score_thresh=0.3, **options):
         """Predicted boxes (class and score) and masks, or the predicted label map, over the images."""

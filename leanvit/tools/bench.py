@@ -3,9 +3,16 @@
 
     leanvit bench --models deit_small_patch16_224,shunted_t --reduction evit:1.0,0.7,0.5 --img-sizes 224
     leanvit bench --models deit_small_patch16_224 --keep-rates none,0.7      # --keep-rates R = evit:R
+    leanvit bench --models runs/seg/best.pth --reduction evit:0.7,0.5 tome:8 --restore keep unmerge
+
+A checkpoint (an entry of --models that is a file or ends in .pth/.pt/.safetensors) is loaded by its task
+(:mod:`leanvit.tasks`) and measured at its own input size, unreduced and at every point of --reduction (a
+detection or segmentation checkpoint's with each --restore strategy; its own reduction, if it was trained with
+one, is a point too), with the head's share of the time where the task has a head apart.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -21,7 +28,8 @@ from leanvit.measure import (
     write_csv,
 )
 from leanvit.measure.load import LoadWatch
-from leanvit.measure.report import LATENCY_COLUMNS, RUNTIME_COLUMNS
+from leanvit.measure.report import HEAD_COLUMNS, LATENCY_COLUMNS, RUNTIME_COLUMNS
+from leanvit.measure.trained import checkpoint_configurations
 from leanvit.reduction import is_none_text, parse_strengths
 from leanvit.reduction.reorg import check_keep_rate
 from leanvit.tools._common import check_output_folder
@@ -55,6 +63,15 @@ def parse_reductions(values: Optional[Sequence[str]]) -> list:
     return out
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def is_checkpoint_entry(entry: str) -> bool:
+    """An entry of --models that names a checkpoint file rather than a model: an existing file, or a name
+    ending in a checkpoint suffix (a missing one is then reported as a missing file)."""
+    return entry.lower().endswith(CHECKPOINT_SUFFIXES) or Path(entry).is_file()
+
+
 def parse_img_sizes(values: Optional[Sequence[str]]) -> List[Optional[tuple]]:
     out = []
     for v in split_list(values):
@@ -73,21 +90,28 @@ def parse_img_sizes(values: Optional[Sequence[str]]) -> List[Optional[tuple]]:
 
 def add_arguments(p) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="M1,M2",
-                   help="model names, comma- or space-separated (e.g. deit_small_patch16_224,shunted_t)")
+                   help="model names and/or checkpoints written by leanvit train (any task), comma- or "
+                        "space-separated (e.g. deit_small_patch16_224,shunted_t runs/seg/best.pth)")
     p.add_argument("--reduction", nargs="+", default=None, metavar="METHOD:V1,V2",
                    help="token reductions, e.g. evit:1.0,0.7,0.5 evit-drop:0.7 none ('none' = the model as built); "
                         "applied to class-token ViTs only")
+    p.add_argument("--restore", nargs="+", default=None, metavar="NAME",
+                   help="detection/segmentation checkpoints: how the reduced backbone restores its token map, "
+                        "each measured: keep, reactivate (or reactivate:N), fused (EViT); unmerge, reactivate "
+                        "(ToMe); default: every strategy of each method")
     p.add_argument("--keep-rates", nargs="+", default=None, metavar="R",
                    help="EViT keep rates, e.g. none,1.0,0.7 (alias of --reduction none evit:1.0,0.7)")
     p.add_argument("--img-sizes", nargs="+", default=None, metavar="S",
-                   help="input sizes, e.g. 224,288 or 256x320 (default: each model's own)")
+                   help="input sizes, e.g. 224,288 or 256x320 (default: each model's own; a detection or "
+                        "segmentation checkpoint is measured at its recipe's size only)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default float32")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes before timing (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the named models (checkpoints: "
+                                                                  "their own)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # --- runtimes and batch-1 latency ---
@@ -110,9 +134,13 @@ def _check_numbers(args) -> None:
 
 
 def run(args) -> int:
-    models = split_list(args.models)
-    if not models:
-        raise LeanvitError("--models: name at least one model")
+    entries = list(dict.fromkeys(split_list(args.models)))
+    if not entries:
+        raise LeanvitError("--models: name at least one model or checkpoint")
+    checkpoints = [e for e in entries if is_checkpoint_entry(e)]
+    models = [e for e in entries if e not in checkpoints]
+    if args.restore and not checkpoints:
+        raise LeanvitError("--restore applies to detection/segmentation checkpoints; --models names none")
     reductions = parse_reductions(args.reduction) if args.reduction else []
     if args.keep_rates or not reductions:
         reductions += [("evit", r) if r is not None else (None, None) for r in parse_keep_rates(args.keep_rates)]
@@ -128,7 +156,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     out = check_output_folder(args.output)
     notes: list = []
-    configs = build_configurations(models, reductions, img_sizes, args.num_classes, notes)
+    configs = build_configurations(models, reductions, img_sizes, args.num_classes, notes) if models else {}
+    parts: dict = {}
+    for path in checkpoints:
+        c, p = checkpoint_configurations(path, reductions, args.restore, img_sizes)
+        configs.update(c)
+        parts.update(p)
     header = (f"{environment(str(device))} | dtype={str(dtype).replace('torch.', '')} | batch={args.batch_size} | "
               f"warmup={args.warmup}, median of {args.repeats} interleaved runs")
     print(header, flush=True)
@@ -139,10 +172,12 @@ def run(args) -> int:
         print(f"note: {n}")
     rows = benchmark_models(configs, batch_size=args.batch_size, device=device, dtype=dtype, warmup=args.warmup,
                             repeats=args.repeats, memory=not args.no_memory, progress=not args.no_progress,
-                            runtimes=runtimes, latency_repeats=args.latency_repeats, workdir=out / "onnx")
+                            runtimes=runtimes, latency_repeats=args.latency_repeats, workdir=out / "onnx",
+                            backbones=parts)
     columns = BENCH_COLUMNS[:1] + (RUNTIME_COLUMNS[:1] if runtimes != ["eager"] else ()) + BENCH_COLUMNS[1:]
     columns += ((RUNTIME_COLUMNS[1:] if runtimes != ["eager"] else ())
                 + (LATENCY_COLUMNS if args.latency_repeats else ()))
+    columns += HEAD_COLUMNS if any("head_share" in r for r in rows) else ()
     print(format_table(rows, columns))
     if args.latency_repeats:
         print(f"b1 ms: batch-1 latency, median and 90th percentile of {args.latency_repeats} interleaved runs")
@@ -154,7 +189,12 @@ def run(args) -> int:
                               if device.type == "cuda" else
                               "peak size of the tensors alive together during one forward pass "
                               "(activations on top of the loaded model; kernel scratch buffers not counted)"))
-    print("speed-up: img/s over the same model's first configuration at the same image size")
+    print("speed-up: img/s over the same model's first configuration at the same image size (a checkpoint's: "
+          "its unreduced model)")
+    if any("head_share" in r for r in rows):
+        print(f"head share: 1 - backbone / whole-model time at batch {args.batch_size}, timed in the same interleaved "
+              "run; the backbone part: input preparation, the ViT (with its reduction and restoration) and its "
+              "feature maps; the head: everything after them (FPN neck, decoder, upsampling, box decoding)")
     load.stop()
     print(load.line)
     if load.warning and device.type == "cpu":
