@@ -165,3 +165,21 @@ def test_linear_head_under_a_reduction_keeps_the_full_map():
         y, y0 = seg(x), plain(x)
     assert y.shape == y0.shape == (2, 4, 64, 64) and torch.isfinite(y).all()
     assert not torch.allclose(y, y0)  # the reduction changed the computation
+
+
+def test_stride_bound_is_perfect_at_stride_1_and_falls_for_thin_structures():
+    from leanvit.tasks.dense_eval import stride_bound
+
+    mask = torch.zeros(32, 32, dtype=torch.long)
+    mask[4:28, 10:12] = 1          # a 2-pixel-wide stroke
+    mask[16:24, 16:24] = 2         # an 8 x 8 block
+    mask[0, :] = 255               # ignored pixels take no part
+    loader = [(None, [{"mask": mask}])]
+    full = stride_bound(loader, 3, 1)
+    assert full["val_miou"] == pytest.approx(1.0) and full["val_pixel_acc"] == pytest.approx(1.0)
+    s8 = stride_bound(loader, 3, 8)
+    iou = s8["per_class_iou"]
+    assert iou[2] > 0.5 > iou[1]  # the block survives stride 8, the thin stroke does not
+    assert stride_bound(loader, 3, 2)["val_miou"] > s8["val_miou"]
+    with pytest.raises(LeanvitError, match="stride must be a positive integer"):
+        stride_bound(loader, 3, 0)

@@ -20,7 +20,7 @@ from leanvit.data import create_dataset, dataset_classes, dataset_options
 from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.dense import apply_dense_reduction, dense_reduction_spec
-from leanvit.dense.reduction import BackbonePart, dense_variants
+from leanvit.dense.reduction import BackbonePart, dense_backbone_of, dense_variants
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
 from leanvit.reduction import get_reduction
@@ -54,6 +54,27 @@ class _OneLineErrors:
                 raise
             last = lines[-1].split("LeanvitError: ", 1)[-1]
             raise LeanvitError(last) from None
+
+
+def _transfer_backbone(model: nn.Module, recorded: Dict[str, Any], path) -> int:
+    """Load the dense backbone of the checkpoint ``path`` (a model of another head, task or class count on the
+    same backbone, described by ``recorded``) into ``model``'s; returns the number of tensors loaded. Pyramid
+    levels the checkpoint has but ``model`` does not use are skipped; every tensor ``model``'s backbone has
+    must be in the checkpoint with its shape (a level the source never built is an error)."""
+    source = build_dense_model({**recorded, "kwargs": {k: v for k, v in recorded.get("kwargs", {}).items()
+                                                        if k not in ("reduction", "restore")}})
+    load_checkpoint(source, path, strict=True, name=str(path))
+    theirs = dense_backbone_of(source).state_dict()
+    mine = dense_backbone_of(model)
+    own = mine.state_dict()
+    bad = [k for k, v in own.items() if k not in theirs or theirs[k].shape != v.shape]
+    if bad:
+        raise LeanvitError(f"finetune {path}: its {recorded.get('head')} backbone lacks or has other shapes for "
+                           f"{len(bad)} of this model's backbone tensors ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}); build the pyramid levels it was trained with "
+                           f"(out_indices)")
+    mine.load_state_dict({k: theirs[k] for k in own}, strict=True)
+    return len(own)
 
 
 def dense_loader(dataset, task: str, batch_size: int, workers: int = 0, shuffle: bool = False, sampler=None,
@@ -143,11 +164,13 @@ class DenseTask(Task):
                                   drop_path=cfg.get("drop_path") or 0.0)
         if whole:
             recorded = read_checkpoint(finetune)["model_spec"]
-            for key in ("task", "name", "head", "num_classes"):
-                if recorded.get(key) != spec[key]:
-                    raise LeanvitError(f"finetune {finetune} holds a {recorded.get('head')} {recorded.get('task')} "
-                                       f"model on {recorded.get('name')} ({recorded.get('num_classes')} classes), not "
-                                       f"this run's {spec['head']} on {spec['name']} ({spec['num_classes']} classes)")
+            if recorded.get("name") != spec["name"]:
+                raise LeanvitError(f"finetune {finetune} holds a {recorded.get('head')} {recorded.get('task')} "
+                                   f"model on {recorded.get('name')}, not on this run's backbone {spec['name']}")
+            if any(recorded.get(key) != spec[key] for key in ("task", "head", "num_classes")):
+                loaded = _transfer_backbone(model, recorded, finetune)
+                return model, spec, (f"backbone initialized from the {recorded.get('head')} {recorded.get('task')} "
+                                     f"checkpoint {finetune} ({loaded} tensors; the {spec['head']} head is new)")
             load_checkpoint(model, finetune, strict=True, name=str(finetune))
             return model, spec, f"initialized from the {self.name} checkpoint {finetune}"
         return model, spec, (f"backbone initialized from {finetune} (classifier dropped)" if finetune else None)

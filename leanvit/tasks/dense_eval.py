@@ -46,7 +46,8 @@ from leanvit.errors import LeanvitError
 from leanvit.utils import timed_forward
 
 __all__ = ["coco_map", "evaluate_detection", "evaluate_segmentation", "confusion_matrix", "segmentation_scores",
-           "DETECTION_KEYS", "MASK_KEYS", "SEGMENTATION_KEYS", "predict_detection", "encode_masks"]
+           "DETECTION_KEYS", "MASK_KEYS", "SEGMENTATION_KEYS", "predict_detection", "encode_masks",
+           "stride_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -297,3 +298,30 @@ def evaluate_segmentation(model: nn.Module, loader, num_classes: int, device="cp
     res = segmentation_scores(cm, miou_classes)
     res.update(images=n, img_per_s=n / fwd if fwd > 0 else float("nan"))
     return res
+
+
+def stride_bound(loader, num_classes: int, stride: int, miou_classes: Optional[Iterable[int]] = None,
+                 max_batches: Optional[int] = None) -> Dict[str, Any]:
+    """The scores of the best logits a head can give at output ``stride`` (bilinearly upsampled to the input,
+    as every leanvit segmenter does): each stride x stride cell predicts its own label frequencies, the
+    upsampled frequencies are argmaxed. What no training can beat with that output stride: thin structures
+    (the digits' ink, ADE20K's poles) need a fine one. Same scoring as :func:`evaluate_segmentation`."""
+    if int(stride) < 1:
+        raise LeanvitError(f"stride must be a positive integer, got {stride!r}")
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for i, (_, targets) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        for t in targets:
+            mask = t["mask"].as_subclass(torch.Tensor).long()
+            gt = t.get("gt_mask", t["mask"]).as_subclass(torch.Tensor)
+            valid = (mask >= 0) & (mask < num_classes)
+            onehot = F.one_hot(mask.clamp(0, num_classes - 1), num_classes).permute(2, 0, 1).float()
+            onehot = (onehot * valid).unsqueeze(0)
+            h, w = mask.shape[-2:]
+            freq = F.avg_pool2d(onehot, int(stride), ceil_mode=True)
+            up = F.interpolate(freq, size=(h, w), mode="bilinear", align_corners=False)
+            if tuple(gt.shape[-2:]) != (h, w):
+                up = F.interpolate(up, size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False)
+            cm += confusion_matrix(up.argmax(1)[0], gt, num_classes)
+    return segmentation_scores(cm, miou_classes)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from leanvit.data.dense import IGNORE_INDEX, segmentation_transform, stack_masks
 from leanvit.dense import SEGMENTERS, create_segmenter
 from leanvit.tasks.dense import DenseTask
-from leanvit.tasks.dense_eval import evaluate_segmentation
+from leanvit.tasks.dense_eval import evaluate_segmentation, stride_bound
 from leanvit.tasks.registry import register_task
 
 __all__ = ["SegmentationTask"]
@@ -68,6 +68,18 @@ class SegmentationTask(DenseTask):
         return evaluate_segmentation(model, loader, int(model.num_classes), device=device, amp=amp,
                                      miou_classes=getattr(ds, "miou_classes", None), progress=progress,
                                      max_batches=max_batches)
+
+    def stride_bound(self, built, data=None, stride=None, batch_size: int = 64):
+        """The scores no training can beat at the model's output stride (the finest map its head reads;
+        ``stride`` to ask for another) on ``data``'s validation split (default: the data it was trained on):
+        see :func:`leanvit.tasks.dense_eval.stride_bound`. Returns the scores and ``stride``."""
+        model = built.model
+        if stride is None:
+            stride = min(getattr(getattr(model, "backbone", None), "strides", None) or [1])
+        dataset, loader = self.eval_data(built, data or built.config["data"], batch_size=batch_size)
+        res = stride_bound(loader, int(model.num_classes), int(stride),
+                           miou_classes=getattr(_base_dataset(dataset), "miou_classes", None))
+        return {**res, "stride": int(stride)}
 
     def describe(self, res):
         return (f"mIoU {res['val_miou']:.4f}  mIoU (all classes) {res['val_miou_all']:.4f}  "
