@@ -97,3 +97,13 @@ def test_build_model_keeps_the_recorded_options_of_the_same_method(tmp_path):
     # another method replaces the recorded one with its own options
     built = build_model(checkpoint=ckpt, reduction=ReductionSpec("tome", 2))
     assert reduction_spec(built.model)["method"] == "tome"
+
+
+def test_an_option_of_another_method_is_a_one_line_error():
+    import timm
+
+    from leanvit.reduction import apply_reduction
+
+    model = timm.create_model("deit_tiny_patch16_224", depth=2)
+    with pytest.raises(LeanvitError, match="reduction 'tome' takes no option 'keep_rate'.*its options: r"):
+        apply_reduction(model, "tome", r=3, keep_rate=0.7)  # e.g. an EViT mapping merged into a ToMe one

@@ -10,6 +10,7 @@ write it ("evit:0.7", a recipe mapping) is read by :class:`leanvit.reduction.spe
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Dict, List, Optional
 
@@ -138,6 +139,13 @@ def apply_reduction(model: nn.Module, method: str, **options) -> nn.Module:
     """Apply the registered reduction ``method`` to ``model`` in place, e.g.
     ``apply_reduction(model, "evit", keep_rate=0.7)``; a method applied before is removed first."""
     m = get_reduction(method)
+    params = inspect.signature(m.apply).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [n for n in params if n not in ("self", "model")]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise LeanvitError(f"reduction '{m.name}' takes no option {', '.join(repr(u) for u in unknown)} "
+                               f"(its options: {', '.join(known)})")
     if m.knob in options:
         options[m.knob] = m.check_strength(options[m.knob])
     current = applied_reduction(model)

@@ -5,8 +5,9 @@
    Semantic FPN (``vit_semfpn_seg_demo``);
 2. sweeps EViT and ToMe at several strengths, each with every restoration strategy, off the shelf
    (mIoU, throughput and batch-1 latency measured side by side, Pareto fronts);
-3. fine-tunes the ViT with EViT at keep rate 0.5 (``vit_linear_seg_evit_demo``, restore ``keep``) and places it
-   among the sweep's points, with the Semantic FPN model and EViT 0.5 in blocks 1-2 restored by ``keep`` and
+3. fine-tunes the ViT with EViT at keep rate 0.5 (``vit_linear_seg_evit_demo``, restore ``keep``) and with ToMe at
+   r = 30 (``vit_linear_seg_tome_demo``, restore ``unmerge``: the same token budget) and places them among the
+   sweep's points, with the Semantic FPN model and EViT 0.5 in blocks 1-2 restored by ``keep`` and
    by ``reactivate`` (EViT's default blocks of the depth-4 ViT, 1-3, leave no block to reactivate in);
 4. writes ``OUTPUT/segment/report.md`` with the table, the Pareto picture, the chosen point (the fastest within
    1 mIoU point of the unreduced model) and the restoration comparison.
@@ -50,12 +51,15 @@ def run_segment(args) -> int:
                  progress)
     tuned = _train("EViT 0.5 fine-tune, restore keep (vit_linear_seg_evit_demo)", "vit_linear_seg_evit_demo", out,
                    args.quick, progress, finetune=base["best"])
+    tuned_tome = _train("ToMe r=30 fine-tune, restore unmerge (vit_linear_seg_tome_demo)", "vit_linear_seg_tome_demo",
+                        out, args.quick, progress, finetune=base["best"])
     print("\n== sweep: EViT and ToMe x restorations, off the shelf", flush=True)
     first = task.load_model(base["best"])
     hw = first.img_size
     fpn_built = task.load_model(fpn["best"])
     bounds = [task.stride_bound(first), task.stride_bound(fpn_built)]
     extra = {"evit/keep 0.5 fine-tuned": (task.load_model(tuned["best"]).model, hw),
+             "tome/unmerge 30 fine-tuned": (task.load_model(tuned_tome["best"]).model, hw),
              "semantic_fpn (unreduced)": (fpn_built.model, hw)}
     # EViT's default blocks of a depth-4 ViT (1, 2, 3) leave no block to reactivate in: blocks 1 and 2 do
     for restore in ("keep", "reactivate"):
@@ -112,8 +116,9 @@ def _report(rows, table, chosen, png, base, fpn, bounds, quick, seconds) -> str:
 Data: ``digits-seg`` (the embedded scenes: digit scans on cluttered canvases, a label per pixel). Model: a
 DeiT III-style ViT (patch 8, 144 tokens at 96 px) with the linear head (a 1x1 convolution on the patch map).
 Reductions applied off the shelf to the trained model, each with every restoration strategy (keep /
-reactivate / fused for EViT, unmerge / reactivate for ToMe), and one EViT fine-tune. Machine: {environment("cpu")};
-throughput at batch 16, latency at batch 1, all points interleaved. Total time: {seconds:.0f} s.
+reactivate / fused for EViT, unmerge / reactivate for ToMe), and an EViT and a ToMe fine-tune.
+Machine: {environment("cpu")}; throughput at batch 16, latency at batch 1, all points interleaved.
+Total time: {seconds:.0f} s.
 
 Light head: {light}.
 
