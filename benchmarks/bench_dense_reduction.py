@@ -2,7 +2,8 @@
 
 Models (random weights: speed, GMACs and memory do not depend on them):
 - DeiT III-S (timm ``deit3_small_patch16_224`` built at 512 px: 32 x 32 = 1,024 tokens) under the ``linear``
-  head (Segmenter's linear decoder), ``semantic_fpn`` and ``upernet`` (ADE20K's 150 classes), 512 x 512;
+  head (Segmenter's linear decoder), ``semantic_fpn`` and ``upernet`` (ADE20K's 150 classes), 512 x 512
+  (``--heads mask_transformer`` adds Segmenter's mask transformer: 2 blocks at the ViT's width);
 - ViT-S (``vit_small_patch16_224``) under RetinaNet (80 classes), 640 x 640 (min_size = max_size = 640).
 
 Reductions (``create_segmenter`` / ``create_detector`` with ``reduction=`` and ``restore=``): EViT 0.7 and 0.5
@@ -57,6 +58,7 @@ from leanvit.measure.memory import _LiveTensorBytes
 from leanvit.utils import environment, retain_freed_memory, sync_device
 
 SEG_HEADS = ("linear", "semantic_fpn", "upernet")
+EXTRA_HEADS = ("mask_transformer",)  # measured when asked for
 EVIT_RESTORES = ("keep", "reactivate", "fused")
 TOME_RESTORES = ("unmerge", "reactivate")
 LOCATIONS = (3, 6, 9)
@@ -343,7 +345,7 @@ def train_memory(size: int, batch: int, device) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", nargs="+", default=list(SEG_HEADS) + ["retinanet"],
-                   choices=list(SEG_HEADS) + ["retinanet"])
+                   choices=list(SEG_HEADS) + list(EXTRA_HEADS) + ["retinanet"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seg-size", type=int, default=512)

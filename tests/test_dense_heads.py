@@ -121,6 +121,49 @@ def test_linear_head_trains_and_takes_one_map():
         create_segmenter("linaer", "vit_tiny_patch16_224", 3, **VIT)
 
 
+def test_mask_transformer_is_segmenters_decoder_step_by_step():
+    """Segmenter's mask transformer: patches (projected) and class embeddings through the blocks together,
+    masks = normalized patch . normalized class embeddings, LayerNorm over the classes."""
+    torch.manual_seed(0)
+    seg = create_segmenter("mask_transformer", "vit_tiny_patch16_224", 5, decoder_dim=32, decoder_heads=2, **VIT).eval()
+    head = seg.head
+    assert list(seg.backbone.levels) == ["2"] and len(head.blocks) == 2 and head.class_embed.shape == (1, 5, 32)
+    assert "head.class_embed" in seg.no_weight_decay()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        grid = seg.backbone((x - seg.pixel_mean) / seg.pixel_std)[-1]  # (2, 64, 4, 6)
+        tokens = grid.flatten(2).transpose(1, 2) @ head.proj_in.weight.T + head.proj_in.bias
+        z = torch.cat([tokens, head.class_embed.expand(2, -1, -1)], dim=1)
+        for blk in head.blocks:
+            z = blk(z)
+        z = head.norm(z)
+        p = F.normalize(z[:, :24] @ head.proj_patch.weight.T, dim=-1)
+        c = F.normalize(z[:, 24:] @ head.proj_classes.weight.T, dim=-1)
+        masks = F.layer_norm(p @ c.transpose(1, 2), (5,), head.mask_norm.weight, head.mask_norm.bias)
+        want = F.interpolate(masks.transpose(1, 2).reshape(2, 5, 4, 6), size=(64, 96), mode="bilinear",
+                             align_corners=False)
+        y = seg(x)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    y = create_segmenter("mask_transformer", "vit_tiny_patch16_224", 5, decoder_depth=1, **VIT)(x)  # dim: the ViT's
+    F.cross_entropy(y, torch.randint(0, 5, (2, 64, 96))).backward()
+    with pytest.raises(LeanvitError, match="mask transformer takes one map"):
+        create_segmenter("mask_transformer", "vit_tiny_patch16_224", 3, out_indices=(1, 2), **VIT)
+    with pytest.raises(LeanvitError, match="divisible by decoder_heads"):
+        create_segmenter("mask_transformer", "vit_tiny_patch16_224", 3, decoder_dim=30, decoder_heads=4, **VIT)
+
+
+@pytest.mark.parametrize("reduction,restore", [("evit:1.0", "keep"), ("tome:0", "unmerge")])
+def test_mask_transformer_with_reduction_off_is_the_unreduced_segmenter(reduction, restore):
+    torch.manual_seed(0)
+    plain = create_segmenter("mask_transformer", "vit_tiny_patch16_224", 4, **VIT).eval()
+    reduced = create_segmenter("mask_transformer", "vit_tiny_patch16_224", 4, reduction=reduction, restore=restore,
+                               **VIT).eval()
+    reduced.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(x), plain(x))
+
+
 @pytest.mark.parametrize("name", ["vit_linear_seg_demo", "vit_semfpn_seg_demo", "vit_fcos_det_demo"])
 def test_embedded_vit_dense_recipes_build_their_models(name):
     """The embedded plain-ViT dense recipes: a DeiT III-style ViT (LayerScale, patch 8: 144 tokens at 96 px)

@@ -33,7 +33,8 @@ from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 from leanvit.dense.backbones import DenseBackbone, resolve_backbone
 from leanvit.errors import LeanvitError
 
-__all__ = ["SemanticFPNHead", "UperNetHead", "LinearHead", "Segmenter", "SEGMENTERS", "create_segmenter"]
+__all__ = ["SemanticFPNHead", "UperNetHead", "LinearHead", "MaskTransformerHead", "Segmenter", "SEGMENTERS",
+           "create_segmenter"]
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,71 @@ class LinearHead(nn.Module):
         return self.classifier(self.dropout(_channels_last(feats[-1])))
 
 
+class MaskTransformerHead(nn.Module):
+    """Segmenter's mask transformer (Strudel et al., ICCV 2021, Sec. 3.2): the patch tokens, projected to
+    the decoder's width, and K learned class embeddings go through its transformer blocks together; the
+    masks are the scalar products of the L2-normalized patch and class embeddings (each through its own
+    square projection), normalized (LayerNorm) over the classes, one map per class at the patch stride.
+
+    Options (named apart from the backbone's ``depth`` / ``num_heads``): ``decoder_depth`` (2),
+    ``decoder_dim`` (0: the encoder's width), ``decoder_heads`` (0: heads of 64 channels), ``decoder_mlp_ratio``
+    (4), ``decoder_drop_path``, ``dropout``; the defaults are Segmenter's. It costs ``decoder_depth`` ViT
+    blocks over N + K tokens: a token reduction in the backbone does not shrink it (it decodes the restored
+    full map)."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, decoder_dim: int = 0, decoder_depth: int = 2,
+                 decoder_heads: int = 0, decoder_mlp_ratio: float = 4.0, decoder_drop_path: float = 0.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        in_channels = list(in_channels)
+        if len(in_channels) != 1:
+            raise LeanvitError(f"the mask transformer takes one map (the patch-stride level, out_indices=(2,)), "
+                               f"the backbone gives {len(in_channels)} (channels {in_channels})")
+        dim = int(decoder_dim) or in_channels[0]
+        num_heads = int(decoder_heads) or max(1, dim // 64)
+        depth = int(decoder_depth)
+        if depth < 1 or dim % num_heads:
+            raise LeanvitError(f"mask transformer: need decoder_depth >= 1 and decoder_dim divisible by "
+                               f"decoder_heads, got {depth}, {dim}, {num_heads}")
+        self.num_classes = num_classes
+        self.proj_in = nn.Linear(in_channels[0], dim)
+        self.class_embed = nn.Parameter(torch.zeros(1, num_classes, dim))
+        rates = torch.linspace(0, decoder_drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, decoder_mlp_ratio, qkv_bias=True, proj_drop=dropout,
+                                          drop_path=r) for r in rates)
+        self.norm = nn.LayerNorm(dim)
+        self.proj_patch = nn.Linear(dim, dim, bias=False)
+        self.proj_classes = nn.Linear(dim, dim, bias=False)
+        self.mask_norm = nn.LayerNorm(num_classes)
+        self.apply(self._init)
+        nn.init.trunc_normal_(self.class_embed, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set:
+        return {"class_embed"}
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        x = feats[-1]
+        b, _, h, w = x.shape
+        k = self.num_classes
+        x = torch.cat([self.proj_in(x.flatten(2).transpose(1, 2)), self.class_embed.expand(b, -1, -1)], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        patches = F.normalize(self.proj_patch(x[:, :-k]), dim=-1)
+        classes = F.normalize(self.proj_classes(x[:, -k:]), dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, N, K)
+        return masks.transpose(1, 2).reshape(b, k, h, w)
+
+
 class Segmenter(nn.Module):
     """A backbone and a head; ``forward(x)`` -> logits (B, K, H, W) at the input resolution."""
 
@@ -176,7 +242,9 @@ class Segmenter(nn.Module):
 
     def no_weight_decay(self) -> set:
         """The backbone's no-weight-decay parameters (position embeddings, tokens), for timm's optimizers."""
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        own = getattr(self.head, "no_weight_decay", None)
+        return ({f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+                | {f"head.{n}" for n in (own() if callable(own) else ())})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -187,29 +255,35 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-SEGMENTERS = ("semantic_fpn", "upernet", "linear")
+SEGMENTERS = ("semantic_fpn", "upernet", "linear", "mask_transformer")
 _HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout", "norm"},
                  "upernet": {"channels", "pool_scales", "dropout"},
-                 "linear": {"dropout"}}
-_DEFAULT_LEVELS = {"linear": (2,)}  # the patch-stride map only: the other pyramid levels are never computed
+                 "linear": {"dropout"},
+                 "mask_transformer": {"decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp_ratio",
+                                      "decoder_drop_path", "dropout"}}
+# the patch-stride map only: the other pyramid levels are never computed
+_DEFAULT_LEVELS = {"linear": (2,), "mask_transformer": (2,)}
 _SEGMENTER_OPTIONS = {"normalize"}
 
 
 def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=None, reduction=None, restore=None,
                      **kwargs) -> Segmenter:
-    """A semantic segmenter ``name`` (``semantic_fpn``, ``upernet`` or ``linear``) on ``backbone``.
+    """A semantic segmenter ``name`` (``semantic_fpn``, ``upernet``, ``linear``, ``mask_transformer``) on
+    ``backbone``.
 
     Args:
         backbone: a timm/leanvit model name or a built :class:`~leanvit.dense.backbones.DenseBackbone`
-            (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride; ``linear``
-            takes exactly one map and builds a named backbone with ``out_indices=(2,)``, stride 16).
+            (stride 4-32 maps; fewer levels work, the finest one sets the head's output stride; ``linear`` and
+            ``mask_transformer`` take exactly one map and build a named backbone with ``out_indices=(2,)``, the
+            patch stride).
         num_classes: K classes; logits (B, K, H, W).
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
         reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
             (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
         kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn,
-            ``pool_scales`` for upernet, ``dropout``), ``normalize`` (True: inputs in [0, 1]); the rest go to the
-            backbone (``img_size``, ``drop_path_rate``, ``out_indices``, ``grad_checkpointing``, model options).
+            ``pool_scales`` for upernet, ``decoder_*`` for mask_transformer, ``dropout``), ``normalize`` (True:
+            inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,
+            ``grad_checkpointing``, model options).
     """
     if name not in SEGMENTERS:
         raise LeanvitError(f"unknown segmenter '{name}'; choose one of {', '.join(SEGMENTERS)}")
@@ -224,6 +298,8 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
         head = SemanticFPNHead(body.out_channels, body.strides, num_classes, **head_kw)
     elif name == "linear":
         head = LinearHead(body.out_channels, num_classes, **head_kw)
+    elif name == "mask_transformer":
+        head = MaskTransformerHead(body.out_channels, num_classes, **head_kw)
     else:
         head = UperNetHead(body.out_channels, num_classes, **head_kw)
     return Segmenter(body, head, num_classes, name, normalize=normalize)
