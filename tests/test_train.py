@@ -244,3 +244,22 @@ def test_deit3_pieces_together_lamb_bce_mixup_ema_repeated_aug_clip(tmp_path):
     state = torch.load(res["last"], weights_only=True)
     assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
     assert not torch.equal(state["ema"]["head.weight"], state["model"]["head.weight"])
+
+
+def test_freeze_keeps_the_matching_parameters_fixed(tmp_path):
+    """``freeze``: parameters matching the patterns do not move in training, the others do; a pattern that
+    matches nothing, or one that freezes everything, is a clear error."""
+    from leanvit.checkpoints import read_checkpoint
+
+    _run(tmp_path, "base", epochs=1)
+    start = read_checkpoint(tmp_path / "base" / "last.pth")["model"]
+    _run(tmp_path, "frozen", epochs=1, finetune=str(tmp_path / "base" / "last.pth"),
+         freeze=["patch_embed.*", "blocks.0.*", "cls_token"])
+    end = read_checkpoint(tmp_path / "frozen" / "last.pth")["model"]
+    frozen = [k for k in start if k.startswith(("patch_embed.", "blocks.0.")) or k == "cls_token"]
+    assert frozen and all(torch.equal(start[k], end[k]) for k in frozen)
+    assert not torch.equal(start["blocks.1.mlp.fc1.weight"], end["blocks.1.mlp.fc1.weight"])
+    with pytest.raises(LeanvitError, match="freeze pattern 'block.0.*' matches no parameter"):
+        _run(tmp_path, "bad", freeze=["block.0.*"])
+    with pytest.raises(LeanvitError, match="leaves no parameter to train"):
+        _run(tmp_path, "all", freeze=["*"])

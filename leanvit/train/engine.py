@@ -46,7 +46,7 @@ from leanvit.train.run_folder import (
     remove_orphans,
     resume_decision,
 )
-from leanvit.train.setup import build_state
+from leanvit.train.setup import build_state, freeze_parameters
 from leanvit.train.state import TrainState
 from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
 
@@ -131,6 +131,11 @@ class Run:
         model, self.spec, note = self.task.build_model(cfg, self.num_classes, target, finetune)
         if note and env.is_main:
             log.info(note)
+        if cfg.get("freeze"):
+            tensors, params = freeze_parameters(model, cfg["freeze"])
+            if env.is_main:
+                log.info("froze %d parameter tensors (%s parameters) matching %s", tensors, f"{params:,}",
+                         cfg["freeze"])
         self.data = self.task.build_data(cfg, env, model)
         model = model.to(env.device)
         self.state = build_state(cfg, model, self.data.iters, env)

@@ -38,6 +38,7 @@ DEFAULTS: Dict[str, Any] = {
     "finetune": None,            # checkpoint to start from (classifier and pos_embed adapted)
     "finetune_train_mode": True, # DeiT III keeps drop-path on when fine-tuning; EViT/DeiT used eval mode
     "finetune_partial": False,   # accept a --finetune checkpoint that fills less than half of the model
+    "freeze": None,              # parameter-name patterns kept fixed, e.g. ["backbone.vit.blocks.0.*"]
     # data
     "data": "digits",
     "digits": {},                # options of leanvit.data.digits.DigitsDataset

@@ -1,7 +1,8 @@
 """What trains a run's model, whatever its task: optimizer, learning-rate schedule, grad scaler and EMA."""
 from __future__ import annotations
 
-from typing import Any, Dict
+import fnmatch
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -9,10 +10,42 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 
+from leanvit.errors import LeanvitError
 from leanvit.train.distributed import DistEnv
 from leanvit.train.state import TrainState
 
-__all__ = ["build_state"]
+__all__ = ["build_state", "freeze_parameters"]
+
+
+def freeze_parameters(model: nn.Module, patterns) -> Tuple[int, int]:
+    """Keep the parameters whose names match one of ``patterns`` (shell-style, ``fnmatch``: a name or a
+    prefix such as ``backbone.vit.blocks.0.*``) fixed in training: ``requires_grad_(False)``, so the
+    optimizer (timm's parameter groups) and DDP leave them out. Returns (tensors, parameters) frozen.
+
+    Why: a reduction whose ranking is computed from the model (EViT ranks by the class token's attention)
+    drifts when those weights are fine-tuned with a loss that does not read the class token (a segmenter);
+    freezing what the ranking is computed from keeps it."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not patterns:
+        return 0, 0
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) and p for p in patterns):
+        raise LeanvitError(f"freeze must be a list of parameter-name patterns, got {patterns!r}")
+    named = list(model.named_parameters())
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in named)]
+    if unmatched:
+        example = named[0][0] if named else "-"
+        raise LeanvitError(f"freeze pattern {unmatched[0]!r} matches no parameter of the model (names look like "
+                           f"{example!r}; use * for the rest of a name)")
+    tensors = params = 0
+    for name, p in named:
+        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+            tensors += 1
+            params += p.numel()
+    if all(not p.requires_grad for _, p in named):
+        raise LeanvitError(f"freeze {list(patterns)} leaves no parameter to train")
+    return tensors, params
 
 
 def build_state(cfg: Dict[str, Any], model: nn.Module, iters: int, env: DistEnv) -> TrainState:
