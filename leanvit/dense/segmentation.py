@@ -28,6 +28,7 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from leanvit.dense.backbones import DenseBackbone, resolve_backbone
@@ -166,8 +167,6 @@ class MaskTransformerHead(nn.Module):
                  decoder_heads: int = 0, decoder_mlp_ratio: float = 4.0, decoder_drop_path: float = 0.0,
                  dropout: float = 0.0):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         in_channels = list(in_channels)
         if len(in_channels) != 1:
             raise LeanvitError(f"the mask transformer takes one map (the patch-stride level, out_indices=(2,)), "

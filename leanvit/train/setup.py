@@ -31,21 +31,21 @@ def freeze_parameters(model: nn.Module, patterns) -> Tuple[int, int]:
         return 0, 0
     if not isinstance(patterns, Sequence) or not all(isinstance(p, str) and p for p in patterns):
         raise LeanvitError(f"freeze must be a list of parameter-name patterns, got {patterns!r}")
-    named = list(model.named_parameters())
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in named)]
-    if unmatched:
-        example = named[0][0] if named else "-"
-        raise LeanvitError(f"freeze pattern {unmatched[0]!r} matches no parameter of the model (names look like "
-                           f"{example!r}; use * for the rest of a name)")
-    tensors = params = 0
-    for name, p in named:
-        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
-            p.requires_grad_(False)
-            tensors += 1
-            params += p.numel()
-    if all(not p.requires_grad for _, p in named):
+    params = dict(model.named_parameters())
+    chosen = set()
+    for pat in patterns:
+        hits = fnmatch.filter(params, pat)
+        if not hits:
+            example = next(iter(params), "-")
+            raise LeanvitError(f"freeze pattern {pat!r} matches no parameter of the model (names look like "
+                               f"{example!r}; use * for the rest of a name)")
+        chosen.update(hits)
+    if len(chosen) == len(params):
         raise LeanvitError(f"freeze {list(patterns)} leaves no parameter to train")
-    return tensors, params
+    for name in chosen:
+        params[name].requires_grad_(False)
+    tensors, count = len(chosen), sum(params[n].numel() for n in chosen)
+    return tensors, count
 
 
 def build_state(cfg: Dict[str, Any], model: nn.Module, iters: int, env: DistEnv) -> TrainState:
