@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import leanvit  # noqa: F401
 from leanvit.dense import create_backbone, create_segmenter
+from leanvit.dense.fused_fpn import compose_convs, nearest2x_phase_kernels
 from leanvit.errors import LeanvitError
 
 VIT = dict(depth=2, embed_dim=64, num_heads=2, img_size=64)
@@ -63,6 +64,56 @@ def test_semantic_fpn_equals_its_step_by_step_computation(size, norm):
     assert (got - want).abs().max() < 1e-3 * want.abs().max()
 
 
+def test_composed_kernels_equal_the_convolutions_they_replace():
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 5, 12, 14), torch.randn(2, 5, 6, 7)
+    inner, outer = torch.randn(6, 5, 3, 3), torch.randn(4, 6, 3, 3)
+    both = compose_convs(outer, inner)
+    assert both.shape == (4, 5, 5, 5)
+    # without padding the composition is exact everywhere
+    torch.testing.assert_close(F.conv2d(x, both), F.conv2d(F.conv2d(x, inner), outer), rtol=1e-4, atol=1e-4)
+    w = torch.randn(3, 5, 5, 5)
+    phases, pad = nearest2x_phase_kernels(w)
+    assert phases.shape == (12, 5, 3, 3) and pad == 1
+    want = F.conv2d(F.interpolate(t, scale_factor=2, mode="nearest"), w, padding=2)
+    torch.testing.assert_close(F.pixel_shuffle(F.conv2d(t, phases, padding=pad), 2), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+@pytest.mark.parametrize("size", [(128, 160), (160, 128)])
+def test_semantic_fpn_fused_finest_level_equals_the_step_by_step_head(norm, size):
+    """At inference on maps of >= 32 x 32 the finest level composes the FPN's output convolution with the
+    branch's (leanvit.dense.fused_fpn): same outputs, including the border rows and columns and the biases."""
+    torch.manual_seed(0)
+    seg = create_segmenter("semantic_fpn", "vit_tiny_patch16_224", 7, fpn_channels=32, channels=16, norm=norm,
+                           **dict(VIT, img_size=size))
+    for m in seg.head.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)
+    seg.eval()
+    feats = seg.backbone(torch.rand(2, 3, *size))
+    with torch.no_grad():
+        assert seg.head._use_fused(feats)
+        got, want = seg.head(feats), _reference_semantic_fpn(seg.head, feats)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # weights changed in place (an optimizer step, a loaded state dict): the composed kernels follow
+        seg.head.fpn.layer_blocks[0][0].weight.mul_(-1.5)
+        seg.head.branches[0][0][0].weight.add_(0.1)
+        torch.testing.assert_close(seg.head(feats), _reference_semantic_fpn(seg.head, feats), rtol=1e-4, atol=1e-4)
+    assert not seg.head._use_fused(feats)  # autograd on: the published order of operations
+
+
+def test_semantic_fpn_exports_under_no_grad():
+    """torch.export traces the published order of operations (the fused level reads parameter storage)."""
+    torch.manual_seed(0)
+    seg = create_segmenter("semantic_fpn", "vit_tiny_patch16_224", 3, fpn_channels=16, channels=16,
+                           **dict(VIT, img_size=128)).eval()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        program = torch.export.export(seg, (x,))
+        torch.testing.assert_close(program.module()(x), seg(x), rtol=1e-4, atol=1e-4)
+
+
 def test_semantic_fpn_gradients_match_the_step_by_step_computation():
     torch.manual_seed(0)
     seg = create_segmenter("semantic_fpn", "vit_tiny_patch16_224", 5, fpn_channels=32, channels=32, dropout=0.0, **VIT)
@@ -102,6 +153,30 @@ def test_linear_head_is_a_1x1_conv_on_the_patch_map():
         want = F.interpolate(logits, size=(64, 96), mode="bilinear", align_corners=False)
     assert y.shape == (2, 5, 64, 96)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_head_subpixel_predicts_a_block_of_logits_per_token():
+    """subpixel r: the token's one linear map gives its r x r sub-patch logits, in raster order within the
+    patch (pixel shuffle), before the final bilinear upsampling."""
+    torch.manual_seed(0)
+    seg = create_segmenter("linear", "vit_tiny_patch16_224", 5, subpixel=4, **VIT).eval()
+    assert sum(p.numel() for p in seg.head.parameters()) == 64 * 5 * 16 + 5 * 16
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        y = seg(x)
+        vit = seg.backbone.vit
+        tokens = vit.forward_features((x - seg.pixel_mean) / seg.pixel_std)[:, vit.num_prefix_tokens:]
+        out = tokens @ seg.head.classifier.weight[:, :, 0, 0].T + seg.head.classifier.bias  # (B, 24, 5*16)
+        fine = torch.empty(2, 5, 16, 24)
+        for t in range(24):
+            i, j = divmod(t, 6)
+            for k in range(5):
+                fine[:, k, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = out[:, t, k * 16:(k + 1) * 16].reshape(2, 4, 4)
+        want = F.interpolate(fine, size=(64, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    for bad in (0, 2.0, True):
+        with pytest.raises(LeanvitError, match="subpixel must be a positive integer"):
+            create_segmenter("linear", "vit_tiny_patch16_224", 5, subpixel=bad, **VIT)
 
 
 def test_linear_head_trains_and_takes_one_map():

@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from leanvit.dense.backbones import DenseBackbone, resolve_backbone
+from leanvit.dense.fused_fpn import FusedFinestLevel
 from leanvit.errors import LeanvitError
 
 __all__ = ["SemanticFPNHead", "UperNetHead", "LinearHead", "MaskTransformerHead", "Segmenter", "SEGMENTERS",
@@ -42,6 +43,10 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last layout: oneDNN's convolutions, GroupNorm and bilinear upsampling on CPU run
     faster in it than in NCHW (no reorder of every map); values are unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+# the finest map's pixels from which the fused finest level (leanvit.dense.fused_fpn) is used
+_FUSED_MIN_PIXELS = 32 * 32
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -72,11 +77,42 @@ class SemanticFPNHead(nn.Module):
             self.branches.append(nn.Sequential(*layers))
         self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        first = self.branches[0][0]
+        convs = (self.fpn.inner_blocks[0][0], self.fpn.layer_blocks[0][0], first[0])
+        fusable = len(strides) > 1 and len(self.branches[0]) == 1 and FusedFinestLevel.applies(*convs)
+        self._fused = FusedFinestLevel(*convs) if fusable else None
+
+    def _use_fused(self, feats: List[torch.Tensor]) -> bool:
+        """Inference (no autograd, eager) on maps large enough for the composed convolutions to pay, the
+        finest map exactly twice the next one (odd sizes: the published path)."""
+        if self._fused is None or torch.is_grad_enabled() or self.fpn.extra_blocks is not None:
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # export / compile trace the published graph
+            return False
+        (h, w), (h2, w2) = feats[0].shape[-2:], feats[1].shape[-2:]
+        return h == 2 * h2 and w == 2 * w2 and h * w >= _FUSED_MIN_PIXELS and min(h, w) >= 8
+
+    def _levels(self, feats: List[torch.Tensor]):
+        """The FPN's outputs and the finest branch's output; with the fused path, the FPN's finest output is
+        never formed (the finest branch's convolution is computed from the FPN's inputs directly)."""
+        if not self._use_fused(feats):
+            levels = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
+            return levels, self.branches[0](levels[0])
+        fpn = self.fpn  # torchvision's FeaturePyramidNetwork.forward, stopped before the finest level
+        inner = fpn.get_result_from_inner_blocks(feats[-1], -1)
+        levels = [fpn.get_result_from_layer_blocks(inner, -1)]
+        for idx in range(len(feats) - 2, 0, -1):
+            lateral = fpn.get_result_from_inner_blocks(feats[idx], idx)
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            levels.insert(0, fpn.get_result_from_layer_blocks(inner, idx))
+        y = self._fused(feats[0], inner)
+        for layer in list(self.branches[0][0])[1:]:  # the finest branch's norm and ReLU
+            y = layer(y)
+        return [None] + levels, y
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         feats = [_channels_last(f) for f in feats]
-        levels = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
-        out = self.branches[0](levels[0])
+        levels, out = self._levels(feats)
         # Bilinear 2x upsampling is linear, so the branches of the coarser levels are summed at stride
         # 2 x base and upsampled once (the sum of upsampled maps is the upsampled sum): one upsampling
         # and one addition at the finest stride instead of one per level. A branch whose 2x size misses
@@ -136,19 +172,34 @@ class UperNetHead(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """Segmenter's linear decoder: one 1x1 convolution on a single map (optional dropout before it)."""
+    """Segmenter's linear decoder: one 1x1 convolution on a single map (optional dropout before it).
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, dropout: float = 0.0):
+    ``subpixel`` = r > 1 makes that one linear map predict an r x r block of logits per token (K r^2 outputs,
+    rearranged by pixel shuffle, Shi et al. 2016), so the logits come out at the patch stride / r before the
+    final bilinear upsampling. It stays one linear layer per token, as MAE's decoder predicts a patch's pixels
+    from its token (He et al. 2022): the token, not the head, has to know where the ink lies inside its patch.
+    With thin structures (strokes narrower than a patch) the patch stride bounds what the plain decoder can
+    draw; ``subpixel`` lifts that bound at K r^2 C multiply-adds per token."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, dropout: float = 0.0, subpixel: int = 1):
         super().__init__()
         in_channels = list(in_channels)
         if len(in_channels) != 1:
             raise LeanvitError(f"the linear head takes one map (the patch-stride level, out_indices=(2,)), "
                                f"the backbone gives {len(in_channels)} (channels {in_channels})")
+        if isinstance(subpixel, bool) or not isinstance(subpixel, int) or subpixel < 1:
+            raise LeanvitError(f"linear head: subpixel must be a positive integer (1: logits at the patch "
+                               f"stride), got {subpixel!r}")
+        self.subpixel = subpixel
         self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
-        self.classifier = nn.Conv2d(in_channels[0], num_classes, 1)
+        self.classifier = nn.Conv2d(in_channels[0], num_classes * subpixel ** 2, 1)
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.dropout(_channels_last(feats[-1])))
+        logits = self.classifier(self.dropout(_channels_last(feats[-1])))
+        if self.subpixel > 1:
+            # NCHW: the final upsampling of the logits is far slower on CPU in channels-last for large factors
+            logits = F.pixel_shuffle(logits.contiguous(), self.subpixel)
+        return logits
 
 
 class MaskTransformerHead(nn.Module):
@@ -259,7 +310,7 @@ class Segmenter(nn.Module):
 SEGMENTERS = ("semantic_fpn", "upernet", "linear", "mask_transformer")
 _HEAD_OPTIONS = {"semantic_fpn": {"fpn_channels", "channels", "dropout", "norm"},
                  "upernet": {"channels", "pool_scales", "dropout"},
-                 "linear": {"dropout"},
+                 "linear": {"dropout", "subpixel"},
                  "mask_transformer": {"decoder_dim", "decoder_depth", "decoder_heads", "decoder_mlp_ratio",
                                       "decoder_drop_path", "dropout"}}
 # the patch-stride map only: the other pyramid levels are never computed
