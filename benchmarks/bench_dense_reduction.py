@@ -160,8 +160,8 @@ class DetectorBackbone(nn.Module):
 
 class StepByStepFPN(nn.Module):
     """A Semantic FPN head computed as published, step by step in NCHW: every branch upsampled to the finest
-    stride on its own, then summed (``--fpn-study``: what ``SemanticFPNHead``'s reordering and channels-last
-    layout save, on the same weights)."""
+    stride on its own, then summed (``--fpn-study``: what ``SemanticFPNHead``'s reordering, channels-last
+    layout and composed finest level save, on the same weights)."""
 
     def __init__(self, head: nn.Module):
         super().__init__()
@@ -197,7 +197,8 @@ def fpn_study(size: int, batch_sizes, repeats: int, device) -> None:
     torch.manual_seed(0)
     seg = create_segmenter("semantic_fpn", "deit3_small_patch16_224", 150, img_size=size).eval().to(device)
     print(f"\n## Semantic FPN head alone (DeiT III-S maps at {size}x{size}, 150 classes): step by step in NCHW "
-          "vs leanvit's (coarse branches summed before one upsampling, channels-last)")
+          "vs leanvit's (coarse branches summed before one upsampling, channels-last, the finest level's two "
+          "convolutions composed)")
     for bs in batch_sizes:
         with torch.inference_mode():
             feats = seg.backbone(torch.rand(bs, 3, size, size, device=device))
@@ -344,7 +345,7 @@ def train_memory(size: int, batch: int, device) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--heads", nargs="+", default=list(SEG_HEADS) + ["retinanet"],
+    p.add_argument("--heads", nargs="*", default=list(SEG_HEADS) + ["retinanet"],
                    choices=list(SEG_HEADS) + list(EXTRA_HEADS) + ["retinanet"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--repeats", type=int, default=5)

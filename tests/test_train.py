@@ -218,6 +218,24 @@ def test_train_cli_overrides_and_errors(tmp_path):
     assert r.returncode == 2 and "unknown setting 'learning_rate'" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_set_null_removes_an_inherited_value():
+    """``--set reduction=null`` under a recipe whose base sets a reduction: the control run is unreduced
+    (``None`` in the overrides means "not given" and leaves the recipe's value)."""
+    import argparse
+
+    from leanvit.tools.train import parse_overrides
+    from leanvit.train.recipes import NULL
+
+    assert resolve_config("vit_linear_seg_evit_demo")["reduction"] is not None
+    assert resolve_config("vit_linear_seg_evit_demo", {"reduction": None})["reduction"] is not None
+    assert resolve_config("vit_linear_seg_evit_demo", {"reduction": NULL, "freeze": NULL})["reduction"] is None
+    nested = resolve_config("vit_linear_seg_demo", {"model_kwargs": {"init_values": NULL}})["model_kwargs"]
+    assert nested["init_values"] is None and nested["patch_size"] == 8  # no LayerScale; the rest kept
+    args = argparse.Namespace(set=["reduction=null", "lr=null"], finetune_partial=False)
+    over = parse_overrides(args, [])
+    assert over["reduction"] is NULL and over["lr"] is NULL
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "ddp"

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 from leanvit.errors import LeanvitError
 from leanvit.tasks import get_task
 from leanvit.train.engine import train
-from leanvit.train.recipes import DEFAULTS, RECIPE_DIR, list_recipes, parse_value
+from leanvit.train.recipes import DEFAULTS, NULL, RECIPE_DIR, list_recipes, parse_value
 
 # flags shown in --help; every other recipe key is accepted as --key value (dashes or underscores)
 _COMMON = {
@@ -104,7 +104,8 @@ def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
         key, eq, val = item.partition("=")
         if not eq:
             raise LeanvitError(f"--set takes KEY=VALUE, got '{item}'")
-        _set(over, key, parse_value(val))
+        value = parse_value(val)
+        _set(over, key, NULL if value is None else value)  # --set reduction=null removes an inherited one
     return over
 
 

@@ -17,7 +17,7 @@ from leanvit.errors import LeanvitError
 from leanvit.reduction import ReductionSpec
 
 __all__ = ["DEFAULTS", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config", "parse_value",
-           "reduction_settings"]
+           "reduction_settings", "NULL"]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -172,9 +172,28 @@ def parse_value(text: str) -> Any:
     return value
 
 
+class _Null:
+    """An override that sets a value to null, unlike ``None``, which means "not given"."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()  # what ``--set key=null`` gives: the recipe's (or its base's) value is removed
+
+
+def _nulls_to_none(value: Any) -> Any:
+    if value is NULL:
+        return None
+    if isinstance(value, dict):
+        return {k: _nulls_to_none(v) for k, v in value.items()}
+    return value
+
+
 def resolve_config(recipe: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """DEFAULTS, then the recipe, then the overrides (``None`` values in overrides are ignored; a mapping
-    such as ``digits`` or ``model_kwargs`` is merged key by key into the recipe's)."""
+    """DEFAULTS, then the recipe, then the overrides (``None`` values in overrides are ignored, :data:`NULL`
+    sets a value to null, e.g. removes an inherited ``reduction``; a mapping such as ``digits`` or
+    ``model_kwargs`` is merged key by key into the recipe's)."""
     cfg = dict(DEFAULTS)
     if recipe:
         r = load_recipe(recipe)
@@ -184,6 +203,7 @@ def resolve_config(recipe: Optional[str] = None, overrides: Optional[Dict[str, A
     check_keys(over, "the overrides")
     for k, v in over.items():  # mappings (digits, model_kwargs) are merged into the recipe's
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        cfg[k] = _nulls_to_none(cfg[k])
     _validate(cfg)
     return cfg
 
