@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 __all__ = ["compose_convs", "nearest2x_phase_kernels", "FusedFinestLevel"]
 
+
 def compose_convs(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """The kernel of ``conv(conv(x, inner), outer)`` (stride 1, zero padding ignored): (O, C, ko+ki-1, ...)."""
     o, m, ka, kb = outer.shape
@@ -46,17 +47,15 @@ def nearest2x_phase_kernels(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     if k != k2 or k % 2 == 0:
         raise ValueError(f"need a square kernel of odd size, got {k}x{k2}")
     p = k // 2
-    lo, hi = (0 - p) // 2, (1 + k - 1 - p) // 2  # coarse offsets a tap can reach, over both phases
-    size = hi - lo + 1
+    reach = (p + 1) // 2  # coarse offsets a tap reaches, over both phases: -reach .. reach
+    lo, size = -reach, 2 * reach + 1
     out = weight.new_zeros(o, 2, 2, c, size, size)
     for i in range(2):
         for j in range(2):
             for sy in range(k):
                 for sx in range(k):
                     out[:, i, j, :, (i + sy - p) // 2 - lo, (j + sx - p) // 2 - lo] += weight[:, :, sy, sx]
-    if -lo != hi:
-        raise ValueError("asymmetric coarse kernel")  # not reached for odd k
-    return out.reshape(4 * o, c, size, size), -lo
+    return out.reshape(4 * o, c, size, size), reach
 
 
 class FusedFinestLevel:
