@@ -222,11 +222,11 @@ def configurations(patches: int) -> List[dict]:
     for keep in (0.7, 0.5):
         for restore in EVIT_RESTORES:
             confs.append(dict(label=f"EViT {keep} {restore}", reduction=f"evit:{keep}", restore=restore,
-                              lengths=evit_lengths(patches, keep), budget=f"EViT {keep}"))
+                              lengths=evit_lengths(patches, keep), schedule=f"EViT {keep}"))
         r = matched_r(patches, keep)
         for restore in TOME_RESTORES:
             confs.append(dict(label=f"ToMe r={r} {restore}", reduction=f"tome:{r}", restore=restore,
-                              lengths=tome_lengths(patches, r), budget=f"ToMe r={r}"))
+                              lengths=tome_lengths(patches, r), schedule=f"ToMe r={r}"))
     return confs
 
 
@@ -259,29 +259,29 @@ def bench_model(kind: str, size: int, batch_sizes, repeats: int, memory: bool, d
     base_whole = built["unreduced"][1]
     bounds = {}
     for conf in configurations(patches):
-        if conf["lengths"] is not None and conf["budget"] not in bounds:
+        if conf["lengths"] is not None and conf["schedule"] not in bounds:
             if kind == "retinanet":
                 body = BoundBackbone(base_whole.det.backbone.body, conf["lengths"])
                 whole = BatchDetector(with_backbone(base_whole.det, body))
-                bounds[conf["budget"]] = (whole, DetectorBackbone(whole.det))
+                bounds[conf["schedule"]] = (whole, DetectorBackbone(whole.det))
             else:
                 body = BoundBackbone(base_whole.backbone, conf["lengths"])
-                bounds[conf["budget"]] = (with_backbone(base_whole, body), body)
+                bounds[conf["schedule"]] = (with_backbone(base_whole, body), body)
     print(f"\n## {kind} on {'ViT-S' if kind == 'retinanet' else 'DeiT III-S'}, {size}x{size} ({patches:,} tokens)"
           + (f"\n(reduced models unavailable: {unavailable})" if unavailable else ""), flush=True)
     gm = {}
     for label, (_, whole, bb) in built.items():
         gm[label] = (count_macs(bb, size) / 1e9, count_macs(whole, size) / 1e9)
-    for budget, (whole, bb) in bounds.items():
-        gm[f"bound {budget}"] = (count_macs(bb, size) / 1e9, count_macs(whole, size) / 1e9)
+    for schedule, (whole, bb) in bounds.items():
+        gm[f"bound {schedule}"] = (count_macs(bb, size) / 1e9, count_macs(whole, size) / 1e9)
     for bs in batch_sizes:
         models = {}
         for label, (_, whole, bb) in built.items():
             models[(label, "backbone")] = bb
             models[(label, "whole")] = whole
-        for budget, (whole, bb) in bounds.items():
-            models[(f"bound {budget}", "backbone")] = bb
-            models[(f"bound {budget}", "whole")] = whole
+        for schedule, (whole, bb) in bounds.items():
+            models[(f"bound {schedule}", "backbone")] = bb
+            models[(f"bound {schedule}", "whole")] = whole
         watch = LoadWatch()
         res = interleaved_measure(models, batch_size=bs, img_size=size, device=device,
                                   warmup=1, repeats=repeats)
@@ -303,7 +303,7 @@ def bench_model(kind: str, size: int, batch_sizes, repeats: int, memory: bool, d
             conf = built[label][0]
             if conf["lengths"] is None:
                 continue
-            bl = res[(f"bound {conf['budget']}", "backbone")].latency_ms
+            bl = res[(f"bound {conf['schedule']}", "backbone")].latency_ms
             b = res[(label, "backbone")].latency_ms
             print(f"  {label}: backbone {b0 / b:.2f}x, token-count bound {b0 / bl:.2f}x, "
                   f"reduced over bound {b / bl:.2f}x")
