@@ -309,3 +309,32 @@ def test_switching_methods_undoes_the_previous_one():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), want(x))
+
+
+def test_row_helpers_equal_gather_and_scatter_with_gradients():
+    """leanvit.reduction.rows reads / writes whole rows through a flat (B * N, C) table: the same numbers
+    and gradients as gather / scatter / scatter_add_ with an index expanded over the channels."""
+    from leanvit.reduction.rows import add_rows_, put_rows, put_rows_, take_rows
+
+    torch.manual_seed(0)
+    B, N, C, M = 3, 11, 5, 4
+    x = torch.randn(B, N, C, requires_grad=True)
+    src = torch.randn(B, M, C, requires_grad=True)
+    index = torch.stack([torch.randperm(N)[:M] for _ in range(B)])   # distinct rows per sample
+    repeated = torch.randint(0, N, (B, M))                            # rows that may repeat (adds)
+    wide = lambda i: i.unsqueeze(-1).expand(-1, -1, C)  # noqa: E731
+
+    def check(ours, reference):
+        got, want = ours(), reference()
+        assert torch.allclose(got, want, atol=1e-6)
+        w = torch.randn_like(want)
+        g_ours = torch.autograd.grad((got * w).sum(), (x, src), allow_unused=True)
+        g_ref = torch.autograd.grad((want * w).sum(), (x, src), allow_unused=True)
+        for a, b in zip(g_ours, g_ref):
+            assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+
+    check(lambda: take_rows(x, index), lambda: x.gather(1, wide(index)))
+    check(lambda: put_rows(x, index, src), lambda: x.scatter(1, wide(index), src))
+    check(lambda: put_rows_(x.clone(), index, src), lambda: x.clone().scatter_(1, wide(index), src))
+    check(lambda: add_rows_(x.clone(), repeated, src), lambda: x.clone().scatter_add_(1, wide(repeated), src))
+    assert take_rows(x, index[:, :0]).shape == (B, 0, C)

@@ -39,6 +39,7 @@ from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction
 from leanvit.reduction.evit import is_evit
 from leanvit.reduction.reorg import write_tokens
+from leanvit.reduction.rows import put_rows_
 from leanvit.reduction.tome import is_tome, per_layer_r
 from leanvit.reduction.tome_merge import unmerge
 
@@ -189,8 +190,7 @@ def _evit_fused(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         fill = patches.mean(1, keepdim=True)
     grid = fill.expand(B, n + 1, C).clone()
-    idx = torch.where(ids < 0, torch.full_like(ids, n), ids).unsqueeze(-1).expand(-1, -1, C)
-    return grid.scatter(1, idx, patches)[:, :n]
+    return put_rows_(grid, torch.where(ids < 0, torch.full_like(ids, n), ids), patches)[:, :n]
 
 
 def _tome_tokens(vit: nn.Module, x: torch.Tensor, restore: Restore) -> torch.Tensor:

@@ -5,7 +5,7 @@ the ``k`` most attended non-prefix tokens (in descending score order, as the ref
 does) and, optionally, fuse the rest into one token: their sum weighted by the raw attention scores
 (not renormalized), appended last. Prefix tokens (class, distillation, registers) always stay in front.
 
-Everything is batched: one sort and one row gather per call, fixed shapes, no per-sample Python
+Everything is batched: one sort and one row read per call, fixed shapes, no per-sample Python
 (batch-1 latency counts every kernel launch: see ``benchmarks/bench_export.py``).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from timm.layers import register_notrace_function
 
 from leanvit.errors import LeanvitError
+from leanvit.reduction.rows import put_rows, put_rows_, take_rows
 
 __all__ = ["num_kept", "class_token_attention", "reorganize", "reorganize_at_rate", "FUSED_TOKEN_ID",
            "kept_token_masks", "tokens_to_grid", "write_tokens"]
@@ -74,14 +75,11 @@ def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool 
         raise LeanvitError(f"num_keep must be in [1, {n}], got {num_keep}")
     order_scores, order = scores.sort(dim=1, descending=True)
     new_ids = None if token_ids is None else token_ids.gather(1, order[:, :num_keep])
-    # One row gather of the tokens in score order, as flat row indices into (B * N, C): a single
-    # index_select, about 2x (batch 1) to 4x (batch 8) faster than a gather with an index expanded over
-    # channels, and the same numbers. Kept and fused tokens are views of it.
+    # One row read of the tokens in score order (leanvit.reduction.rows); kept and fused tokens are views of it.
     fusing = fuse and num_keep < n
-    if not fusing:  # dropping: gather only the rows that stay
+    if not fusing:  # dropping: read only the rows that stay
         order = order[:, :num_keep]
-    rows = order + torch.arange(P, B * N, N, device=x.device).unsqueeze(1)   # row of token i of sample b
-    ordered = x.reshape(B * N, C).index_select(0, rows.reshape(-1)).view(B, order.shape[1], C)
+    ordered = take_rows(x, order + P)
     if not fusing:
         return torch.cat([x[:, :P], ordered], dim=1), new_ids
     weights = order_scores[:, num_keep:].unsqueeze(-1)
@@ -138,8 +136,7 @@ def tokens_to_grid(tokens: torch.Tensor, token_ids: torch.Tensor, num_patches: i
         fill = tokens.new_zeros(B, 1, C)
     grid = fill.expand(B, num_patches + 1, C).clone()  # the extra slot collects fused tokens
     safe = torch.where(token_ids < 0, torch.full_like(token_ids, num_patches), token_ids)
-    grid.scatter_(1, safe.unsqueeze(-1).expand(-1, -1, C), tokens)
-    return grid[:, :num_patches]
+    return put_rows_(grid, safe, tokens)[:, :num_patches]
 
 
 def write_tokens(state: torch.Tensor, tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -148,4 +145,4 @@ def write_tokens(state: torch.Tensor, tokens: torch.Tensor, token_ids: torch.Ten
     What a dense backbone keeps of the tokens a reorganization removes: their features at removal."""
     spare = state.shape[1] - 1
     safe = torch.where(token_ids < 0, torch.full_like(token_ids, spare), token_ids)
-    return state.scatter(1, safe.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens.to(state.dtype))
+    return put_rows(state, safe, tokens.to(state.dtype))

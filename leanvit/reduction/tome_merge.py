@@ -16,13 +16,15 @@ they stay in the order of the sort, as there.
 
 Merging is a size-weighted average: every token carries its size (how many patches it stands for), a
 merged token is the size-weighted mean of the tokens merged into it, and sizes add. Everything is
-batched (fixed shapes, one sort and a few gathers per block).
+batched (fixed shapes, one sort and a few row reads and writes per block: :mod:`leanvit.reduction.rows`).
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+from leanvit.reduction.rows import add_rows_, take_rows
 
 __all__ = ["MergePlan", "bipartite_soft_matching", "merge_tokens", "map_groups", "unmerge"]
 
@@ -78,17 +80,17 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan
     if size is None:
         size = x.new_ones(B, N, 1)
     order, dst_out = _layout(plan, N, x.device)
-    out = x.gather(1, order.unsqueeze(-1).expand(-1, -1, C))
-    new_size = size.gather(1, order.unsqueeze(-1))
+    out = take_rows(x, order)
+    new_size = take_rows(size, order)
     src_pos = 2 * plan.src                                   # positions in x of the merged A tokens
-    src_size = size.gather(1, src_pos.unsqueeze(-1))         # (B, r, 1)
-    new_size = new_size.scatter_add(1, dst_out.unsqueeze(-1), src_size)
+    src_size = take_rows(size, src_pos)                      # (B, r, 1)
+    new_size = add_rows_(new_size, dst_out, src_size)
     # size-weighted average, touching only the merged rows:
     #   x_b' = (s_b x_b + sum s_i x_i) / S = x_b + sum s_i (x_i - x_b) / S,   S = s_b + sum s_i
-    src_x = x.gather(1, src_pos.unsqueeze(-1).expand(-1, -1, C))
-    dst_x = x.gather(1, (1 + 2 * plan.dst).unsqueeze(-1).expand(-1, -1, C))
-    delta = (src_x - dst_x) * (src_size / new_size.gather(1, dst_out.unsqueeze(-1)))
-    out.scatter_add_(1, dst_out.unsqueeze(-1).expand(-1, -1, C), delta)  # out is a fresh gather
+    src_x = take_rows(x, src_pos)
+    dst_x = take_rows(x, 1 + 2 * plan.dst)
+    delta = (src_x - dst_x) * (src_size / take_rows(new_size, dst_out))
+    add_rows_(out, dst_out, delta)  # out is a fresh copy
     return out, new_size
 
 
@@ -109,4 +111,4 @@ def unmerge(tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """The full token map back: ``tokens`` (B, L, C) non-prefix tokens after merging, ``groups``
     (B, num_patches) the token each patch was merged into; every patch takes that token's features
     (B, num_patches, C), as tomesd's unmerge copies a merged token back to its sources."""
-    return tokens.gather(1, groups.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return take_rows(tokens, groups)
