@@ -8,7 +8,12 @@ drifts of a shared machine hit all models alike.
 Target: ToMe r=13 >= 1.7x timm DeiT-S (published: 1.67x on a V100 for the explicit-softmax
 implementation).
 
-    python benchmarks/bench_tome.py [--batch-size 32] [--repeats 7] [--threads 2] [--r 13 8] [--quick]
+``--rows``: instead, the row moves token reduction is made of (``leanvit.reduction.rows``: whole rows through
+``index_select`` / ``index_copy`` / ``index_add_`` on a (B x N, C) view) against ``gather`` / ``scatter`` /
+``scatter_add_`` with an index expanded over the channels, interleaved, at the shapes ToMe and EViT meet
+(the demo's ViT at batch 64, DeiT-S at batch 32, DeiT III-S at 512 px, batch 1); same values checked.
+
+    python benchmarks/bench_tome.py [--batch-size 32] [--repeats 7] [--threads 2] [--r 13 8] [--quick] [--rows]
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 import timm
 import torch
@@ -25,6 +31,51 @@ from leanvit.measure import interleaved_measure
 from leanvit.utils import environment
 
 TARGETS = {"tome r=13": 1.7}
+
+# (B, N, C, rows moved): the demo segmenter's ViT at batch 64, DeiT-S at batch 32, DeiT III-S at 512 px
+ROW_SHAPES = [(64, 145, 128, 115), (32, 197, 384, 184), (1, 1025, 384, 941)]
+
+
+def _row_pairs(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> dict:
+    """operation -> (channel-expanded gather / scatter, leanvit's row version) on the same tensors."""
+    from leanvit.reduction.rows import add_rows_, put_rows, take_rows
+
+    wide = index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return {"read": (lambda: x.gather(1, wide), lambda: take_rows(x, index)),
+            "write": (lambda: x.scatter(1, wide, src), lambda: put_rows(x, index, src)),
+            "add": (lambda: x.clone().scatter_add_(1, wide, src), lambda: add_rows_(x.clone(), index, src))}
+
+
+def _interleaved_us(fns, repeats: int, calls: int = 20) -> list:
+    """Median microseconds per call of each function, timed in alternating order."""
+    times = [[] for _ in fns]
+    for i in range(repeats):
+        for k in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / calls * 1e6)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def bench_rows(repeats: int) -> int:
+    """Row moves as leanvit does them against channel-expanded gather / scatter: median microseconds."""
+    load = os.getloadavg()
+    print(f"row moves | {environment('cpu')} | median of {repeats} interleaved runs of 20 calls | "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'B, N, C, rows':<22} {'operation':<10} {'gather/scatter us':>18} {'rows us':>9} {'speed-up':>9}")
+    g = torch.Generator().manual_seed(0)
+    for B, N, C, M in ROW_SHAPES:
+        x = torch.randn(B, N, C, generator=g)
+        src = torch.randn(B, M, C, generator=g)
+        index = torch.argsort(torch.rand(B, N, generator=g), dim=1)[:, :M]
+        for op, (old, new) in _row_pairs(x, index, src).items():
+            if not torch.allclose(old(), new(), atol=1e-6):
+                print(f"{op}: the row version differs from gather / scatter")
+                return 1
+            t_old, t_new = _interleaved_us((old, new), repeats)
+            print(f"{f'{B}, {N}, {C}, {M}':<22} {op:<10} {t_old:18.0f} {t_new:9.0f} {t_old / t_new:8.1f}x")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -37,7 +88,11 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, nargs="+", default=[13])
     p.add_argument("--evit", type=float, nargs="*", default=[0.7], help="EViT keep rates measured beside")
     p.add_argument("--quick", action="store_true", help="batch 8, 3 repeats (a smoke run, not a measurement)")
+    p.add_argument("--rows", action="store_true", help="time the row moves of token reduction instead (see above)")
     args = p.parse_args(argv)
+    if args.rows:
+        torch.set_num_threads(args.threads)
+        return bench_rows(3 if args.quick else args.repeats)
     if args.quick:
         args.batch_size, args.repeats, args.warmup = 8, 3, 1
     torch.set_num_threads(args.threads)

@@ -5,9 +5,9 @@ partners, EViT writes kept tokens back onto the patch grid, unmerging copies eac
 patches. ``torch.gather`` / ``scatter`` with an index expanded over the channels do this element by element;
 viewing the batch as one (B * N, C) table of rows and calling ``index_select`` / ``index_copy`` /
 ``index_add_`` with flat row numbers moves contiguous rows instead. Same values (``add_rows_`` adds in index
-order, as ``scatter_add_`` does); on 2 CPU threads about 10x faster for reads ((64, 145, 128): 0.13 against
-1.5 ms; (1, 1025, 384): 0.06 against 0.6 ms) and 2-5x for writes. All three have gradients, and export
-(``torch.export``, ONNX run by onnxruntime: checked to give the same values).
+order, as ``scatter_add_`` does); on 2 CPU threads 8-10x faster for reads and 2.5-4.5x for writes
+(``python benchmarks/bench_tome.py --rows``). All three have gradients, and export (``torch.export``, ONNX run
+by onnxruntime: checked to give the same values).
 """
 from __future__ import annotations
 
