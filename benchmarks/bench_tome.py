@@ -21,7 +21,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import timm
 import torch
@@ -46,16 +45,15 @@ def _row_pairs(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> dict:
             "add": (lambda: x.clone().scatter_add_(1, wide, src), lambda: add_rows_(x.clone(), index, src))}
 
 
-def _interleaved_us(fns, repeats: int, calls: int = 20) -> list:
-    """Median microseconds per call of each function, timed in alternating order."""
-    times = [[] for _ in fns]
-    for i in range(repeats):
-        for k in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fns[k]()
-            times[k].append((time.perf_counter() - t0) / calls * 1e6)
-    return [sorted(t)[len(t) // 2] for t in times]
+class _Call(torch.nn.Module):
+    """A function as a module (``interleaved_measure`` times modules; the input it passes is ignored)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, _ignored):
+        return self.fn()
 
 
 def bench_rows(repeats: int) -> int:
@@ -73,7 +71,9 @@ def bench_rows(repeats: int) -> int:
             if not torch.allclose(old(), new(), atol=1e-6):
                 print(f"{op}: the row version differs from gather / scatter")
                 return 1
-            t_old, t_new = _interleaved_us((old, new), repeats)
+            res = interleaved_measure({"old": _Call(old), "new": _Call(new)}, batch_size=1, img_size=8,
+                                      warmup=2, repeats=repeats, steps=20)
+            t_old, t_new = res["old"].latency_ms * 1e3, res["new"].latency_ms * 1e3
             print(f"{f'{B}, {N}, {C}, {M}':<22} {op:<10} {t_old:18.0f} {t_new:9.0f} {t_old / t_new:8.1f}x")
     return 0
 

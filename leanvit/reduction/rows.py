@@ -5,7 +5,7 @@ partners, EViT writes kept tokens back onto the patch grid, unmerging copies eac
 patches. ``torch.gather`` / ``scatter`` with an index expanded over the channels do this element by element;
 viewing the batch as one (B * N, C) table of rows and calling ``index_select`` / ``index_copy`` /
 ``index_add_`` with flat row numbers moves contiguous rows instead. Same values (``add_rows_`` adds in index
-order, as ``scatter_add_`` does); on 2 CPU threads 8-10x faster for reads and 2.5-4.5x for writes
+order, as ``scatter_add_`` does); on 2 CPU threads 5-10x faster for reads and 2-5x for writes
 (``python benchmarks/bench_tome.py --rows``). All three have gradients, and export (``torch.export``, ONNX run
 by onnxruntime: checked to give the same values).
 """
