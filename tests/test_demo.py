@@ -1,5 +1,4 @@
 """`leanvit demo --quick` end to end (subprocess): report, table, plots."""
-import os
 import subprocess
 import sys
 
@@ -7,12 +6,8 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_report_and_plots(tmp_path):
-    out = tmp_path / "demo"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "leanvit.cli", "demo", "--quick", "--output", str(out), "--no-progress"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+def test_demo_quick_writes_report_and_plots(demo_quick_run):
+    out = demo_quick_run
     report = (out / "report.md").read_text()
     for label in ("DeiT III (deit3_demo)", "fine-tuned (evit_demo)", "off the shelf", "Shunted (shunted_demo)"):
         assert label in report

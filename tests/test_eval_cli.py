@@ -40,13 +40,13 @@ def folder(tmp_path_factory):
     return root
 
 
-def test_eval_recorded_checkpoint_json(ckpts, tmp_path):
+def test_eval_recorded_checkpoint_json(ckpts, tmp_path, capsys):
     """No --model: the checkpoint names it; the figures are those of the stored weights."""
     out = tmp_path / "res" / "eval.json"
-    r = leanvit("eval", "--checkpoint", str(ckpts / "recorded.pth"), "--data", "digits", "--batch-size", "16",
-                "--max-batches", "2", "--no-progress", "--output", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "top-1" in r.stdout and "top-5" in r.stdout and "loss" in r.stdout and "img/s" in r.stdout
+    rc, stdout, err = cli(capsys, "eval", "--checkpoint", ckpts / "recorded.pth", "--data", "digits",
+                          "--batch-size", "16", "--max-batches", "2", "--no-progress", "--output", out)
+    assert rc == 0, err
+    assert "top-1" in stdout and "top-5" in stdout and "loss" in stdout and "img/s" in stdout
     res = json.loads(out.read_text())
     assert res["model"] == "test_vit" and res["img_size"] == "64x64" and res["images"] == 32
     assert res["keep_rate"] is None and res["batch_size"] == 16 and res["device"] == "cpu"
@@ -66,17 +66,17 @@ def test_eval_recorded_checkpoint_json(ckpts, tmp_path):
     assert res["loss"] == pytest.approx(ref["loss"], rel=1e-4)
 
 
-def test_eval_released_state_dict_image_folder(ckpts, folder, tmp_path):
+def test_eval_released_state_dict_image_folder(ckpts, folder, tmp_path, capsys):
     """A plain .safetensors state dict: classes and input size (48 px) come from the checkpoint itself;
     --keep-rate applies EViT to the plain ViT; any image format PIL reads."""
     out = tmp_path / "eval.json"
-    r = leanvit("eval", "--model", "test_vit", "--checkpoint", str(ckpts / "plain.safetensors"), "--data",
-                str(folder), "--keep-rate", "0.5", "--batch-size", "4", "--no-progress", "--output", str(out))
-    assert r.returncode == 0, r.stderr
+    rc, stdout, err = cli(capsys, "eval", "--model", "test_vit", "--checkpoint", ckpts / "plain.safetensors",
+                          "--data", folder, "--keep-rate", "0.5", "--batch-size", "4", "--no-progress", "--output", out)
+    assert rc == 0, err
     res = json.loads(out.read_text())
     assert res["img_size"] == "48x48" and res["keep_rate"] == 0.5 and res["images"] == 6
     assert res["top5"] == 100.0  # top-k is capped at the 3 classes
-    assert "keep_rate=0.5" in r.stdout
+    assert "keep_rate=0.5" in stdout
 
 
 def test_eval_user_errors_subprocess(ckpts):

@@ -118,7 +118,8 @@ def test_registered_method_works_everywhere(gain_method, tmp_path):
     cfgs = build_configurations(["test_vit"], [(None, None), ("test-gain", 0.5)], [(32, 32)])
     assert [(e["reduction"], e["strength"]) for _, _, e in cfgs.values()] == [("-", "-"), ("test-gain", "0.5")]
     # the engine schedules and records it (recipe key `reduction`)
-    res = train({"model": "test_vit", "img_size": 32, "data": "digits", "digits": {"canvas_size": 32},
+    res = train({"model": "test_vit", "img_size": 32, "data": "digits",
+                 "digits": {"canvas_size": 32, "val_fraction": 0.05},
                  "epochs": 1, "batch_size": 8, "max_train_batches": 2, "opt": "adamw", "lr": 1e-3, "loss": "ce",
                  "mixup": 0.0, "cutmix": 0.0, "warmup_epochs": 0, "three_augment": False, "crop": "none",
                  "reduction": {"method": "test-gain", "gain": 0.25}, "output": str(tmp_path / "run")},

@@ -313,10 +313,25 @@ def _ok(cmd, **env):
     return r
 
 
+@pytest.fixture(scope="module")
+def ref_one(tmp_path_factory):
+    """last.pth of the uninterrupted one-process run that the interrupted ones must equal (shared)."""
+    root = tmp_path_factory.mktemp("ref_one")
+    _ok(_train_cmd(_recipe(root), root / "ref"))
+    return root / "ref" / "last.pth"
+
+
+@pytest.fixture(scope="module")
+def ref_two(tmp_path_factory):
+    """last.pth of the uninterrupted two-process torchrun run (shared)."""
+    root = tmp_path_factory.mktemp("ref_two")
+    _ok(_train_cmd(_recipe(root), root / "ref", nproc=2))
+    return root / "ref" / "last.pth"
+
+
 @pytest.mark.slow
-def test_kill9_after_a_recovery_checkpoint_then_resume_is_exact(tmp_path):
+def test_kill9_after_a_recovery_checkpoint_then_resume_is_exact(tmp_path, ref_one):
     recipe = _recipe(tmp_path)
-    _ok(_train_cmd(recipe, tmp_path / "ref"))
     out = tmp_path / "killed"
     p = subprocess.Popen(_train_cmd(recipe, out), env=_env(PAUSE_AT_STEP=7, PAUSE_MARK=tmp_path / "m"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -326,11 +341,11 @@ def test_kill9_after_a_recovery_checkpoint_then_resume_is_exact(tmp_path):
     assert (ck["step"], ck["epoch"], ck["epoch_step"]) == (6, 1, 2)  # mid-epoch 2; step 7's work was lost
     r = _ok(_train_cmd(recipe, out, "--resume"))
     assert "stale lock" in r.stdout and "at step 2/4 of epoch 2" in r.stdout
-    _same_state(tmp_path / "ref" / "last.pth", out / "last.pth")
+    _same_state(ref_one, out / "last.pth")
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_exits_75_and_resume_is_exact(tmp_path):
+def test_sigterm_mid_epoch_saves_exits_75_and_resume_is_exact(tmp_path, ref_one):
     recipe = _recipe(tmp_path)
     out = tmp_path / "term"
     p = subprocess.Popen(_train_cmd(recipe, out), env=_env(PAUSE_AT_STEP=5, PAUSE_SECONDS=1, PAUSE_MARK=tmp_path / "m"),
@@ -346,14 +361,12 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resume_is_exact(tmp_path):
     assert (ck["step"], ck["epoch_step"]) == (6, 2)
     assert not (out / ".lock").exists()
     _ok(_train_cmd(recipe, out, "--resume"))
-    _ok(_train_cmd(recipe, tmp_path / "ref"))
-    _same_state(tmp_path / "ref" / "last.pth", out / "last.pth")
+    _same_state(ref_one, out / "last.pth")
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_kill9_then_resume_is_exact(tmp_path):
+def test_torchrun_two_processes_kill9_then_resume_is_exact(tmp_path, ref_two):
     recipe = _recipe(tmp_path)
-    _ok(_train_cmd(recipe, tmp_path / "ref", nproc=2))
     out = tmp_path / "killed"
     p = subprocess.Popen(_train_cmd(recipe, out, nproc=2), env=_env(PAUSE_AT_STEP=7, PAUSE_RANK=1,
                                                                    PAUSE_MARK=tmp_path / "m"),
@@ -363,17 +376,16 @@ def test_torchrun_two_processes_kill9_then_resume_is_exact(tmp_path):
     assert p.returncode != 0
     assert torch.load(out / "last.pth", weights_only=True)["epoch_step"] == 2
     _ok(_train_cmd(recipe, out, "--resume", nproc=2))
-    _same_state(tmp_path / "ref" / "last.pth", out / "last.pth")
+    _same_state(ref_two, out / "last.pth")
 
 
 @pytest.mark.slow
-def test_torchrun_auto_resume_one_command_line_finishes_exactly(tmp_path):
+def test_torchrun_auto_resume_one_command_line_finishes_exactly(tmp_path, ref_two):
     """The same torchrun command line (`--auto-resume`) starts fresh, and after a rank is killed mid-epoch
     resumes: a requeued job. (In-process elastic restarts, `--max-restarts N`, depend on gloo reconnecting,
     which fails now and then on this machine without leanvit too: benchmarks/reliability.py and
     benchmarks/elastic_gloo_check.py measure them; a CI test would be flaky.)"""
     recipe = _recipe(tmp_path)
-    _ok(_train_cmd(recipe, tmp_path / "ref", nproc=2))
     out = tmp_path / "requeued"
     cmd = _train_cmd(recipe, out, "--auto-resume", nproc=2)
     p = subprocess.Popen(cmd, env=_env(PAUSE_AT_STEP=7, PAUSE_RANK=1, PAUSE_MARK=tmp_path / "m"),
@@ -384,7 +396,7 @@ def test_torchrun_auto_resume_one_command_line_finishes_exactly(tmp_path):
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 2/4 of epoch 2" in r.stdout
-    _same_state(tmp_path / "ref" / "last.pth", out / "last.pth")
+    _same_state(ref_two, out / "last.pth")
 
 
 # ------------------------------------------------------------------ the main job tells the truth

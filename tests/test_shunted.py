@@ -317,12 +317,16 @@ def test_reset_classifier_and_forward_head(tiny):
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 @pytest.mark.slow
-def test_torch_compile_matches_eager(tiny):
+def test_torch_compile_matches_eager():
+    """One block per stage covers every kind of Shunted block (multi-scale stages 1-3, plain stage 4) and
+    compiles in a third of shunted_t's time."""
     torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("shunted_t", depths=(1, 1, 1, 1))).eval()
     x = torch.randn(2, 3, 64, 64)
-    compiled = torch.compile(tiny, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        eager = tiny(x)
+        eager = model(x)
         out = compiled(x)
     assert rel_err(out, eager) <= 1e-4
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cli_helpers import cli_error, leanvit, one_line_error
+from cli_helpers import cli, cli_error, leanvit, one_line_error
 from PIL import Image
 
 from leanvit.checkpoints import save_checkpoint
@@ -46,11 +46,11 @@ def test_viz_cli_image_files(files, tmp_path):
     assert "3 image rows" in r.stdout
 
 
-def test_viz_cli_digits_and_recorded_checkpoint(files, tmp_path):
+def test_viz_cli_digits_and_recorded_checkpoint(files, tmp_path, capsys):
     out = tmp_path / "viz"
-    r = leanvit("viz", "--checkpoint", str(files / "evit.pth"), "--data", "digits", "--num-images", "2",
-                "--output", str(out), "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    rc, _, err = cli(capsys, "viz", "--checkpoint", files / "evit.pth", "--data", "digits", "--num-images", "2",
+                     "--output", out, "--device", "cpu")
+    assert rc == 0, err
     assert len(list(out.glob("*.png"))) == 3 and png_size(out / "kept_tokens.png")[0] > 400
 
 
