@@ -1,8 +1,7 @@
-"""`leanvit demo --quick` end to end (subprocess): report, table, plots."""
-import subprocess
-import sys
+"""`leanvit demo --quick` end to end (one subprocess, shared: conftest.py): report, table, plots; bad arguments."""
 
 import pytest
+from cli_helpers import cli_error, one_line_error
 
 
 @pytest.mark.slow
@@ -19,7 +18,5 @@ def test_demo_quick_writes_report_and_plots(demo_quick_run):
         assert (out / run / "best.pth").exists() and (out / run / "metrics.csv").exists()
 
 
-def test_demo_bad_arguments_fail_cleanly(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "leanvit.cli", "demo", "--threads", "0", "--output", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--threads" in r.stderr and "Traceback" not in r.stderr
+def test_demo_bad_arguments_fail_cleanly(tmp_path, capsys):
+    one_line_error(*cli_error(capsys, "demo", "--threads", "0", "--output", tmp_path), "--threads")

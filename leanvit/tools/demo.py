@@ -29,11 +29,13 @@ from leanvit.utils import environment, model_input_size
 from leanvit.viz import render_kept_tokens
 
 # per stage: recipe overrides for the full run and for --quick
+# --quick also validates on one render of each validation scan instead of four (the same scans)
+_QUICK_VAL = {"digits": {"val_renders": 1}}
 _STAGES = {
     # fixed work (epochs, batches), never wall-time limits: a busy machine takes longer, same result
-    "deit3": {"recipe": "deit3_demo", "quick": {"epochs": 2, "max_train_batches": 15}},
-    "evit": {"recipe": "evit_demo", "quick": {"epochs": 1, "max_train_batches": 8}},
-    "shunted": {"recipe": "shunted_demo", "quick": {"epochs": 1, "max_train_batches": 8}},
+    "deit3": {"recipe": "deit3_demo", "quick": {"epochs": 2, "max_train_batches": 15, **_QUICK_VAL}},
+    "evit": {"recipe": "evit_demo", "quick": {"epochs": 1, "max_train_batches": 8, **_QUICK_VAL}},
+    "shunted": {"recipe": "shunted_demo", "quick": {"epochs": 1, "max_train_batches": 8, **_QUICK_VAL}},
 }
 
 
