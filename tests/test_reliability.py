@@ -100,7 +100,7 @@ def test_lock_stops_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, caplog
 
 
 @pytest.mark.slow
-def test_second_concurrent_run_fails_while_the_first_holds_the_folder(tmp_path):
+def test_second_concurrent_run_fails_while_the_first_holds_the_folder(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(json.dumps({**TINY, "epochs": 1}))
@@ -109,10 +109,9 @@ def test_second_concurrent_run_fails_while_the_first_holds_the_folder(tmp_path):
                               "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait(tmp_path / "m.0", first)
-        r = subprocess.run([sys.executable, "-m", "leanvit.cli", "train", "--recipe", str(recipe), "--output", str(out),
-                            "--auto-resume", "--no-progress"], capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-        one_line_error(r.returncode, r.stderr, "in use by another run", f"pid {first.pid}")
+        # the second run in this process: the lock is the first process's
+        rc, err = cli_error(capsys, "train", "--recipe", recipe, "--output", out, "--auto-resume", "--no-progress")
+        one_line_error(rc, err, "in use by another run", f"pid {first.pid}")
     finally:
         first.kill()
         first.wait()

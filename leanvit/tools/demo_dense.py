@@ -28,7 +28,7 @@ DETECT_STAGES = {
     "Shunted (shunted_t_fcos_demo)": "shunted_t_fcos_demo",
     "PVT v2 baseline (pvt_v2_fcos_demo)": "pvt_v2_fcos_demo",
 }
-_QUICK = {"epochs": 1, "time_limit": 30, "max_train_batches": 6, "digits_dense": {"val_fraction": 0.05}}
+_QUICK = {"epochs": 1, "time_limit": 30, "max_train_batches": 3, "digits_dense": {"val_fraction": 0.05}}
 _PICTURES = 8
 
 

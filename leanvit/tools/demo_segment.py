@@ -74,8 +74,8 @@ def run_segment(args) -> int:
     quick = dict(limit_images=16, repeats=1, latency_repeats=2, warmup=0) if args.quick else \
         dict(repeats=9, latency_repeats=10, warmup=2)
     result = run_sweep(lambda s: first, parse_grid(SEGMENT_GRID), first.config["data"], config=first.config,
-                       batch_size=_THROUGHPUT_BATCH, eval_batch_size=32, device="cpu", progress=progress,
-                       extra_models=extra, task=task, **quick)
+                       batch_size=16 if args.quick else _THROUGHPUT_BATCH, eval_batch_size=32, device="cpu",
+                       progress=progress, extra_models=extra, task=task, **quick)
     rows = result.rows
     chosen = choose(rows, _MAX_DROP, score="val_miou")
     png = plot_pareto(rows, out / "pareto.png", title="ViT segmenter (linear head) on digits-seg: mIoU vs speed",
