@@ -1,12 +1,5 @@
 """`leanvit flops` end to end (one subprocess), and its user errors (in this process)."""
-import subprocess
-import sys
-
-from cli_helpers import cli, cli_error, one_line_error
-
-
-def leanvit(*args):
-    return subprocess.run([sys.executable, "-m", "leanvit.cli", *args], capture_output=True, text=True, timeout=300)
+from cli_helpers import cli, cli_error, leanvit, one_line_error
 
 
 def test_flops_evit_and_plain(capsys):

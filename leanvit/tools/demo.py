@@ -29,14 +29,14 @@ from leanvit.utils import environment, model_input_size
 from leanvit.viz import render_kept_tokens
 
 # per stage: recipe overrides for the full run and for --quick
-# --quick also validates on one render of each validation scan instead of four (the same scans)
-_QUICK_VAL = {"digits": {"val_renders": 1}}
 _STAGES = {
     # fixed work (epochs, batches), never wall-time limits: a busy machine takes longer, same result
-    "deit3": {"recipe": "deit3_demo", "quick": {"epochs": 2, "max_train_batches": 15, **_QUICK_VAL}},
-    "evit": {"recipe": "evit_demo", "quick": {"epochs": 1, "max_train_batches": 8, **_QUICK_VAL}},
-    "shunted": {"recipe": "shunted_demo", "quick": {"epochs": 1, "max_train_batches": 8, **_QUICK_VAL}},
+    "deit3": {"recipe": "deit3_demo", "quick": {"epochs": 2, "max_train_batches": 15}},
+    "evit": {"recipe": "evit_demo", "quick": {"epochs": 1, "max_train_batches": 8}},
+    "shunted": {"recipe": "shunted_demo", "quick": {"epochs": 1, "max_train_batches": 8}},
 }
+# --quick also validates every stage on one render of each validation scan instead of four (the same scans)
+_QUICK_VAL = {"digits": {"val_renders": 1}}
 
 
 _BENCH_BATCH = 256  # the demo models are tiny: a large batch keeps per-call overheads out of the ratios
@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
 
 def _train_stage(name: str, out: Path, quick: bool, progress: bool, **extra) -> dict:
     st = _STAGES[name]
-    over = dict(st["quick"]) if quick else {}
+    over = {**st["quick"], **_QUICK_VAL} if quick else {}
     over.update(extra)
     print(f"\n== {name}: recipe {st['recipe']}{' (quick)' if quick else ''}", flush=True)
     # overwrite: a rerun of the demo rebuilds its runs (a run folder is otherwise never replaced silently)

@@ -71,11 +71,10 @@ def run_segment(args) -> int:
     # per-operation overhead of the small kernels dominated: a batch's p90 was 15-20% above its median and the
     # same computation (a fine-tune and its off-the-shelf twin) was timed 1.19x and 1.35x in one run; at
     # batch 64 the p90 is within 2-4% of the median. Latency (batch 1) is measured separately.
-    quick = dict(limit_images=16, repeats=1, latency_repeats=2, warmup=0) if args.quick else \
-        dict(repeats=9, latency_repeats=10, warmup=2)
+    quick = dict(limit_images=16, batch_size=16, repeats=1, latency_repeats=2, warmup=0) if args.quick else \
+        dict(batch_size=_THROUGHPUT_BATCH, repeats=9, latency_repeats=10, warmup=2)
     result = run_sweep(lambda s: first, parse_grid(SEGMENT_GRID), first.config["data"], config=first.config,
-                       batch_size=16 if args.quick else _THROUGHPUT_BATCH, eval_batch_size=32, device="cpu",
-                       progress=progress, extra_models=extra, task=task, **quick)
+                       eval_batch_size=32, device="cpu", progress=progress, extra_models=extra, task=task, **quick)
     rows = result.rows
     chosen = choose(rows, _MAX_DROP, score="val_miou")
     png = plot_pareto(rows, out / "pareto.png", title="ViT segmenter (linear head) on digits-seg: mIoU vs speed",
