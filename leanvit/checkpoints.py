@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from leanvit.errors import LeanvitError
@@ -96,8 +98,10 @@ def _filter_for_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
     custom = getattr(model, "filter_checkpoint", None)
     if callable(custom):
         return custom(state_dict)
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, (VisionTransformer, Eva)):  # official layouts mapped, position embeddings resampled
         try:
+            if isinstance(model, Eva):
+                return eva_checkpoint_filter_fn(state_dict, model)
             return checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
         except Exception as e:
             raise LeanvitError(f"checkpoint does not fit {type(model).__name__}: {e}") from None

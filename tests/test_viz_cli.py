@@ -105,7 +105,7 @@ def test_viz_user_errors(files, tmp_path, capsys):
                         "--output", out), "folder")
     one_line_error(*cli_error(capsys, "viz", "--model", "evit_deit_tiny_patch16_22", *ok),
                    "unknown model", "evit_deit_tiny_patch16_224")
-    one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", *ok), "does not reorganize tokens", "--keep-rate")
+    one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", *ok), "does not reduce tokens", "--keep-rate")
     one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", "--keep-rate", "1.01", *ok), "(0, 1]")
     one_line_error(*cli_error(capsys, "viz", "--model", "test_vit", "--keep-rate", "0", *ok), "(0, 1]")
     one_line_error(*cli_error(capsys, "viz", "--checkpoint", files / "evit.pth", "--img-size", "-3", *ok), "--img-size")

@@ -5,7 +5,8 @@ Two kinds, both over timm models (so leanvit's own, timm's, and checkpoints of e
 - **Hierarchical models** (``shunted_t/s/b``, timm ``pvt_v2_*``, any timm model with
   ``forward_intermediates``): timm's ``features_only=True`` feature getter, stages at strides 4/8/16/32;
   ``out_indices`` picks the stages (0-3).
-- **Plain ViTs** (timm ``vit_*``, ``deit_*``, ``deit3_*``, leanvit's ``evit_*``): a ViTDet-style simple
+- **Plain ViTs** (timm ``vit_*``, ``deit_*``, ``deit3_*``, leanvit's ``evit_*``; the RoPE ViTs of timm
+  ``Eva``: DINOv3 ``vit_*_dinov3``, EVA-02 ``eva02_*``): a ViTDet-style simple
   feature pyramid (Li et al. 2022) from the last block's map at stride 16 (after the final norm):
   two 2x deconvolutions (stride 4), one deconvolution (stride 8), the map itself (16), 2x max-pooling (32).
   The ViT runs with ``dynamic_img_size=True`` and ``dynamic_img_pad=True``, so any input size works
@@ -30,6 +31,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from leanvit.checkpoints import load_checkpoint
@@ -45,6 +47,8 @@ __all__ = ["resolve_backbone", "DenseBackbone", "FeatureBackbone", "SimpleFeatur
 _log = logging.getLogger(__name__)
 
 SFP_STRIDES = (4, 8, 16, 32)
+#: the plain (single-scale) ViT classes: timm's ViT / DeiT / DeiT III and its RoPE ViTs (EVA-02, DINOv3)
+PLAIN_VITS = (VisionTransformer, Eva)
 
 
 class DenseBackbone(nn.Module):
@@ -85,9 +89,9 @@ class DenseBackbone(nn.Module):
         ``restore``. Only plain-ViT backbones take one."""
         if reduction_options(reduction) is not None or parse_restore(restore) is not None:
             raise LeanvitError(
-                f"{self.name}: token reduction needs a plain ViT backbone (timm VisionTransformer); {self.name} is "
-                "hierarchical: its attention already aggregates keys and values spatially (Shunted, PVT v2) and "
-                "it has no class token or flat token sequence for EViT / ToMe")
+                f"{self.name}: token reduction needs a plain ViT backbone (timm VisionTransformer or Eva); "
+                f"{self.name} is hierarchical: its attention already aggregates keys and values spatially (Shunted, "
+                "PVT v2) and it has no class token or flat token sequence for EViT / ToMe")
 
     def restoration(self) -> Optional[Restore]:
         """The restoration strategy in effect (None without a reduction)."""
@@ -136,7 +140,7 @@ def is_plain_vit(name: str) -> bool:
             m = timm.create_model(name, pretrained=False)
         except Exception:  # some entrypoints cannot build on the meta device: look at the name
             return name.startswith(("vit_", "deit", "evit_"))
-    return isinstance(m, VisionTransformer)
+    return isinstance(m, PLAIN_VITS)
 
 
 class SimpleFeaturePyramid(DenseBackbone):
@@ -154,8 +158,8 @@ class SimpleFeaturePyramid(DenseBackbone):
         kwargs.setdefault("dynamic_img_size", True)
         kwargs.setdefault("dynamic_img_pad", True)  # any input size: padded to a multiple of the patch
         self.vit = create_model(name, num_classes=0, **kwargs)
-        if not isinstance(self.vit, VisionTransformer):
-            raise LeanvitError(f"{name} is not a timm VisionTransformer")
+        if not isinstance(self.vit, PLAIN_VITS):
+            raise LeanvitError(f"{name} is not a plain timm ViT (VisionTransformer or Eva)")
         if getattr(self.vit, "global_pool", "") == "map" or not hasattr(self.vit, "patch_embed"):
             raise LeanvitError(f"{name}: unsupported ViT layout for a feature pyramid")
         out_indices = tuple(out_indices)

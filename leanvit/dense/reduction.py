@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-from leanvit.dense.restore import RESTORATIONS, Restore, method_family, parse_restore, restoration_for
 from leanvit.errors import LeanvitError
 from leanvit.reduction import ReductionSpec, get_reduction, reduction_spec
+from leanvit.reduction.restore import Restore, parse_restore, reduction_with_restorations, restoration_for
 
 __all__ = ["reduction_options", "dense_backbone_of", "apply_dense_reduction", "dense_reduction_spec", "ReducedDense",
            "dense_variants", "BackbonePart"]
@@ -120,7 +120,7 @@ def dense_variants(model: nn.Module, grid, restores=None):
     for name, reduced in per_method.items():
         vit = dense_backbone_of(reduced).model
         fits[name] = []
-        for restore in (wanted or [Restore(n) for n in RESTORATIONS[method_family(vit)]]):
+        for restore in (wanted or [Restore(n) for n in reduction_with_restorations(vit).restorations]):
             try:
                 restoration_for(vit, restore)
             except LeanvitError as e:

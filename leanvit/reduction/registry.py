@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from leanvit.errors import LeanvitError
@@ -36,14 +37,28 @@ def cosine_schedule(step: int, target: float, none_value: float, start_step: int
 
 
 class ReductionMethod:
-    """What a token-reduction method provides. Subclasses set ``name``, ``knob`` and ``none_value`` and
-    implement :meth:`apply`, :meth:`remove`, :meth:`is_applied`, :meth:`get_strength`, :meth:`set_strength`
-    and :meth:`options` (the rest has working defaults)."""
+    """What a token-reduction method provides: its whole job, so that nothing outside ``leanvit/reduction/``
+    names a method.
+
+    Subclasses set ``name``, ``knob`` and ``none_value`` and implement :meth:`apply`, :meth:`remove`,
+    :meth:`is_applied`, :meth:`get_strength`, :meth:`set_strength` and :meth:`options`. Optional, each with a
+    working default: dense restorations (``restorations``, :meth:`restored_tokens`, :meth:`restore_room`),
+    what its picture shows (``picture``, drawn by :func:`leanvit.viz.draw_reduction`), a training loss of its own
+    (:meth:`training_loss`, ``loss_weight``). Token pruning by a score gets all of them from
+    :class:`leanvit.reduction.pruning.PruningMethod`.
+    """
 
     name: str = ""
     knob: str = ""            # the strength knob's keyword, e.g. "keep_rate"
     none_value: Any = None    # the knob value that computes exactly the unmodified model
     description: str = ""
+    #: dense restoration strategies (the default first); empty: the method cannot run in a dense backbone
+    restorations: Tuple[str, ...] = ()
+    #: what its picture shows (``leanvit viz``): ``"kept_tokens"`` (the patches still tokens after each reducing
+    #: block) or ``"merged_groups"`` (the patches merged together); empty: no picture
+    picture: str = ""
+    #: weight of :meth:`training_loss` in the training objective
+    loss_weight: float = 0.0
 
     # -- applying -------------------------------------------------------------------------------
     def apply(self, model: nn.Module, **options) -> nn.Module:
@@ -96,6 +111,28 @@ class ReductionMethod:
         if isinstance(target, (list, tuple)):  # per-layer values are used as they are
             return target
         return cosine_schedule(step, float(target), float(self.none_value), start_step, span_steps)
+
+    # -- dense prediction ------------------------------------------------------------------------
+    def is_off(self, model: nn.Module) -> bool:
+        """The applied ``model`` computes exactly the unreduced model (its strength is ``none_value``)."""
+        value = self.get_strength(model)
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        return all(v == self.none_value for v in values)
+
+    def restore_room(self, model: nn.Module) -> Tuple[int, str]:
+        """How many last blocks a ``reactivate`` restoration can run on every patch, and where they are."""
+        return 0, "to reactivate"
+
+    def restored_tokens(self, model: nn.Module, x: torch.Tensor, restore) -> torch.Tensor:
+        """The last block's patch tokens (B, patches, C) after the final norm, filled by ``restore`` (a
+        :class:`leanvit.reduction.restore.Restore` among ``restorations``)."""
+        raise LeanvitError(f"reduction '{self.name}' has no restoration strategy for dense prediction")
+
+    # -- training and pictures -------------------------------------------------------------------
+    def training_loss(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """A loss of the method's own, read after each training forward (e.g. DynamicViT's keep-ratio loss),
+        added to the objective times ``loss_weight``; None: no loss."""
+        return None
 
     # -- what checkpoints record ----------------------------------------------------------------
     def options(self, model: nn.Module) -> Dict[str, Any]:

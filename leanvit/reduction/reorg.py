@@ -11,7 +11,7 @@ Everything is batched: one sort and one row read per call, fixed shapes, no per-
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from timm.layers import register_notrace_function
@@ -58,13 +58,15 @@ def class_token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_pr
 
 
 def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool = True,
-               num_prefix_tokens: int = 1, token_ids: Optional[torch.Tensor] = None
-               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+               num_prefix_tokens: int = 1, token_ids: Optional[torch.Tensor] = None, positions=None):
     """Keep the ``num_keep`` top-scoring non-prefix tokens of ``x`` and fuse (or drop) the others.
 
     x: (B, N, C); scores: (B, N - P) for the non-prefix tokens; token_ids: optional (B, N - P) long
-    tensor of the original patch index of each non-prefix token (``FUSED_TOKEN_ID`` for a fused one).
-    Returns the new sequence (B, P + num_keep [+1], C) and the updated token ids (or None).
+    tensor of the original patch index of each non-prefix token (``FUSED_TOKEN_ID`` for a fused one);
+    positions: optional :class:`leanvit.reduction.positions.RotaryPositions` of the sequence.
+    Returns the new sequence (B, P + num_keep [+1], C) and the updated token ids (or None), and, when
+    ``positions`` is given, the positions of the new sequence (kept tokens keep their rows, a fused token gets
+    no rotation).
     """
     P = num_prefix_tokens
     B, N, C = x.shape
@@ -75,20 +77,25 @@ def reorganize(x: torch.Tensor, scores: torch.Tensor, num_keep: int, fuse: bool 
         raise LeanvitError(f"num_keep must be in [1, {n}], got {num_keep}")
     order_scores, order = scores.sort(dim=1, descending=True)
     new_ids = None if token_ids is None else token_ids.gather(1, order[:, :num_keep])
-    # One row read of the tokens in score order (leanvit.reduction.rows); kept and fused tokens are views of it.
     fusing = fuse and num_keep < n
+    if positions is not None:
+        rows = torch.cat([torch.arange(P, device=x.device).expand(B, -1), order[:, :num_keep] + P], dim=1)
+        positions = positions.take(rows, append_identity=fusing)
+    # One row read of the tokens in score order (leanvit.reduction.rows); kept and fused tokens are views of it.
     if not fusing:  # dropping: read only the rows that stay
         order = order[:, :num_keep]
     ordered = take_rows(x, order + P)
     if not fusing:
-        return torch.cat([x[:, :P], ordered], dim=1), new_ids
+        out = torch.cat([x[:, :P], ordered], dim=1)
+        return (out, new_ids) if positions is None else (out, new_ids, positions)
     weights = order_scores[:, num_keep:].unsqueeze(-1)
     if weights.dtype != x.dtype:
         weights = weights.to(x.dtype)
     fused = (ordered[:, num_keep:] * weights).sum(dim=1, keepdim=True)
     if new_ids is not None:
         new_ids = torch.cat([new_ids, new_ids.new_full((B, 1), FUSED_TOKEN_ID)], dim=1)
-    return torch.cat([x[:, :P], ordered[:, :num_keep], fused], dim=1), new_ids
+    out = torch.cat([x[:, :P], ordered[:, :num_keep], fused], dim=1)
+    return (out, new_ids) if positions is None else (out, new_ids, positions)
 
 
 @register_notrace_function  # an FX leaf: how many tokens stay depends on the input's size

@@ -1,10 +1,10 @@
 """How a reduction method is applied to a timm ViT: by swapping classes, in place.
 
 The model and the blocks that reduce keep their objects, names, weights and hooks; only their classes are
-swapped for subclasses that mix the method in (``EViTBlock`` = ``EViTBlockMixin`` + timm's ``Block``).
-This module holds what every method needs for that: the cache of the made subclasses, undoing a swap,
-pickling (the made classes cannot be imported by name), and the checks that a model is a timm
-``VisionTransformer`` with pre-norm blocks.
+swapped for subclasses that mix the method in (``EViTBlock`` = ``PruningBlockMixin`` + timm's ``Block``).
+This module holds what every method needs for that: the cache of the made subclasses, undoing a swap and
+pickling (the made classes cannot be imported by name). Which models a method can reduce is the backbone
+families' business (:mod:`leanvit.reduction.families`).
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from leanvit.errors import LeanvitError
-
-__all__ = ["SwappedClass", "swap_class", "restore_class", "check_timm_vit"]
+__all__ = ["SwappedClass", "swap_class", "restore_class"]
 
 _MADE: dict = {}
 
@@ -29,7 +27,7 @@ class SwappedClass:
 
 
 def _made_class(base: type, mixin: type, prefix: str) -> type:
-    key = (base, mixin)
+    key = (base, mixin, prefix)
     if key not in _MADE:
         _MADE[key] = type(f"{prefix}{base.__name__}", (mixin, base),
                           {"_swap_base": base, "_swap_mixin": mixin, "_swap_prefix": prefix})
@@ -57,22 +55,3 @@ def restore_class(module: nn.Module, attrs: Iterable[str] = ()) -> nn.Module:
         for attr in attrs:
             module.__dict__.pop(attr, None)
     return module
-
-
-_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-_ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "scale", "proj")
-
-
-def check_timm_vit(model: nn.Module, method: str, block_indices: Iterable[int]) -> None:
-    """A clear error unless ``model`` is a timm ``VisionTransformer`` whose blocks at ``block_indices`` are
-    pre-norm timm Blocks with a fused-qkv Attention (DeiT, DeiT III, ViT)."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "_pos_embed"):
-        raise LeanvitError(f"{method} needs a timm VisionTransformer, got {type(model).__name__}")
-    for i in block_indices:
-        blk = blocks[i]
-        attn = getattr(blk, "attn", None)
-        if not all(hasattr(blk, a) for a in _BLOCK_PARTS) or not all(hasattr(attn, a) for a in _ATTENTION_PARTS):
-            raise LeanvitError(
-                f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with a fused-qkv Attention; "
-                f"{method} supports timm VisionTransformer blocks (DeiT, DeiT III, ViT)")

@@ -34,13 +34,21 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from leanvit.errors import LeanvitError
-from leanvit.reduction.attention import ReducingBlockMixin
+from leanvit.reduction.families import family_named, family_of
+from leanvit.reduction.loop import ReducingBlockMixin, Tokens, embed, patch_ids, run_blocks
+from leanvit.reduction.positions import MERGED_POSITIONS
 from leanvit.reduction.registry import ReductionMethod, applied_reduction, cosine_schedule, register_reduction
-from leanvit.reduction.swap import SwappedClass, check_timm_vit, restore_class, swap_class
-from leanvit.reduction.tome_merge import MergePlan, bipartite_soft_matching, map_groups, merge_tokens, unmerge
+from leanvit.reduction.swap import SwappedClass, restore_class, swap_class
+from leanvit.reduction.tome_merge import (
+    MergePlan,
+    bipartite_soft_matching,
+    map_groups,
+    merge_layout,
+    merge_tokens,
+    unmerge,
+)
 
 __all__ = ["apply_tome", "remove_tome", "is_tome", "check_r", "per_layer_r", "decreasing_schedule",
            "bipartite_soft_matching", "merge_tokens", "map_groups", "unmerge", "MergePlan", "tokens_per_block",
@@ -98,46 +106,66 @@ def tokens_per_block(num_patches: int, r_per_block: Sequence[int]) -> List[int]:
 # ---------------------------------------------------------------------------------------------
 # Block
 class ToMeBlockMixin(ReducingBlockMixin):
-    """Added to a timm ``Block`` subclass: merge ``tome_r`` tokens between attention and MLP."""
+    """Added to a block's class: merge ``tome_r`` tokens between attention and MLP."""
 
     tome_r: int = 0
     prop_attn: bool = True
 
     def forward_merge(self, x: torch.Tensor, size: Optional[torch.Tensor] = None, r: Optional[int] = None,
-                      groups: Optional[torch.Tensor] = None):
+                      groups: Optional[torch.Tensor] = None, pos=None):
         """Block forward that merges ``min(r, n // 2)`` of the ``n`` non-prefix tokens; returns
-        (x, size, groups). ``groups`` (B, num_patches), if given, is mapped along (see :func:`map_groups`)."""
+        (x, size, groups), plus the positions of the merged sequence when ``pos`` (RoPE) is given.
+        ``groups`` (B, num_patches), if given, is mapped along (see :func:`map_groups`)."""
         r = self.tome_r if r is None else r
         P = self.num_prefix_tokens
+        family = self.family
         r = min(int(r), (x.shape[1] - P) // 2)
-        if r <= 0 and size is None:  # nothing merged so far nor here: timm's block, bit for bit
-            return super().forward(x), size, groups
-        out, _, metric = self._reducing_attention(self.norm1(x), size if self.prop_attn else None, keys=r > 0)
-        x = x + self.drop_path1(self.ls1(out))
+        if r <= 0 and size is None:  # nothing merged so far nor here: the unmodified block, bit for bit
+            out = (family.unmodified(self, x, pos), size, groups)
+            return out if pos is None else out + (pos,)
+        out, _, metric = family.attention(self, self.norm1(x), pos, P, size if self.prop_attn else None,
+                                          keys=r > 0)
+        x = family.attn_residual(self, x, out)
         if r > 0:
             plan = bipartite_soft_matching(metric, r, P)
             if groups is not None:
                 groups = map_groups(groups, plan, x.shape[1])
+            if pos is not None:
+                pos = merge_positions(pos, size, plan, x.shape[1])
             x, size = merge_tokens(x, size, plan)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, size, groups
+        x = family.mlp_residual(self, x)
+        return (x, size, groups) if pos is None else (x, size, groups, pos)
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise LeanvitError("ToMe blocks do not support attention masks")
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.family.call_positions(args, kwargs) is not None:
+            raise LeanvitError("a merging block under RoPE runs inside its model's loop (model.forward_features), "
+                               "which moves the rotary positions with the tokens")
         return self.forward_merge(x)[0]
 
     def extra_repr(self) -> str:
         return f"tome_r={self.tome_r}"
 
 
+def merge_positions(pos, size: Optional[torch.Tensor], plan: MergePlan, N: int):
+    """The rotary positions after a merge: every token keeps its row; a merged token the row of the token it
+    was merged into, or (when ``pos`` carries angles: ``position="mean"``) the size-weighted mean of the
+    angles of the tokens it absorbed (the angle of their mean coordinates)."""
+    order, dst_out = merge_layout(plan, N, plan.unm.device)
+    angles = None
+    if pos.angles is not None:
+        angles, _ = merge_tokens(pos.angles, size if size is None else size.to(pos.angles.dtype), plan)
+    return pos.merged(order, dst_out, angles)
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 class ToMeModelMixin(SwappedClass):
-    """Added to a timm ``VisionTransformer`` subclass: per-call ``r``, sizes and merge-group bookkeeping."""
+    """Added to the model's class: per-call ``r``, sizes and merge-group bookkeeping."""
 
     tome_schedule: str = "constant"
     tome_value: RValue = 0
+    tome_position: str = "mean"
+    family_name: str = "vit"
 
     @property
     def r(self) -> RValue:
@@ -155,26 +183,26 @@ class ToMeModelMixin(SwappedClass):
     def r_per_block(self) -> Tuple[int, ...]:
         return tuple(b.tome_r for b in self.blocks)
 
+    def tome_tokens(self, x: torch.Tensor, rs: Sequence[int], track: bool = False) -> Tokens:
+        """The tokens entering the first block (sizes none yet, groups (B, patches) when ``track``)."""
+        family = family_named(self.family_name)
+        t = embed(family, self, x, angles=self.tome_position == "mean" and any(rs))
+        if track:
+            t = t._replace(ids=patch_ids(t.x.shape[0], t.x.shape[1] - self.num_prefix_tokens, t.x.device))
+        return t
+
+    def tome_step(self, rs: Sequence[int]):
+        """The loop step merging ``rs[i]`` tokens in block i."""
+        def step(i, blk, t: Tokens) -> Tokens:
+            out = blk.forward_merge(t.x, t.size, rs[i], t.ids, t.pos)
+            return t._replace(x=out[0], size=out[1], ids=out[2], pos=out[3] if t.pos is not None else None)
+        return step
+
     def _tome_features(self, x: torch.Tensor, r: Optional[RValue] = None, return_groups: bool = False):
         rs = self.r_per_block if r is None else per_layer_r(r, len(self.blocks), self.tome_schedule)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        groups = None
-        if return_groups:
-            n = x.shape[1] - self.num_prefix_tokens
-            groups = torch.arange(n, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
-        size, all_groups = None, []
-        ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
-        for blk, rb in zip(self.blocks, rs):
-            if ckpt:
-                x, size, groups = checkpoint(blk.forward_merge, x, size, rb, groups, use_reentrant=False)
-            else:
-                x, size, groups = blk.forward_merge(x, size, rb, groups)
-            if return_groups:
-                all_groups.append(groups)
-        return self.norm(x), size, all_groups
+        t = self.tome_tokens(x, rs, return_groups)
+        t, taken = run_blocks(self, t, self.tome_step(rs), take=range(len(self.blocks)) if return_groups else ())
+        return self.norm(t.x), t.size, [s.ids for s in taken]
 
     def forward_features(self, x: torch.Tensor, r: Optional[RValue] = None, return_groups: bool = False):
         """Tokens after the final norm; with ``return_groups`` also a list, per block, of (B, num_patches)
@@ -221,27 +249,34 @@ def remove_tome(model: nn.Module) -> nn.Module:
         return model
     for blk in model.blocks:
         if isinstance(blk, ToMeBlockMixin):
-            restore_class(blk, ("tome_r", "num_prefix_tokens", "prop_attn"))
-    return restore_class(model, ("tome_schedule", "tome_value"))
+            restore_class(blk, ("tome_r", "num_prefix_tokens", "prop_attn", "family_name"))
+    return restore_class(model, ("tome_schedule", "tome_value", "tome_position", "family_name"))
 
 
-def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop_attn: bool = True) -> nn.Module:
+def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop_attn: bool = True,
+               position: str = "mean") -> nn.Module:
     """Merge tokens in every block of a timm ViT, in place; returns ``model``.
 
     Args:
-        model: a timm ``VisionTransformer`` (pre-norm blocks; any number of prefix tokens, or none).
+        model: a timm ``VisionTransformer`` or ``Eva`` (pre-norm blocks; any number of prefix tokens, or none).
         r: tokens merged per block: an int, or one int per block (at most half of the block's mergeable
             tokens are merged whatever ``r`` says). Changeable later with ``model.r = ...`` or
             ``model(x, r=...)``.
         schedule: ``"constant"`` (``r`` in every block) or ``"decreasing"`` (an int ``r`` becomes a linear
             schedule from ``2r`` to 0).
         prop_attn: proportional attention (``+ log size`` in the attention logits), as the paper.
+        position: under rotary position embeddings (EVA-02, DINOv3), the position a merged token takes:
+            ``"mean"``, the size-weighted mean of the coordinates of its patches, or ``"dst"``, the position
+            of the token it was merged into (:mod:`leanvit.reduction.positions`). No effect on ViTs with
+            absolute position embeddings.
     """
-    check_timm_vit(model, "ToMe", ())
+    family = family_of(model, "ToMe", range(len(model.blocks)) if hasattr(model, "blocks") else ())
     blocks = model.blocks
     if schedule not in SCHEDULES:
         raise LeanvitError(f"ToMe schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    check_timm_vit(model, "ToMe", range(len(blocks)))
+    if position not in MERGED_POSITIONS:
+        raise LeanvitError(f"ToMe position must be one of {', '.join(MERGED_POSITIONS)} (how a merged token's "
+                           f"rotary position is chosen), got {position!r}")
     rs = per_layer_r(r, len(blocks), schedule)  # validate before touching the model
     other = applied_reduction(model)  # ToMe with other settings, or another method: undo it first
     if other is not None:
@@ -251,8 +286,11 @@ def apply_tome(model: nn.Module, r: RValue = 8, schedule: str = "constant", prop
         swap_class(blk, ToMeBlockMixin, "ToMe")
         blk.num_prefix_tokens = prefix
         blk.prop_attn = bool(prop_attn)
+        blk.family_name = family.name
     swap_class(model, ToMeModelMixin, "ToMe")
+    model.family_name = family.name
     model.tome_schedule = schedule
+    model.tome_position = position
     model.r = tuple(rs) if isinstance(r, (list, tuple)) else r
     return model
 
@@ -267,9 +305,12 @@ class ToMeMethod(ReductionMethod):
     none_value = 0
     description = "merge the r most similar token pairs in every block (bipartite soft matching)"
 
+    restorations = ("unmerge", "reactivate")
+    picture = "merged_groups"
+
     def apply(self, model: nn.Module, r: RValue = 8, schedule: str = "constant",
-              prop_attn: bool = True) -> nn.Module:
-        return apply_tome(model, r=r, schedule=schedule, prop_attn=prop_attn)
+              prop_attn: bool = True, position: str = "mean") -> nn.Module:
+        return apply_tome(model, r=r, schedule=schedule, prop_attn=prop_attn, position=position)
 
     def remove(self, model: nn.Module) -> nn.Module:
         return remove_tome(model)
@@ -303,8 +344,40 @@ class ToMeMethod(ReductionMethod):
 
     def options(self, model: nn.Module) -> dict:
         r = model.r
-        return {"r": list(r) if isinstance(r, tuple) else r, "schedule": model.tome_schedule,
-                "prop_attn": bool(model.blocks[0].prop_attn) if len(model.blocks) else True}
+        options = {"r": list(r) if isinstance(r, tuple) else r, "schedule": model.tome_schedule,
+                   "prop_attn": bool(model.blocks[0].prop_attn) if len(model.blocks) else True}
+        if model.tome_position != "mean":
+            options["position"] = model.tome_position
+        return options
+
+    # -- dense restorations and pictures ---------------------------------------------------------
+    def is_off(self, model: nn.Module) -> bool:
+        return not any(model.r_per_block)
+
+    def restore_room(self, model: nn.Module) -> Tuple[int, str]:
+        return len(model.blocks) - 1, "after the first block"
+
+    def restored_tokens(self, model: nn.Module, x: torch.Tensor, restore) -> torch.Tensor:
+        """Every patch's features after the last block: ``unmerge`` (each patch takes its token's features)
+        or ``reactivate`` (unmerged before the last ``restore.blocks`` blocks, which run on every patch)."""
+        P = model.num_prefix_tokens
+        rs = per_layer_r(model.r_per_block, len(model.blocks))
+        depth = len(model.blocks)
+        first_full = depth - restore.blocks if restore.name == "reactivate" else depth
+        rs = tuple(r if i < first_full else 0 for i, r in enumerate(rs))
+        t = model.tome_tokens(x, rs, track=True)
+        n = t.ids.shape[1]
+        start = t
+        step = model.tome_step(rs)
+
+        def restoring_step(i, blk, t: Tokens) -> Tokens:
+            if i == first_full:  # every patch re-enters with its token's features and position; sizes are 1
+                x = torch.cat([t.x[:, :P], unmerge(t.x[:, P:], t.ids)], dim=1)
+                t = Tokens(x, start.pos, None, patch_ids(x.shape[0], n, x.device))
+            return step(i, blk, t)
+
+        t, _ = run_blocks(model, t, restoring_step)
+        return unmerge(model.norm(t.x[:, P:]), t.ids)
 
 
 register_reduction(ToMeMethod())

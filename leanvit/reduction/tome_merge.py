@@ -26,7 +26,7 @@ import torch
 
 from leanvit.reduction.rows import add_rows_, take_rows
 
-__all__ = ["MergePlan", "bipartite_soft_matching", "merge_tokens", "map_groups", "unmerge"]
+__all__ = ["MergePlan", "bipartite_soft_matching", "merge_tokens", "merge_layout", "map_groups", "unmerge"]
 
 
 class MergePlan(NamedTuple):
@@ -59,7 +59,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         return MergePlan(src, partner.gather(1, src), unm, P)
 
 
-def _layout(plan: MergePlan, N: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_layout(plan: MergePlan, N: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The output sequence as positions into the input (B, N') and the output position of every merged
     A token's partner (B, r)."""
     P = plan.num_prefix_tokens
@@ -79,7 +79,7 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan
     B, N, C = x.shape
     if size is None:
         size = x.new_ones(B, N, 1)
-    order, dst_out = _layout(plan, N, x.device)
+    order, dst_out = merge_layout(plan, N, x.device)
     out = take_rows(x, order)
     new_size = take_rows(size, order)
     src_pos = 2 * plan.src                                   # positions in x of the merged A tokens
@@ -99,7 +99,7 @@ def map_groups(groups: torch.Tensor, plan: MergePlan, N: int) -> torch.Tensor:
     non-prefix tokens of the token holding it before the merge of a sequence of N tokens; returns the
     same after it."""
     P = plan.num_prefix_tokens
-    order, dst_out = _layout(plan, N, groups.device)
+    order, dst_out = merge_layout(plan, N, groups.device)
     B = groups.shape[0]
     new_index = torch.empty(B, N, dtype=torch.long, device=groups.device)
     new_index.scatter_(1, order, torch.arange(order.shape[1], device=groups.device).expand(B, -1))

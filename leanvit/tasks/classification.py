@@ -23,14 +23,11 @@ from leanvit.errors import LeanvitError
 from leanvit.models.build import build_model
 from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
-from leanvit.reduction.evit import is_evit
-from leanvit.reduction.tome import is_tome
 from leanvit.tasks.base import Task, TrainData
 from leanvit.tasks.classification_eval import accumulate, evaluate
 from leanvit.tasks.registry import register_task
 from leanvit.utils import check_input_size, to_2tuple
-from leanvit.viz.merges import visualize_merges
-from leanvit.viz.tokens import visualize
+from leanvit.viz import draw_reduction
 
 __all__ = ["ClassificationTask", "build_data", "model_spec_from_config", "build_training_model", "finetune_from",
            "build_mixup", "build_loss", "check_class_names", "FINETUNE_MIN_SHARE"]
@@ -253,15 +250,15 @@ class ClassificationTask(Task):
         return f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}"
 
     def draw(self, built, images, out_dir, names, class_names=None, device="cpu", batch_size=16, **options):
-        """The tokens EViT keeps (``kept_tokens.png``) or the patches ToMe merges (``merged_tokens.png``)."""
+        """The picture of the model's reduction (its method draws it: EViT's kept tokens, ToMe's merged
+        groups, ...)."""
         model = built.model
-        merging = is_tome(model)
-        if not merging and not is_evit(model):
-            raise LeanvitError(f"{built.name} does not reorganize tokens nor merge them: use an EViT model "
-                               "(evit_*), or pass `keep_rate` / `reduction` evit:R or tome:R to a plain ViT")
-        draw = visualize_merges if merging else visualize
-        return draw(model.to(device), list(images), out_dir, names=list(names), class_names=class_names,
-                    batch_size=batch_size)
+        method = applied_reduction(model)
+        if method is None:
+            raise LeanvitError(f"{built.name} does not reduce tokens: use an EViT model (evit_*), or pass "
+                               "`keep_rate` / `reduction` (e.g. evit:0.7 or tome:8) to a plain ViT")
+        return draw_reduction(model.to(device), list(images), out_dir, names=list(names), class_names=class_names,
+                              batch_size=batch_size)
 
     def title(self, built):
         method = applied_reduction(built.model)

@@ -48,6 +48,14 @@ def reduction_at(ctx: StepContext, step: int):
     return ctx.method.schedule(step, ctx.reduction[ctx.method.knob], start, span)
 
 
+def _with_method_loss(ctx: StepContext, state: TrainState, loss: torch.Tensor) -> torch.Tensor:
+    """The task's loss plus the reduction method's own (``training_loss`` x ``loss_weight``), if it has one."""
+    if ctx.method is None or not ctx.method.loss_weight:
+        return loss
+    extra = ctx.method.training_loss(state.model)
+    return loss if extra is None else loss + ctx.method.loss_weight * extra.float()
+
+
 def _backward_and_step(state: TrainState, loss: torch.Tensor, clip_grad) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     params = state.model.parameters()
@@ -100,6 +108,7 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
             if keep is not None:
                 ctx.method.set_strength(state.model, keep)
             loss, n = ctx.step(ctx, x, y)
+            loss = _with_method_loss(ctx, state, loss)
             _check_finite(loss, ctx, epoch, i, last_path)
             _backward_and_step(state, loss, ctx.clip_grad)
             if state.ema is not None:

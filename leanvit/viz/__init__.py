@@ -8,8 +8,10 @@ helpers they share are in :mod:`leanvit.viz.common`.
 from leanvit.viz.common import draw_rows, viz_transform, write_rows
 from leanvit.viz.dense import draw_detections, draw_segmentation, predict_images, visualize_dense
 from leanvit.viz.merges import merge_groups, paint_groups, render_merged_tokens, shown_blocks, visualize_merges
+from leanvit.viz.reduction import draw_reduction
 from leanvit.viz.tokens import kept_masks, mask_patches, render_kept_tokens, token_counts, visualize
 
-__all__ = ["draw_rows", "viz_transform", "write_rows", "draw_detections", "draw_segmentation", "predict_images",
+__all__ = ["draw_reduction", "draw_rows", "viz_transform", "write_rows", "draw_detections", "draw_segmentation",
+           "predict_images",
            "visualize_dense", "merge_groups", "paint_groups", "render_merged_tokens", "shown_blocks",
            "visualize_merges", "kept_masks", "mask_patches", "render_kept_tokens", "token_counts", "visualize"]

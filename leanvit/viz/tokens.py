@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from leanvit.errors import LeanvitError
-from leanvit.reduction.evit import is_evit, kept_token_masks, per_layer_keep_rates
-from leanvit.reduction.reorg import num_kept
+from leanvit.reduction.pruning import is_pruning, per_layer_keep_rates
+from leanvit.reduction.reorg import kept_token_masks, num_kept
 from leanvit.utils import model_input_size
 from leanvit.viz.common import (
     as_images,
@@ -46,7 +46,7 @@ __all__ = ["kept_masks", "mask_patches", "visualize", "render_kept_tokens", "tok
 @torch.inference_mode()
 def kept_masks(model: nn.Module, x: torch.Tensor, keep_rate=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Logits and, per reorganizing block, a (B, grid_h, grid_w) bool mask of the patches still kept."""
-    if not is_evit(model):
+    if not is_pruning(model):
         raise LeanvitError(f"{type(model).__name__} does not reorganize tokens: use an EViT model "
                            "(evit_*) or give a keep rate to apply EViT to a plain ViT")
     logits, kept = model(x, keep_rate=keep_rate, return_kept_indices=True)
@@ -68,7 +68,7 @@ def mask_patches(images: torch.Tensor, mask: torch.Tensor, patch_size: Tuple[int
 @torch.inference_mode()
 def kept_token_rows(model: nn.Module, images, names, transform, keep_rate, class_names, batch_size, device):
     """The panels of every image and the column titles."""
-    if not is_evit(model):
+    if not is_pruning(model):
         raise LeanvitError(f"{type(model).__name__} does not reorganize tokens: use an EViT model "
                            "(evit_*) or apply_evit(model) / a keep rate to a plain ViT")
     if batch_size < 1:
