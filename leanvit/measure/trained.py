@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from leanvit.reduction import applied_reduction, get_reduction, remove_reduction
+from leanvit.reduction import applied_reduction, get_reduction, is_none_text, remove_reduction
 from leanvit.tasks import task_of_checkpoint
 from leanvit.utils import to_2tuple
 
@@ -58,7 +58,7 @@ def checkpoint_configurations(path, reductions: Sequence[Tuple[Optional[str], An
     task = task_of_checkpoint(path)
     grid: List[Tuple[str, Any]] = []
     for method, value in reductions:
-        if method is not None:
+        if method is not None and not is_none_text(method):  # the unreduced model is always measured
             m = get_reduction(method)
             grid.append((m.name, m.check_strength(m.none_value if value is None else value)))
     options = {"restore": list(restores)} if restores else {}

@@ -168,6 +168,11 @@ class Task:
         """What the evaluation's JSON records about the model besides its name."""
         return {}
 
+    def data_record(self, built, data) -> Dict[str, Any]:
+        """The data options an evaluation of ``built`` on ``data`` uses (what the checkpoint records for
+        ``data``'s kind): results name them beside the data."""
+        return dataset_options(data, built.config)
+
     def describe(self, res: Dict[str, Any]) -> str:
         """The metrics part of ``leanvit eval``'s line."""
         return "  ".join(f"{head} {res[key]:{fmt}}" for key, head, fmt in self.sweep_columns if key in res)

@@ -265,12 +265,13 @@ class ClassificationTask(Task):
 
     def title(self, built):
         method = applied_reduction(built.model)
-        shown = f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method else ""
+        shown = (f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method
+                 else ", no token reduction")
         return f"{built.description}{shown}"
 
     def record(self, built):
         method = applied_reduction(built.model)
-        return {"reduction": method.spec(built.model) if method else None,
+        return {"reduction": method.spec(built.model) if method else None, "restore": None,
                 "keep_rate": getattr(built.model, "keep_rate", None)}
 
 

@@ -23,7 +23,7 @@ from leanvit.dense import apply_dense_reduction, dense_reduction_spec
 from leanvit.dense.reduction import BackbonePart, dense_backbone_of, dense_variants
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
-from leanvit.reduction import get_reduction
+from leanvit.reduction import ReductionSpec, get_reduction
 from leanvit.tasks.base import SweepVariant, Task, TrainData
 from leanvit.tasks.registry import get_task
 from leanvit.utils import to_2tuple
@@ -232,10 +232,19 @@ class DenseTask(Task):
 
     def title(self, built) -> str:
         spec = built.checkpoint["model_spec"]
-        return f"{spec['head']} on {spec['name']} ({self.name})"
+        rec = self.record(built)
+        red = rec["reduction"]
+        shown = "no token reduction" if red is None else f"{ReductionSpec.parse(red)}, restore {rec['restore']}"
+        return f"{spec['head']} on {spec['name']} ({self.name}; {shown})"
 
     def record(self, built) -> Dict[str, Any]:
-        return {"head": built.checkpoint["model_spec"]["head"]}
+        """The head, the backbone's token reduction (None without one) and its restoration."""
+        red = dense_reduction_spec(built.model)
+        restore = None if red is None else red.pop("restore", None)
+        return {"head": built.checkpoint["model_spec"]["head"], "reduction": red, "restore": restore}
+
+    def data_record(self, built, data) -> Dict[str, Any]:
+        return self.data_options({**(built.config or {}), "data": data})
 
     def eval_data(self, built, data, split="val", batch_size=64, workers=0, device="cpu", **options):
         dataset = self._eval_dataset(data, built.config, split)

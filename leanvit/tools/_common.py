@@ -6,7 +6,7 @@ from typing import Optional
 
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel, build_model
-from leanvit.reduction import ReductionSpec
+from leanvit.reduction import ReductionSpec, is_none_text
 from leanvit.reduction.reorg import check_keep_rate
 from leanvit.utils import img_size_arg
 
@@ -20,7 +20,8 @@ def add_model_arguments(p, keep_rate_help: str = "EViT keep rate in (0, 1] (alia
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="local weights: .pth/.pt (state dict or {'model': ...}) or .safetensors")
     p.add_argument("--reduction", default=None, metavar="METHOD:VALUE",
-                   help="token reduction to apply, e.g. evit:0.7 or evit-drop:0.5 (default: the model's own)")
+                   help="token reduction to apply, e.g. evit:0.7 or evit-drop:0.5; none (or off, -): no reduction, "
+                        "even on a checkpoint trained with one (default: the model's own)")
     p.add_argument("--keep-rate", type=float, default=None, metavar="R", help=keep_rate_help)
     p.add_argument("--restore", default=None, metavar="NAME",
                    help="detection/segmentation models: how the reduced backbone restores its token map: keep, "
@@ -35,15 +36,21 @@ def add_model_arguments(p, keep_rate_help: str = "EViT keep rate in (0, 1] (alia
 def reduction_from_args(args):
     """``--reduction METHOD:VALUE`` and/or its EViT alias ``--keep-rate R`` as one spec (or None), with
     ``--restore`` among its options; ``--restore`` alone: ``{"restore": NAME}`` (the checkpoint's own
-    reduction, restored another way)."""
+    reduction, restored another way); ``--reduction none`` (``off``, ``-``): ``"none"``, the unreduced model
+    even where the checkpoint records a reduction."""
     keep_rate = getattr(args, "keep_rate", None)
+    restore = getattr(args, "restore", None)
+    if is_none_text(getattr(args, "reduction", None)):
+        for flag, value in (("--keep-rate", keep_rate), ("--restore", restore)):
+            if value is not None:
+                raise LeanvitError(f"--reduction {args.reduction} (no reduction) cannot be combined with {flag}")
+        return "none"
     if keep_rate is not None:
         try:
             check_keep_rate(keep_rate)
         except LeanvitError as e:
             raise LeanvitError(f"--keep-rate: {e}") from None
     spec = ReductionSpec.parse(getattr(args, "reduction", None) or None, keep_rate=keep_rate, what="--reduction")
-    restore = getattr(args, "restore", None)
     if restore is None:
         return spec
     # a restoration for the checkpoint's own reduction, or with the new one

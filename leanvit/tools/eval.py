@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from leanvit.errors import LeanvitError
+from leanvit.measure.load import LoadWatch
 from leanvit.tasks import check_data, task_of_checkpoint
 from leanvit.tools._common import add_model_arguments, reduction_from_args
 from leanvit.utils import img_size_arg, resolve_device
@@ -73,15 +74,21 @@ def run(args) -> int:
     dataset, loader = task.eval_data(built, args.data, args.split, args.batch_size, args.workers, device,
                                      crop_pct=args.crop_pct, interpolation=args.interpolation,
                                      check_classes=not args.ignore_class_names, source=args.checkpoint)
+    load = LoadWatch()
     res = task.evaluate(built.model, loader, device=device, amp=args.amp, progress=not args.no_progress,
                         max_batches=args.max_batches, dataset=dataset)
+    load.stop()
     hw = built.img_size
+    options = task.data_record(built, args.data)
     res.update(task.record(built), model=built.name, task=task.name, checkpoint=args.checkpoint, data=args.data,
-               img_size=f"{hw[0]}x{hw[1]}", batch_size=args.batch_size, device=str(device),
-               threads=torch.get_num_threads())
-    print(f"{task.title(built)} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): {task.describe(res)}  "
-          f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads)")
+               split=args.split, data_options=options, img_size=f"{hw[0]}x{hw[1]}", batch_size=args.batch_size,
+               device=str(device), threads=torch.get_num_threads(), machine_load=load.line, busy=load.busy)
+    shown = f" [{', '.join(f'{k}={v}' for k, v in options.items())}]" if options else ""
+    print(f"{task.title(built)} on {args.data}{shown} ({args.split}: {res['images']} images, {hw[0]}x{hw[1]}): "
+          f"{task.describe(res)}  {res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
+          f"{torch.get_num_threads()} threads; {load.line})")
+    if load.warning and device.type == "cpu":
+        print(f"warning: {load.warning}")
     for line in getattr(getattr(dataset, "skips", None), "lines", lambda: [])():
         print(f"note: {line}")
     _write_json(res, args.output)

@@ -17,11 +17,13 @@ line applying it.
 """
 from __future__ import annotations
 
+import json
 import shlex
 
 import torch
 
 from leanvit.errors import LeanvitError
+from leanvit.measure.load import LoadWatch
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import apply_line, choose, parse_grid, plot_pareto, run_sweep, sweep_columns
 from leanvit.tasks import check_data, task_of_checkpoint
@@ -113,17 +115,27 @@ def run(args) -> int:
         print(f"note: {busy}")
     first = build(None)  # fail early (and record the checkpoint's config) before the grid starts
     cache = {None: first}
+    load = LoadWatch()
     result = run_sweep(lambda s: cache.pop(s) if s in cache else build(s), grid, args.data, [None] + sizes,
                        config=first.config, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        limit_images=args.limit_images, device=device, warmup=args.warmup, repeats=args.repeats,
                        latency_repeats=args.latency_repeats, workers=args.workers, progress=not args.no_progress,
                        task=task, variant_options={"restore": args.restore} if args.restore else None)
+    load.stop()
     rows = result.rows
     score, score_head, fmt = task.sweep_columns[0]
     name = task.title(first)
+    options = task.data_record(first, args.data)
+    for r in rows:  # every row names what was measured and under which load
+        r.setdefault("restore", "-")
+        r.update(model=first.name, checkpoint=args.checkpoint or "", data=str(args.data),
+                 data_options=json.dumps(options, sort_keys=True) if options else "", machine_load=load.line)
     print(f"{name} on {args.data} ({rows[0]['images']} images); drop = {score_head} points below the unreduced "
           "model; pareto: on the front of it vs throughput (thr) / batch-1 latency (lat)")
     print(format_table(rows, sweep_columns(task)))
+    print(load.line)
+    if load.warning and device.type == "cpu":
+        print(f"warning: {load.warning}")
     csv_path = write_csv(rows, out / "sweep.csv")
     chosen = choose(rows, args.max_drop, args.target_speedup,
                     speed_key="latency_ms" if args.by == "latency" else "img_per_s", score=score,
