@@ -25,6 +25,7 @@ import torch.nn as nn
 from leanvit.data import create_dataset, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction
+from leanvit.utils import format_metric
 
 __all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith"]
 
@@ -131,8 +132,8 @@ class Task:
 
     def done_message(self, res: Dict[str, Any]) -> str:
         """The line ``leanvit train`` prints at the end (``res``: what ``train()`` returned)."""
-        def shown(v):  # a negative metric is COCOeval's "undefined" (nothing to score against), never a score
-            return "n/a" if v is None else ("undefined" if v < 0 else f"{v:.4f}")
+        def shown(v):  # undefined (None; -1 in older checkpoints: COCOeval's "nothing to score against")
+            return "n/a" if v is None or v < 0 else format_metric(v)
 
         return (f"done in {res['seconds']:.0f} s: best {res['main_metric']} {shown(res['best_metric'])}, "
                 f"last {shown(res['last_metric'])}; checkpoints in {res['output']}")
