@@ -16,7 +16,8 @@ from leanvit.reduction.registry import applied_reduction, remove_reduction
 from leanvit.reduction.spec import ReductionSpec, is_none_text
 from leanvit.utils import Size, check_input_size, img_size_arg, model_input_size, to_2tuple
 
-__all__ = ["BuiltModel", "build_model", "checkpoint_num_classes", "recorded_spec", "describe_model"]
+__all__ = ["BuiltModel", "build_model", "checkpoint_num_classes", "recorded_spec", "recorded_config",
+           "describe_model"]
 
 _CLASSIFIER_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "head.l.weight")
 
@@ -37,6 +38,15 @@ def recorded_spec(obj) -> Optional[dict]:
         if isinstance(spec, dict) and isinstance(spec.get("name"), str):
             return spec
     return None
+
+
+def recorded_config(checkpoint) -> Optional[dict]:
+    """The training config a ``leanvit train`` checkpoint file records (None without a checkpoint or one)."""
+    if checkpoint is None:
+        return None
+    obj = read_checkpoint(checkpoint)
+    cfg = obj.get("config") if isinstance(obj, dict) else None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def _checkpoint_input_size(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[tuple]:

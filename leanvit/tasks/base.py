@@ -140,8 +140,11 @@ class Task:
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name: Optional[str] = None, reduction: Optional[dict] = None,
-                   img_size=None, num_classes: Optional[int] = None, data=None, split: str = "val"):
-        """A :class:`leanvit.models.build.BuiltModel` in eval mode (the checkpoint's weights loaded strictly)."""
+                   img_size=None, num_classes: Optional[int] = None, data=None, split: str = "val",
+                   data_overrides: Optional[Dict[str, Any]] = None):
+        """A :class:`leanvit.models.build.BuiltModel` in eval mode (the checkpoint's weights loaded strictly).
+        Its ``config`` is the recorded training config with ``data_overrides`` applied
+        (:func:`leanvit.data.with_data_overrides`): the data options every later step uses."""
         raise NotImplementedError
 
     def eval_data(self, built, data, split: str = "val", batch_size: int = 64, workers: int = 0,

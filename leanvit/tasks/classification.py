@@ -16,11 +16,11 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from leanvit.checkpoints import load_checkpoint
-from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classes, dataset_options
+from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classes, dataset_options, with_data_overrides
 from leanvit.data.folder import check_same_classes
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
-from leanvit.models.build import build_model
+from leanvit.models.build import build_model, recorded_config
 from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
 from leanvit.reduction.evit import is_evit
@@ -158,15 +158,20 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
     """The data's class names must be the checkpoint's (same names, same order), or the accuracy is wrong."""
     if recorded is None or list(map(str, recorded)) == list(map(str, classes)):
         return
-    recorded = list(map(str, recorded))
+    recorded, classes = list(map(str, recorded)), list(map(str, classes))
     missing = [c for c in recorded if c not in classes]
     extra = [c for c in classes if c not in recorded]
+
+    def some(names):
+        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     if not missing and not extra:
-        what = "are in another order"
+        what = f"are those {checkpoint} was trained with, in another order"
     else:
-        what = (f"differ: not in the data {missing[:6] or 'none'}, not in the checkpoint {extra[:6] or 'none'}")
-    raise LeanvitError(f"the class names of {data} {what} than those {checkpoint} was trained with; the accuracy "
-                       "would be meaningless (give `ignore_class_names` to evaluate by label position anyway)")
+        parts = ([f"{len(missing)} of its classes are not in the data ({some(missing)})"] if missing else []) + \
+                ([f"{len(extra)} of the data's classes are not among its classes ({some(extra)})"] if extra else [])
+        what = f"differ from those {checkpoint} was trained with: {'; '.join(parts)}"
+    raise LeanvitError(f"the class names of {data} {what}; the accuracy would be meaningless "
+                       "(give `ignore_class_names` to evaluate by label position anyway)")
 
 
 class ClassificationTask(Task):
@@ -225,12 +230,17 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
-                   split="val"):
-        if "restore" in getattr(reduction, "options", reduction or {}):
+                   split="val", data_overrides=None):
+        if isinstance(reduction, dict) and "restore" in reduction or "restore" in getattr(reduction, "options", {}):
             raise LeanvitError("`restore` (how a dense backbone restores its token map) applies to detection and "
                                "segmentation models, not to a classifier")
-        data_classes = len(dataset_classes(data, split)) if data is not None else None
+        data_classes = None
+        if data is not None:  # counted with the data options the checkpoint records (and the overrides)
+            config = with_data_overrides(recorded_config(checkpoint), data_overrides)
+            data_classes = len(dataset_classes(data, split, dataset_options(data, config)))
         built = build_model(name, checkpoint, reduction, img_size, num_classes, data_classes=data_classes)
+        if data_overrides:
+            built = built._replace(config=with_data_overrides(built.config, data_overrides))
         n_out = getattr(built.model, "num_classes", None)
         if data_classes is not None and n_out is not None and n_out != data_classes:
             raise LeanvitError(f"the model has {n_out} classes but the data has {data_classes} "
@@ -240,7 +250,8 @@ class ClassificationTask(Task):
     def eval_data(self, built, data, split="val", batch_size=64, workers=0, device="cpu", crop_pct=None,
                   interpolation=None, check_classes=True, source=None, **options):
         if check_classes and built.checkpoint is not None:
-            check_class_names(built.checkpoint.get("classes"), dataset_classes(data, split), source, data)
+            check_class_names(built.checkpoint.get("classes"),
+                              dataset_classes(data, split, dataset_options(data, built.config)), source, data)
         dataset = build_eval_dataset(data, built.model, built.img_size, config=built.config, split=split,
                                      crop_pct=crop_pct, interpolation=interpolation,
                                      options=dataset_options(data, built.config))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from leanvit.checkpoints import load_checkpoint, read_checkpoint
-from leanvit.data import create_dataset, dataset_classes, dataset_options
+from leanvit.data import create_dataset, dataset_classes, dataset_options, with_data_overrides
 from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.dense import apply_dense_reduction, dense_reduction_spec
@@ -209,7 +209,7 @@ class DenseTask(Task):
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
-                   split="val"):
+                   split="val", data_overrides=None):
         if checkpoint is None:
             raise LeanvitError(f"a {self.name} model is loaded from a checkpoint written by leanvit train")
         for what, v in (("another input size", img_size), ("another number of classes", num_classes)):
@@ -223,7 +223,8 @@ class DenseTask(Task):
         if name is not None and name != spec["name"]:
             raise LeanvitError(f"{checkpoint} holds a {spec['name']} backbone, not {name}")
         hw = self.input_size(spec, config)
-        return BuiltModel(model, spec["name"], hw, config, read_checkpoint(checkpoint))
+        return BuiltModel(model, spec["name"], hw, with_data_overrides(config, data_overrides),
+                          read_checkpoint(checkpoint))
 
     def input_size(self, spec: Dict[str, Any], config: Dict[str, Any]):
         """(H, W) the recipe feeds the model (what the sweep times it at)."""

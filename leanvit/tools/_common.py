@@ -8,9 +8,11 @@ from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel, build_model
 from leanvit.reduction import ReductionSpec, is_none_text
 from leanvit.reduction.reorg import check_keep_rate
+from leanvit.train.recipes import parse_value
 from leanvit.utils import img_size_arg
 
-__all__ = ["add_model_arguments", "reduction_from_args", "build_from_args", "check_output_folder"]
+__all__ = ["add_model_arguments", "reduction_from_args", "build_from_args", "check_output_folder",
+           "add_data_overrides", "data_overrides_from_args"]
 
 
 def add_model_arguments(p, keep_rate_help: str = "EViT keep rate in (0, 1] (alias of --reduction evit:R)") -> None:
@@ -66,4 +68,21 @@ def check_output_folder(path, flag: str = "--output") -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise LeanvitError(f"{flag} {out} exists and is not a folder")
+    return out
+
+
+def add_data_overrides(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KIND.OPTION=VALUE", dest="data_set",
+                   help="a data option instead of the one the checkpoint records (which is used otherwise), e.g. "
+                        "hf.label_column=fine_label, hf.val_split=test, shards.class_map=classes.txt")
+
+
+def data_overrides_from_args(args) -> dict:
+    """``--set KIND.OPTION=VALUE`` items as ``{"KIND.OPTION": value}`` (values read as YAML)."""
+    out = {}
+    for item in getattr(args, "data_set", None) or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise LeanvitError(f"--set takes KIND.OPTION=VALUE, got '{item}'")
+        out[key.strip()] = parse_value(value)
     return out

@@ -20,15 +20,18 @@ import torch
 from leanvit.errors import LeanvitError
 from leanvit.measure.load import LoadWatch
 from leanvit.tasks import check_data, task_of_checkpoint
-from leanvit.tools._common import add_model_arguments, reduction_from_args
+from leanvit.tools._common import add_data_overrides, add_model_arguments, data_overrides_from_args, reduction_from_args
 from leanvit.utils import img_size_arg, resolve_device
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p, keep_rate_help="EViT keep rate in (0, 1] (applies EViT to a plain ViT)")
-    p.add_argument("--data", required=True, metavar="DIR|digits",
-                   help="'digits' (the embedded data) or an ImageFolder tree (DIR/val/<class>/*.jpg, or "
-                        "DIR/<class>/*.jpg)")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="what to evaluate on: an embedded set (digits, digits-det, digits-seg), an ImageFolder tree "
+                        "(DIR/val/<class>/*.jpg, or DIR/<class>/*.jpg), tar shards (a folder, brace pattern or "
+                        "glob), a Hugging Face dataset (hfds/NAME or a save_to_disk folder), a COCO or mask-folder "
+                        "layout; read with the data options the checkpoint records")
+    add_data_overrides(p)
     p.add_argument("--split", default="val", help="split folder inside DIR (default val)")
     p.add_argument("--crop-pct", type=float, default=None,
                    help="centre-crop fraction (default: the checkpoint's recorded one, else the model's "
@@ -70,7 +73,8 @@ def run(args) -> int:
     check_data(task, args.data, f"{args.checkpoint}'s task" if args.checkpoint else "the model's task")
     device = resolve_device(args.device)
     built = task.load_model(args.checkpoint, args.model, reduction_from_args(args), img_size_arg(args.img_size),
-                            args.num_classes, data=args.data, split=args.split)
+                            args.num_classes, data=args.data, split=args.split,
+                            data_overrides=data_overrides_from_args(args))
     dataset, loader = task.eval_data(built, args.data, args.split, args.batch_size, args.workers, device,
                                      crop_pct=args.crop_pct, interpolation=args.interpolation,
                                      check_classes=not args.ignore_class_names, source=args.checkpoint)

@@ -27,7 +27,7 @@ from leanvit.measure.load import LoadWatch
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import apply_line, choose, parse_grid, plot_pareto, run_sweep, sweep_columns
 from leanvit.tasks import check_data, task_of_checkpoint
-from leanvit.tools._common import check_output_folder
+from leanvit.tools._common import add_data_overrides, check_output_folder, data_overrides_from_args
 from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
 
 
@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, metavar="M",
                    help="model name (optional with a checkpoint written by leanvit train)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="local weights (.pth/.pt/.safetensors)")
-    p.add_argument("--data", required=True, metavar="DIR|digits", help="'digits' or an ImageFolder tree")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="evaluation data, as for leanvit eval (read with the data options the checkpoint records)")
+    add_data_overrides(p)
     p.add_argument("--reduction", nargs="+", default=["none"], metavar="METHOD:V1,V2",
                    help="the grid, e.g. evit:1.0,0.9,0.8,0.7,0.6,0.5 tome:0,4,8,12,16 evit-drop:0.7,0.5 "
                         "(the unreduced model is always measured)")
@@ -106,7 +108,7 @@ def run(args) -> int:
 
     def build(size):
         return task.load_model(args.checkpoint, args.model, None, None if size is None else img_size_arg(list(size)),
-                               args.num_classes, data=args.data)
+                               args.num_classes, data=args.data, data_overrides=data_overrides_from_args(args))
 
     print(f"{environment(str(device))} | batch {args.batch_size} (throughput, median of {args.repeats}) and 1 "
           f"(latency, median/p90 of {args.latency_repeats}), all points interleaved", flush=True)
