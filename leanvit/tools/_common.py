@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from leanvit.checkpoints import check_writable
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel, build_model
 from leanvit.reduction import ReductionSpec, is_none_text
@@ -68,7 +69,7 @@ def check_output_folder(path, flag: str = "--output") -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise LeanvitError(f"{flag} {out} exists and is not a folder")
-    return out
+    return check_writable(out, flag)  # a read-only or full disk: now, before the work
 
 
 def add_data_overrides(p) -> None:

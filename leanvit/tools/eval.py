@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from leanvit.checkpoints import check_writable, write_atomically
 from leanvit.errors import LeanvitError
 from leanvit.measure.load import LoadWatch
 from leanvit.tasks import check_data, task_of_checkpoint
@@ -65,6 +66,7 @@ def _check_args(args) -> None:
                 if not parent.is_dir():
                     raise LeanvitError(f"--output {out}: {parent} is a file, not a folder")
                 break
+        check_writable(out.parent, "--output's folder")  # a read-only or full disk: before evaluating
 
 
 def run(args) -> int:
@@ -104,7 +106,6 @@ def _write_json(res: dict, path) -> None:
     if not path:
         return
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
-    out.write_text(json.dumps(safe, indent=2) + "\n")
+    write_atomically(out, lambda f: f.write(json.dumps(safe, indent=2) + "\n"), binary=False)
     print(f"wrote {out}")
