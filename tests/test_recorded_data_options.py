@@ -74,8 +74,8 @@ def test_set_overrides_a_recorded_data_option(setup, capsys):
 def test_class_name_mismatch_message_reads(setup, capsys):
     root, data = setup
     rc, err = cli_error(capsys, "eval", "--checkpoint", root / "other.pth", "--data", data)
-    one_line_error(rc, err, "differ from those", "1 of its classes are not in the data (zz)",
-                   "1 of the data's classes are not among its classes (c)")
+    one_line_error(rc, err, "differ from those", "1 of its classes are not in the data ('zz')",
+                   "1 of the data's classes are not among its classes ('c')")
     assert "than those" not in err
 
 

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from leanvit.data.folder import SkippingImageDataset, to_rgb8
+from leanvit.data.folder import SharedSkips, SkippingImageDataset, to_rgb8
+from leanvit.data.folder import no_buffer_repr as _no_buffer
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -137,7 +138,7 @@ class HFDataset(SkippingImageDataset, torch.utils.data.Dataset):
             if not 0 <= t < len(self.classes):
                 raise LeanvitError(f"{data}: row {i} has label {t}, outside the {len(self.classes)} classes")
         self.data, self.transform, self.skip_corrupt = data, transform, bool(skip_corrupt)
-        self.skipped = set()
+        self.skipped = SharedSkips(len(self.targets))
 
     @property
     def source(self) -> str:
@@ -158,7 +159,7 @@ class HFDataset(SkippingImageDataset, torch.utils.data.Dataset):
             img.load()
             return to_rgb8(img)
         except (OSError, ValueError, SyntaxError) as e:
-            raise LeanvitError(f"cannot read image in row {index} of {self.data}: {e}") from None
+            raise LeanvitError(f"cannot read image in row {index} of {self.data}: {_no_buffer(e)}") from None
 
     image = load
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leanvit.data.folder import SkippingImageDataset, to_rgb8
+from leanvit.data.folder import SharedSkips, SkippingImageDataset, to_rgb8
+from leanvit.data.folder import no_buffer_repr as _no_buffer
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
@@ -80,16 +81,33 @@ def split_key(name: str) -> Tuple[str, str]:
 
 def index_shard(path: str) -> List[Tuple[str, int, int, int]]:
     """``[(key, offset, size, label)]`` of one shard, in file order: the image member's data offset and
-    size, and the ``.cls`` label. A sample without an image or a label is an error naming the shard and key."""
+    size, and the ``.cls`` label. A sample without an image or a label is an error naming the shard and key.
+
+    Nothing is dropped silently: a key that comes again after its sample is complete (a second image or
+    label) is a sample of its own, kept as ``KEY#2`` (``#3``, ...), and a shard that ends without tar's
+    end-of-archive blocks (cut at a member boundary: it reads without error) is read as far as it goes; both
+    are counted in a warning naming the shard."""
     samples: Dict[str, list] = {}
+    seen: Dict[str, int] = {}  # how many samples each key has named
+    duplicates: List[str] = []
+    end = 0
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
+                end = max(end, m.offset_data + -(-m.size // 512) * 512)
                 if not m.isfile():
                     continue
                 key, ext = split_key(m.name)
                 if key.startswith("_") or "/_" in key:  # _info.json and the like
                     continue
+                slot = 0 if ext in IMAGE_EXTS else 1 if ext == "cls" else None
+                n = seen.setdefault(key, 1)
+                name = key if n == 1 else f"{key}#{n}"
+                if slot is not None and samples.get(name, [None, None])[slot] is not None:
+                    seen[key] = n = n + 1  # this member starts another sample with the same key
+                    name = f"{key}#{n}"
+                    duplicates.append(key)
+                key = name
                 entry = samples.setdefault(key, [None, None])
                 if ext in IMAGE_EXTS:
                     entry[0] = (m.offset_data, m.size)
@@ -113,6 +131,12 @@ def index_shard(path: str) -> List[Tuple[str, int, int, int]]:
         out.append((key, img[0], img[1], label))
     if not out:
         raise LeanvitError(f"shard {path} holds no samples (KEY.jpg + KEY.cls)")
+    if duplicates:
+        log.warning(f"warning: {path}: {len(duplicates)} sample(s) reuse the key of an earlier one (e.g. "
+                    f"{duplicates[0]}): kept as samples of their own ({duplicates[0]}#2, ...)")
+    if os.path.getsize(path) < end + 1024:  # tar ends with two zero blocks; a copy cut short has none
+        log.warning(f"warning: {path} ends without tar's end-of-archive blocks: it may be truncated; read "
+                    f"{len(out)} sample(s) up to where it stops")
     return out
 
 
@@ -187,7 +211,7 @@ class ShardDataset(SkippingImageDataset, torch.utils.data.Dataset):
                                f"label {int(self.targets[i])}, outside the {len(self.classes)} classes of the "
                                "class map")
         self.transform, self.skip_corrupt, self.group = transform, bool(skip_corrupt), int(group)
-        self.skipped = set()
+        self.skipped = SharedSkips(len(self.targets))
         self._files: Dict[int, object] = {}
         self._pid = None
         self._lock = threading.Lock()
@@ -227,7 +251,7 @@ class ShardDataset(SkippingImageDataset, torch.utils.data.Dataset):
                 img.load()
                 return to_rgb8(img)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise LeanvitError(f"cannot read image {self.keys[index]}: {e}") from None
+            raise LeanvitError(f"cannot read image {self.keys[index]}: {_no_buffer(e)}") from None
 
     image = load
 

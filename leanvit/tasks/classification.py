@@ -163,7 +163,7 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
     extra = [c for c in classes if c not in recorded]
 
     def some(names):
-        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        return ", ".join(map(repr, names[:6])) + (", ..." if len(names) > 6 else "")
     if not missing and not extra:
         what = f"are those {checkpoint} was trained with, in another order"
     else:
