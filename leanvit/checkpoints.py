@@ -208,6 +208,12 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifi
     return LoadResult(missing, unexpected, skipped)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path, write: Callable[[Any], None], binary: bool = True) -> Path:
     """Write ``path`` through ``write(file)`` atomically: a temporary file in the same folder, flushed to
     disk, then renamed over ``path``; on any failure the temporary file is removed and ``path`` is
@@ -226,6 +232,7 @@ def write_atomically(path, write: Callable[[Any], None], binary: bool = True) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp's file is 0600)
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -201,6 +201,12 @@ class Task:
         (``leanvit bench``). None: the task's models have no head worth reporting apart (classification)."""
         return None
 
+    def can_reduce(self, model: nn.Module) -> bool:
+        """Whether a token reduction applies to ``model`` at all (a class-token ViT); one that cannot is
+        measured unreduced, with a note, by ``leanvit bench``."""
+        return applied_reduction(model) is not None or (
+            all(hasattr(model, a) for a in ("blocks", "patch_embed")) and getattr(model, "cls_token", None) is not None)
+
     def sweep_variants(self, model: nn.Module, plain: nn.Module, grid: Sequence[Tuple[Optional[str], Any]],
                        **options) -> Iterator[SweepVariant]:
         """The configurations to sweep for ``grid`` (pairs of method name and strength, (None, None) = the

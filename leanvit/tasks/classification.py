@@ -226,7 +226,7 @@ class ClassificationTask(Task):
             return ""
         last = res["last_top1"]
         return (f"done in {res['seconds']:.0f} s: best val top-1 {res['best_top1']:.2f}%, "
-                f"last {last if last is None else round(last, 2)}%; checkpoints in {res['output']}")
+                f"last {'n/a' if last is None else f'{last:.2f}%'}; checkpoints in {res['output']}")
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,

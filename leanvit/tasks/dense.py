@@ -272,6 +272,10 @@ class DenseTask(Task):
             yield SweepVariant(f"{method}/{rest}", m.format_strength(value), value, view, method=method,
                                restore=str(rest))
 
+    def can_reduce(self, model):
+        """Only a plain-ViT backbone takes a token reduction (Shunted and PVT v2 are hierarchical)."""
+        return hasattr(dense_backbone_of(model), "vit")
+
     def backbone_part(self, model):
         """The input's preparation and the dense backbone's maps, at ``model``'s reduction point."""
         return BackbonePart(model)

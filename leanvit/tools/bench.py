@@ -162,7 +162,7 @@ def run(args) -> int:
     configs = build_configurations(models, reductions, img_sizes, args.num_classes, notes) if models else {}
     parts: dict = {}
     for path in checkpoints:
-        c, p = checkpoint_configurations(path, reductions, args.restore, img_sizes)
+        c, p = checkpoint_configurations(path, reductions, args.restore, img_sizes, notes)
         configs.update(c)
         parts.update(p)
     header = (f"{environment(str(device))} | dtype={str(dtype).replace('torch.', '')} | batch={args.batch_size} | "

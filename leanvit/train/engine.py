@@ -342,6 +342,8 @@ class Run:
         return not earlier or value < self.state.best
 
     def _summary(self, row: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+        if not row:  # nothing left to train (a finished run resumed): its last evaluated epoch's figures
+            row = next((r for r in reversed(self.state.history) if self.task.main_metric in r), {})
         skipped = getattr(self.data.train_set, "num_skipped", 0)
         if skipped and self.env.is_main:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
@@ -355,7 +357,8 @@ class Run:
                 "best": str(self.best_path) if evaluated else None,
                 **self.task.summary(st.best if evaluated else None, row), "history": st.history, "seconds": seconds,
                 "model_spec": self.spec, "skipped_images": skipped,
-                "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early}
+                "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early,
+                "is_main": self.env.is_main}
 
 
 def train(recipe: Union[str, Dict[str, Any], None] = None, device: Optional[str] = None,
