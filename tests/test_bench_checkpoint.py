@@ -115,10 +115,6 @@ def test_bench_classification_checkpoint_with_its_own_reduction(capsys, tmp_path
 
 def test_bench_checkpoint_errors(ckpts, capsys, tmp_path):
     root = ckpts["root"]
-    tiny_shunted = {"depths": [1, 1, 1, 1], "embed_dims": [64, 16, 32, 32], "num_heads": [2, 2, 4, 4],
-                    "mlp_ratios": [2, 2, 2, 2]}
-    shunted = _dense_checkpoint(root / "shunted.pth", "segmentation", "semantic_fpn", model="shunted_t",
-                                kwargs=tiny_shunted, size=32, head_kwargs={"fpn_channels": 8, "channels": 8})
     (root / "corrupt.pth").write_bytes(b"not a checkpoint at all")
 
     def error(*args, needles=()):

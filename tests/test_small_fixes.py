@@ -29,7 +29,7 @@ def test_only_the_main_process_prints_the_summary(monkeypatch, capsys, tmp_path)
     import leanvit.tools.train as tool
     res = {"task": "classification", "best_top1": 50.0, "last_top1": 50.0, "seconds": 1.0, "output": "x"}
     for is_main, lines in ((False, 0), (True, 1)):
-        monkeypatch.setattr(tool, "train", lambda *a, **k: {**res, "is_main": is_main})
+        monkeypatch.setattr(tool, "train", lambda *a, main=is_main, **k: {**res, "is_main": main})
         rc, text, _ = cli(capsys, "train", "--model", "test_vit", "--output", tmp_path)
         assert rc == 0 and text.count("done in") == lines
 
