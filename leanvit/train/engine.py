@@ -272,7 +272,7 @@ class Run:
             metrics = MetricsLog(self.out)
             metrics.start(st.history)  # rebuilt from the checkpoint (a fresh run: empty)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
-            self.tracker = create_trackers(cfg, self.out, st.step, bool(self.resume))
+            self.tracker = create_trackers(cfg, self.out, st.step, bool(self.resume), st.history, self.data.iters)
             self._announce()
         t_run, start_epoch, row = time.perf_counter(), st.epoch, {}
         self.stopped_early = None
