@@ -45,3 +45,23 @@ def test_eval_help_names_every_kind_of_data(capsys):
         cli(capsys, "eval", "--help")
     text = " ".join(capsys.readouterr().out.split())
     assert "tar shards" in text and "Hugging Face" in text and "--set" in text
+
+
+def test_demo_plot_labels_do_not_overlap(tmp_path):
+    """Two configurations at nearly the same accuracy and speed (the demo's DeiT III and EViT 0.7 fine-tune):
+    their labels are placed apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leanvit.tools.demo import annotate_apart
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    points = [(100.0, 90.0), (101.0, 90.1), (100.5, 89.9), (300.0, 70.0)]
+    ax.scatter(*zip(*points))
+    texts = annotate_apart(ax, points, ["DeiT III (deit3_demo)", "EViT/0.7 fine-tuned (evit_demo)",
+                                        "EViT/0.5 off the shelf", "Shunted"])
+    fig.canvas.draw()
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
