@@ -75,3 +75,13 @@ def test_bench_none_on_an_evit_model_is_unreduced(tmp_path, capsys):
     with open(tmp_path / "b" / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["reduction"], r["strength"]) for r in rows] == [("-", "-"), ("evit", "0.5")]
+
+
+def test_flops_none_on_an_evit_model_counts_the_unreduced_model(capsys):
+    rc, none, err = cli(capsys, "flops", "evit_deit_tiny_patch16_224", "--reduction", "none")
+    assert rc == 0, err
+    rc, plain, err = cli(capsys, "flops", "deit_tiny_patch16_224")
+    assert rc == 0, err
+    assert "(no token reduction)" in none and none.split(": ")[1] == plain.split(": ")[1]
+    rc, own, err = cli(capsys, "flops", "evit_deit_tiny_patch16_224")
+    assert "evit keep_rate=" in own and own.split(": ")[1] != plain.split(": ")[1]
