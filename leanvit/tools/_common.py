@@ -79,11 +79,13 @@ def add_data_overrides(p) -> None:
 
 
 def data_overrides_from_args(args) -> dict:
-    """``--set KIND.OPTION=VALUE`` items as ``{"KIND.OPTION": value}`` (values read as YAML)."""
+    """``--set KIND.OPTION=VALUE`` items as the keyword arguments of ``Task.load_model``:
+    ``{"data_overrides": {"KIND.OPTION": value}}`` (values read as YAML); ``{}`` without any, so that a task
+    of one's own written before ``data_overrides`` existed still loads."""
     out = {}
     for item in getattr(args, "data_set", None) or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise LeanvitError(f"--set takes KIND.OPTION=VALUE, got '{item}'")
         out[key.strip()] = parse_value(value)
-    return out
+    return {"data_overrides": out} if out else {}

@@ -76,7 +76,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     built = task.load_model(args.checkpoint, args.model, reduction_from_args(args), img_size_arg(args.img_size),
                             args.num_classes, data=args.data, split=args.split,
-                            data_overrides=data_overrides_from_args(args))
+                            **data_overrides_from_args(args))
     dataset, loader = task.eval_data(built, args.data, args.split, args.batch_size, args.workers, device,
                                      crop_pct=args.crop_pct, interpolation=args.interpolation,
                                      check_classes=not args.ignore_class_names, source=args.checkpoint)

@@ -108,7 +108,7 @@ def run(args) -> int:
 
     def build(size):
         return task.load_model(args.checkpoint, args.model, None, None if size is None else img_size_arg(list(size)),
-                               args.num_classes, data=args.data, data_overrides=data_overrides_from_args(args))
+                               args.num_classes, data=args.data, **data_overrides_from_args(args))
 
     print(f"{environment(str(device))} | batch {args.batch_size} (throughput, median of {args.repeats}) and 1 "
           f"(latency, median/p90 of {args.latency_repeats}), all points interleaved", flush=True)

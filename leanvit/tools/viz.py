@@ -72,7 +72,7 @@ def run(args) -> int:
     else:
         check_data(task, args.data, f"{args.checkpoint}'s task" if args.checkpoint else "the model's task")
     built = task.load_model(args.checkpoint, args.model, reduction_from_args(args), img_size_arg(args.img_size),
-                            args.num_classes, data=args.data, data_overrides=data_overrides_from_args(args))
+                            args.num_classes, data=args.data, **data_overrides_from_args(args))
     if items is None:  # drawn with the data settings the checkpoint records
         class_names = dataset_classes(args.data, "val", dataset_options(args.data, built.config)) or None
         items = _data_items(task, args.data, built.config or {}, args.num_images)
