@@ -78,6 +78,7 @@ def test_read_only_outputs_are_refused_before_the_work(tmp_path, monkeypatch, ca
     one_line_error(rc, err, "--output", str(ro), "Read-only file system")
     assert "top-1" not in text  # refused before evaluating
     for cmd in (["bench", "--models", "test_vit", "--img-sizes", "32", "--output", ro / "b"],
+                ["export", "test_vit", "--img-size", "32", "--output", ro / "m.onnx"],
                 ["train", *ARGS, "--epochs", "1", "--output", ro / "t"]):
         rc, text, err = cli(capsys, *cmd)
         one_line_error(rc, err, str(ro), "Read-only file system")

@@ -106,6 +106,7 @@ def test_bad_log_to_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(LeanvitError, match="unknown log_to backend 'mlflow'"):
         parse_log_to("tensorboard,mlflow")
     assert parse_log_to(["TensorBoard", "wandb", "wandb"]) == ["tensorboard", "wandb"]
+    assert parse_log_to("none") == parse_log_to("off") == parse_log_to("-") == []  # no tracking, not a backend
     rc, _, err = cli(capsys, "train", "--recipe", "deit3_demo", "--log-to", "tensorbored", "--output", tmp_path / "r",
                      "--no-progress")
     one_line_error(rc, err, "tensorbored")

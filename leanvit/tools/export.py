@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+from leanvit.checkpoints import check_writable
 from leanvit.deploy.export import (
     FORMATS,
     export_model,
@@ -52,6 +54,7 @@ def run(args) -> int:
     if fmt is None:
         raise LeanvitError(f"--format: give onnx or pt2 (cannot tell from --output {args.output})")
     rates = [check_keep_rate(r, "--keep-rate") for r in args.keep_rate] if args.keep_rate else [None]
+    check_writable(Path(args.output).parent, "--output's folder")  # a read-only or full disk: before exporting
     reduction = {"method": "evit", "keep_rate": rates[0]} if rates[0] is not None else None
     if args.reduction is not None:
         if args.keep_rate:

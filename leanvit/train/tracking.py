@@ -38,9 +38,12 @@ BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "w
 
 
 def parse_log_to(value) -> List[str]:
-    """The backends of ``log_to`` (``"tensorboard,wandb"``, a list, or None); a clear error for an unknown
-    backend or one whose package is not installed."""
+    """The backends of ``log_to`` (``"tensorboard,wandb"``, a list, or None; ``none`` / ``off`` / ``-``: no
+    tracking, e.g. to stop it on resume); a clear error for an unknown backend or one whose package is not
+    installed."""
     if value is None or value == "" or value is False:
+        return []
+    if isinstance(value, str) and value.strip().lower() in ("none", "off", "-"):
         return []
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
