@@ -10,8 +10,7 @@ from checkpoint_helpers import classifier_checkpoint
 from cli_helpers import cli, cli_error, one_line_error
 from PIL import Image
 
-from leanvit.data import create_dataset, with_data_overrides
-from leanvit.data.hf import read_labels
+from leanvit.data import create_dataset
 from leanvit.errors import LeanvitError
 
 HF = {"image_column": "pic", "label_column": "fine", "val_split": "holdout"}
@@ -68,6 +67,7 @@ def test_set_overrides_a_recorded_data_option(setup, capsys):
     for bad, needle in (("hf.nope=1", "nope"), ("colour=red", "no data option"), ("hf.label_column", "KIND.OPTION")):
         rc, err = cli_error(capsys, "eval", "--checkpoint", root / "ck.pth", "--data", data, "--set", bad)
         one_line_error(rc, err, needle)
+    from leanvit.data import with_data_overrides
     assert with_data_overrides({"hf": {"a": 1}}, None) == {"hf": {"a": 1}}
 
 
@@ -80,6 +80,7 @@ def test_class_name_mismatch_message_reads(setup, capsys):
 
 
 def test_hf_text_none_and_float_labels(tmp_path):
+    from leanvit.data.hf import read_labels
     assert read_labels([2, 0], "label", "d") == ([2, 0], None)
     assert read_labels(["dog", "cat", "dog"], "label", "d") == ([1, 0, 1], ["cat", "dog"])
     assert read_labels(["dog"], "label", "d", classes=["ant", "cat", "dog"]) == ([2], ["ant", "cat", "dog"])
