@@ -65,3 +65,11 @@ def test_demo_plot_labels_do_not_overlap(tmp_path):
     boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_train_tome_r_beyond_what_a_block_can_merge_is_refused(tmp_path, capsys):
+    """16 px, patch 8: 4 patch tokens, at most 2 merged per block; r=999 was clamped in the model but recorded
+    (and scheduled) as 999."""
+    rc, err = cli_error(capsys, "train", *ARGS, "--reduction", "tome:999", "--output", tmp_path / "r")
+    one_line_error(rc, err, "tome:999", "at most 2 per block")
+    assert not (tmp_path / "r" / "last.pth").exists()
