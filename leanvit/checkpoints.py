@@ -25,10 +25,52 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from leanvit.errors import LeanvitError
+from leanvit.errors import DISK_ERRNOS, LeanvitError
 
 __all__ = ["read_checkpoint", "read_state_dict", "state_dict_from", "load_checkpoint", "save_checkpoint",
-           "write_atomically", "LoadResult"]
+           "write_atomically", "LoadResult", "disk_error", "check_writable", "DISK_ERRNOS"]
+
+
+def _cause(folder: Path, e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return e.strerror or os.strerror(e.errno)
+    try:  # torch.save reports a failed write as a RuntimeError without the reason: look at the disk
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 64 * 2 ** 20:
+            return f"no space left on device ({st.f_bavail * st.f_frsize / 2 ** 20:.1f} MB free)"
+    except OSError:
+        pass
+    first = str(e).strip().splitlines()
+    return first[-1].strip() if first else type(e).__name__
+
+
+def disk_error(path, e: BaseException) -> Optional[LeanvitError]:
+    """A one-line :class:`LeanvitError` naming the folder and the cause when ``e`` is a failed write to
+    ``path`` (a full, read-only or unwritable disk; torch.save's "file write failed"), else None."""
+    write_failed = isinstance(e, RuntimeError) and ("write" in str(e).lower() and "fail" in str(e).lower())
+    if not (isinstance(e, OSError) and e.errno in DISK_ERRNOS) and not write_failed:
+        return None
+    folder = Path(path).parent
+    return LeanvitError(f"cannot write {Path(path).name} in {folder}: {_cause(folder, e)}")
+
+
+def check_writable(folder, what: str = "the output folder") -> Path:
+    """Create ``folder`` (and its parents) if needed and write a small file in it, before any work whose
+    result would go there: a full, read-only or unwritable disk is a one-line :class:`LeanvitError` now,
+    not after the work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".leanvit-probe.", dir=str(folder))
+        try:
+            os.write(fd, b"0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise LeanvitError(f"cannot write in {what} {folder}: {e.strerror or e}") from None
+    return folder
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -170,24 +212,40 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, ignore_classifi
     return LoadResult(missing, unexpected, skipped)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path, write: Callable[[Any], None], binary: bool = True) -> Path:
     """Write ``path`` through ``write(file)`` atomically: a temporary file in the same folder, flushed to
     disk, then renamed over ``path``; on any failure the temporary file is removed and ``path`` is
     untouched. Checkpoints and the metrics log are written this way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as e:
+        err = disk_error(path, e)
+        if err is None:
+            raise
+        raise err from None
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp's file is 0600)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        err = disk_error(path, e)
+        if err is not None:  # a full or read-only disk: one line; path is as it was
+            raise err from None
         raise
     return path
 

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from leanvit.errors import LeanvitError
+from leanvit.errors import DISK_ERRNOS, LeanvitError
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -148,6 +148,14 @@ def main(argv=None) -> int:
         if _is_main_process():
             print(f"leanvit {args.command}: {'error: ' if code == 2 else ''}{msg}", file=sys.stderr)
         return code
+    except OSError as e:  # a full, read-only or unwritable disk: one line naming the file or folder
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = e.filename or getattr(args, "output", None) or "the output"
+        if _is_main_process():
+            print(f"leanvit {args.command}: error: cannot write {where}: {e.strerror or os.strerror(e.errno)}",
+                  file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

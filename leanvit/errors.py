@@ -7,6 +7,10 @@ Library messages name a setting as the library and recipes do, in backticks (```
 ```img_size```), never as a command-line flag; the command line shows it as the command's flag
 (``--num-classes``) where the command has one.
 """
+import errno
+
+#: the errors of a disk that cannot take a write: full, over quota, read-only, not writable by this user
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class LeanvitError(ValueError):

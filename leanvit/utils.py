@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import platform
 import time
@@ -17,7 +18,8 @@ import torch.nn as nn
 from leanvit.errors import LeanvitError
 
 __all__ = ["Size", "to_2tuple", "img_size_arg", "model_input_size", "check_input_size", "resolve_device",
-           "sync_device", "timed_forward", "environment", "machine_load", "busy_note", "retain_freed_memory"]
+           "sync_device", "timed_forward", "environment", "machine_load", "busy_note", "retain_freed_memory",
+           "format_metric"]
 
 Size = Union[int, Sequence[int]]
 
@@ -104,6 +106,13 @@ def timed_forward(model, inputs, device: torch.device, amp: bool = False, **kwar
         out = model(inputs, **kwargs)
     sync_device(device)
     return out, time.perf_counter() - t0
+
+
+def format_metric(value, spec: str = ".4f") -> str:
+    """A metric as text; an undefined one (None, NaN) as ``n/a``, never as a score."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
 
 
 def environment(device="cpu") -> str:

@@ -115,10 +115,6 @@ def test_bench_classification_checkpoint_with_its_own_reduction(capsys, tmp_path
 
 def test_bench_checkpoint_errors(ckpts, capsys, tmp_path):
     root = ckpts["root"]
-    tiny_shunted = {"depths": [1, 1, 1, 1], "embed_dims": [64, 16, 32, 32], "num_heads": [2, 2, 4, 4],
-                    "mlp_ratios": [2, 2, 2, 2]}
-    shunted = _dense_checkpoint(root / "shunted.pth", "segmentation", "semantic_fpn", model="shunted_t",
-                                kwargs=tiny_shunted, size=32, head_kwargs={"fpn_channels": 8, "channels": 8})
     (root / "corrupt.pth").write_bytes(b"not a checkpoint at all")
 
     def error(*args, needles=()):
@@ -132,11 +128,25 @@ def test_bench_checkpoint_errors(ckpts, capsys, tmp_path):
     error("--models", seg, "--reduction", "tome:abc", needles=["abc"])
     error("--models", seg, "--restore", "keep", needles=["keep", "reduction"])
     error("--models", seg, "--restore", "bogus", needles=["bogus"])
-    error("--models", shunted, "--reduction", "evit:0.5", needles=["shunted_t", "plain ViT"])
     error("--models", str(root / "missing.pth"), needles=["missing.pth"])
     error("--models", str(root / "corrupt.pth"), needles=["corrupt.pth"])
     error("--models", "test_vit", "--restore", "keep", needles=["--restore"])
     error("--models", seg, "--img-sizes", "64", needles=["input size", "seg.pth"])  # measured at its own size
+
+
+def test_a_hierarchical_checkpoint_in_a_list_is_measured_unreduced_with_a_note(ckpts, capsys, tmp_path):
+    """One Shunted checkpoint does not abort the list: it is measured once, unreduced, as a named Shunted is."""
+    tiny_shunted = {"depths": [1, 1, 1, 1], "embed_dims": [64, 16, 32, 32], "num_heads": [2, 2, 4, 4],
+                    "mlp_ratios": [2, 2, 2, 2]}
+    shunted = _dense_checkpoint(tmp_path / "shunted.pth", "segmentation", "semantic_fpn", model="shunted_t",
+                                kwargs=tiny_shunted, size=64, head_kwargs={"fpn_channels": 8, "channels": 8})
+    rc, text, err = cli(capsys, "bench", "--models", ckpts["seg"], shunted, "--reduction", "evit:0.5", "--restore",
+                        "keep", *QUICK, "--output", tmp_path / "o")
+    assert rc == 0, err
+    assert "shunted.pth (shunted_t) takes no token reduction: measured once" in text
+    rows = _rows(tmp_path / "o" / "bench.csv")
+    assert [(r["model"].endswith("shunted.pth"), r["reduction"]) for r in rows] == [
+        (False, "-"), (False, "evit/keep"), (True, "-")]
 
 
 def test_backbone_part_is_exactly_what_the_head_takes():

@@ -217,12 +217,34 @@ def test_coco_map_perfect_and_wrong_predictions():
     r = coco_map(perfect, gts, num_classes=2)
     assert r["val_map"] == pytest.approx(1.0) and r["val_map50"] == pytest.approx(1.0)
     assert r["val_map_small"] == pytest.approx(1.0) and r["val_map_large"] == pytest.approx(1.0)
-    assert r["val_map_medium"] == -1.0  # no medium object
+    assert r["val_map_medium"] is None  # no medium object: undefined
     wrong_class = [{**perfect[0], "labels": np.array([1, 0])}]
     assert coco_map(wrong_class, gts, num_classes=2)["val_map"] == pytest.approx(0.0)
     shifted = [{**perfect[0], "boxes": np.array([[12, 12, 22, 22], [2, 2, 100, 100]], float)}]
     r2 = coco_map(shifted, gts, num_classes=2)
     assert r2["val_map_small"] < 0.5 and r2["val_map_large"] == pytest.approx(1.0)
+
+
+def test_undefined_is_undefined_whatever_the_model_predicts(tmp_path):
+    """No large object in the split: AP large is undefined (None) with or without predictions, never 0.0; the
+    eval JSON stores it as null and the line prints n/a; objects that exist but are not found score 0."""
+    import json
+
+    from leanvit.tools.eval import _write_json
+    gts = [_gt([[10, 10, 20, 20]], [0])]  # one small object
+    found = [{"image_id": 1, "boxes": np.array([[10, 10, 20, 20]], float), "scores": np.array([0.9]),
+              "labels": np.array([0])}]
+    nothing = [{"image_id": 1, "boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}]
+    for preds in (found, nothing):
+        r = coco_map(preds, gts, num_classes=1)
+        assert r["val_map_large"] is None and r["val_map_medium"] is None
+    assert coco_map(nothing, gts, num_classes=1)["val_map_small"] == 0.0
+    assert coco_map(nothing, [_gt(np.zeros((0, 4)), [])], num_classes=1)["val_map"] is None
+    _write_json(r, tmp_path / "e.json")
+    assert json.loads((tmp_path / "e.json").read_text())["val_map_large"] is None
+    from leanvit.tasks import get_task
+    line = get_task("detection").describe(r)
+    assert "map_large n/a" in line and "map_small 0.0000" in line
 
 
 def test_coco_mask_map_perfect_and_wrong_masks():
@@ -237,7 +259,7 @@ def test_coco_mask_map_perfect_and_wrong_masks():
             "scores": np.array([0.9, 0.8]), "labels": np.array([0, 1]), "segms": encode_masks(masks)}
     r = coco_map([pred], gts, num_classes=2)
     assert r["val_mask_map"] == pytest.approx(1.0) and r["val_map"] == pytest.approx(1.0)
-    assert r["val_mask_map_small"] == pytest.approx(1.0) and r["val_mask_map_medium"] == -1.0
+    assert r["val_mask_map_small"] == pytest.approx(1.0) and r["val_mask_map_medium"] is None
     hollow = masks.copy()
     hollow[1, 10:90, 10:90] = 0      # the large mask loses two thirds of its pixels: IoU 0.33
     r2 = coco_map([{**pred, "segms": encode_masks(hollow)}], gts, num_classes=2)

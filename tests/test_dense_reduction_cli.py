@@ -113,3 +113,14 @@ def test_demo_segment_quick(tmp_path, capsys):
     report = (tmp_path / "segment" / "report.md").read_text()
     assert "Restorations at the same strength" in report and "| evit | 0.5 |" in report
     assert "evit/reactivate 0.5, blocks 1-2" in report and (tmp_path / "segment" / "pareto.png").exists()
+    # every figure says where it comes from, and equals what `leanvit eval` prints for the same checkpoint
+    import re
+    assert "throughput at batch 16" in report and "batch 64" not in report and "machine load" in report
+    linear, fpn = (float(v) for v in re.search(r"linear head ([\d.]+) vs Semantic FPN ([\d.]+)", report).groups())
+    for recipe, figure in (("vit_linear_seg_demo", linear), ("vit_semfpn_seg_demo", fpn)):
+        out = tmp_path / f"{recipe}.json"
+        rc, _, err = cli(capsys, "eval", "--checkpoint", tmp_path / "segment" / recipe / "best.pth", "--data",
+                         "digits-seg", "--no-progress", "--output", out)
+        assert rc == 0, err
+        assert round(json.loads(out.read_text())["val_miou"], 4) == figure
+    assert re.search(r"its mIoU on 16 validation images, a subset", report)

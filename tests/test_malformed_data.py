@@ -142,6 +142,18 @@ def test_truncated_mask_without_classes_txt(tmp_path):
     _one_line(e, "b.png", "cannot read mask")
 
 
+def test_truncated_mask_with_classes_txt_is_found_before_training(tmp_path):
+    """With classes.txt the masks are not scanned for labels; each is still verified when the split loads."""
+    root = _masks(tmp_path / "s", classes_txt=b"bg\nfg\nother\n")
+    mask = root / "masks" / "train" / "b.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 3, (20, 20), dtype=np.uint8)).save(mask)
+    mask.write_bytes(mask.read_bytes()[:len(mask.read_bytes()) // 2])
+    assert len(create_dataset(root, "val")) == 2
+    with pytest.raises(LeanvitError) as e:
+        create_dataset(root, "train")
+    _one_line(e, "b.png", "cannot read mask")
+
+
 def test_image_pil_cannot_identify(tmp_path):
     root = _masks(tmp_path / "s", classes_txt=b"bg\nfg\n")
     (root / "images" / "val" / "b.jpg").write_bytes(b"this is not a picture")

@@ -79,10 +79,34 @@ def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
     assert all(list(r.glob("*.wandb")) for r in runs)
 
 
+def test_wandb_offline_resume_logs_the_checkpoint_history_again(tmp_path, monkeypatch):
+    """A kill -9 can leave W&B's offline run file without the rows its background process had not written:
+    the resumed attempt logs the checkpoint's rows again, each at its epoch's last step (the W&B run is a
+    stub here: what matters is what leanvit hands it)."""
+    from leanvit.train import tracking
+
+    logged = []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(tracking.WandbTracker, "__init__", lambda self, out, cfg, resume: None)
+    monkeypatch.setattr(tracking.WandbTracker, "log_scalars", lambda self, values, step: logged.append((step, values)))
+    monkeypatch.setattr(tracking.WandbTracker, "log_images", lambda self, images, step: None)
+    monkeypatch.setattr(tracking.WandbTracker, "close", lambda self: None)
+    out = tmp_path / "wb"
+    first = _run(out, log_to="wandb", epochs=1, keep_rate=None)
+    row = first["history"][0]
+    logged.clear()
+    train({**TINY, "output": str(out), "epochs": 2, "log_to": "wandb", "keep_rate": None}, progress=False,
+          device="cpu", resume=True)
+    replayed = [(step, v) for step, v in logged if step == 3 and "val_top1" in v]
+    assert replayed and replayed[0][1]["val_top1"] == pytest.approx(row["val_top1"])
+    assert any(step == 6 and "val_top1" in v for step, v in logged)  # then the new epoch, as before
+
+
 def test_bad_log_to_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(LeanvitError, match="unknown log_to backend 'mlflow'"):
         parse_log_to("tensorboard,mlflow")
     assert parse_log_to(["TensorBoard", "wandb", "wandb"]) == ["tensorboard", "wandb"]
+    assert parse_log_to("none") == parse_log_to("off") == parse_log_to("-") == []  # no tracking, not a backend
     rc, _, err = cli(capsys, "train", "--recipe", "deit3_demo", "--log-to", "tensorbored", "--output", tmp_path / "r",
                      "--no-progress")
     one_line_error(rc, err, "tensorbored")

@@ -12,7 +12,7 @@ import timm.data
 import torch.nn as nn
 
 from leanvit.data.registry import (DatasetKind, create_dataset, dataset_classes, dataset_options,
-                                   list_dataset_kinds, register_dataset, resolve_dataset_kind)
+                                   list_dataset_kinds, register_dataset, resolve_dataset_kind, with_data_overrides)
 from leanvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 from leanvit.data import digits as _digits  # noqa: F401,E402  (registers "digits")
 from leanvit.data import folder as _folder  # noqa: F401,E402  (registers ImageFolder trees)
@@ -27,7 +27,8 @@ from leanvit.utils import model_input_size, to_2tuple
 
 __all__ = ["create_dataset", "dataset_classes", "dataset_options", "register_dataset", "DatasetKind",
            "resolve_dataset_kind", "list_dataset_kinds", "normalization", "build_train_dataset",
-           "eval_data_config", "build_eval_dataset", "build_train_transform", "build_eval_transform"]
+           "eval_data_config", "build_eval_dataset", "build_train_transform", "build_eval_transform",
+           "with_data_overrides"]
 
 
 def normalization(model: Optional[nn.Module] = None) -> Tuple[Sequence[float], Sequence[float]]:

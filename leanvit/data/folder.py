@@ -7,11 +7,13 @@ file (default) or, with ``skip_corrupt=True``, replaced by another image and cou
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from leanvit.data.registry import DatasetKind, register_dataset
@@ -55,6 +57,12 @@ def _to_rgb8(img: "Image.Image") -> "Image.Image":
 to_rgb8 = _to_rgb8  # public: tar shards and Hugging Face datasets convert their images the same way
 
 
+def no_buffer_repr(e: BaseException) -> str:
+    """PIL's message for image bytes read from memory, without the buffer's repr (``cannot identify image
+    file <_io.BytesIO object at 0x...>`` -> ``cannot identify image file``): the caller names the image."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
+
+
 def load_image(path) -> "Image.Image":
     """An RGB PIL image from any file PIL reads; a clear error for a missing or unreadable file."""
     path = Path(path)
@@ -72,11 +80,30 @@ def load_image(path) -> "Image.Image":
         raise LeanvitError(f"cannot read image {path}: {e}") from None
 
 
+class SharedSkips:
+    """The indices of the samples skipped so far, shared by the DataLoader worker processes (a byte per
+    sample in shared memory): the count at the end of a run includes what every worker skipped. Behaves as
+    the set it replaces (``i in s``, ``s.add(i)``, ``len(s)``)."""
+
+    def __init__(self, n: int):
+        self.mask = torch.zeros(max(int(n), 1), dtype=torch.uint8).share_memory_()
+
+    def __contains__(self, i) -> bool:
+        return bool(self.mask[int(i)])
+
+    def add(self, i) -> None:
+        self.mask[int(i)] = 1
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
+
+
 class SkippingImageDataset:
     """What the image datasets (ImageFolder trees, tar shards, Hugging Face tables) share: ``__getitem__``
     returns ``(transform(load(i)), int(targets[i]))``; with ``skip_corrupt`` an unreadable image is skipped
     (the next readable one is returned instead), warned about once and counted in :attr:`num_skipped`.
-    Subclasses set ``targets``, ``transform``, ``skip_corrupt``, ``skipped = set()`` and give ``load(i)``
+    Subclasses set ``targets``, ``transform``, ``skip_corrupt``, ``skipped = SharedSkips(len(targets))``
+    (counted across loader workers) and give ``load(i)``
     (raising :class:`LeanvitError` for an unreadable image) and ``source`` (named when nothing is readable)."""
 
     source = "the dataset"
@@ -144,7 +171,7 @@ class ImageFolderDataset(SkippingImageDataset):
         self.targets = [t for _, t in self.samples]
         self.transform = transform
         self.skip_corrupt = bool(skip_corrupt)
-        self.skipped = set()
+        self.skipped = SharedSkips(len(self.targets))
 
     @property
     def source(self) -> str:

@@ -8,22 +8,26 @@ read undecoded), so an unreadable image is a counted skip (``skip_corrupt``) or 
 
 Options (recipe mapping ``hf:``): ``image_column`` / ``label_column`` (default: ``image`` or ``img``,
 ``label`` or ``labels``), ``train_split`` (``train``), ``val_split`` (``validation``, else ``val`` or
-``test``). Class names come from the label column's ``ClassLabel`` feature, else ``0..max label``.
+``test``). Class names come from the label column's ``ClassLabel`` feature; a text label column holds the
+class names themselves (sorted, as ImageFolder sorts its folders); else the classes are ``0..max label``.
+A label that is neither an integer nor text (None, a float) is an error naming the column, row and value.
 """
 from __future__ import annotations
 
 import io
+import numbers
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
 
-from leanvit.data.folder import SkippingImageDataset, to_rgb8
+from leanvit.data.folder import SharedSkips, SkippingImageDataset, to_rgb8
+from leanvit.data.folder import no_buffer_repr as _no_buffer
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["HFDataset", "HFKind", "load_split"]
+__all__ = ["HFDataset", "HFKind", "load_split", "read_labels"]
 
 OPTIONS = ("image_column", "label_column", "train_split", "val_split")
 PREFIX = "hfds/"
@@ -76,6 +80,36 @@ def _pick(columns: Sequence[str], given: Optional[str], defaults: Sequence[str],
                        f"name it with hf.{what}_column")
 
 
+def read_labels(values: Sequence[Any], column: str, data: str,
+                classes: Optional[Sequence[str]] = None) -> Tuple[List[int], Optional[List[str]]]:
+    """``(targets, class names)`` of a label column: integers are class indices (names: None, from the
+    column's ``ClassLabel`` or ``0..max``); text is class names, sorted as ImageFolder sorts its folders (or
+    ``classes``' order, e.g. training's, when given). Anything else (None, a float, a mix of both kinds) is
+    a one-line error naming the column, the row and the value: never truncated to an index."""
+    values = list(values)
+    kinds = set()
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            kinds.add("text")
+        elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            kinds.add("int")
+        else:
+            raise LeanvitError(f"{data}: label column '{column}' row {i} holds {v!r} ({type(v).__name__}): a label "
+                               "is a class index (an integer) or a class name (text)")
+        if len(kinds) > 1:
+            raise LeanvitError(f"{data}: label column '{column}' mixes class indices and class names (row {i}: "
+                               f"{v!r})")
+    if "text" not in kinds:
+        return [int(v) for v in values], None
+    names = list(classes) if classes is not None else sorted(set(values))
+    index = {n: j for j, n in enumerate(names)}
+    for i, v in enumerate(values):
+        if v not in index:
+            raise LeanvitError(f"{data}: label column '{column}' row {i} holds the class name {v!r}, not one of "
+                               f"the {len(names)} classes it is read with")
+    return [index[v] for v in values], names
+
+
 class HFDataset(SkippingImageDataset, torch.utils.data.Dataset):
     """One split of a Hugging Face dataset as (transformed image, label)."""
 
@@ -89,21 +123,22 @@ class HFDataset(SkippingImageDataset, torch.utils.data.Dataset):
         if isinstance(feat, ds_lib.Image):
             table = table.cast_column(self.image_column, ds_lib.Image(decode=False))
         self.table = table.select_columns([self.image_column, self.label_column])
-        self.targets: List[int] = [int(t) for t in self.table[self.label_column]]
-        if not self.targets:
-            raise LeanvitError(f"{data}: the split is empty")
         label_feat = table.features[self.label_column]
         names = list(label_feat.names) if isinstance(label_feat, ds_lib.ClassLabel) else None
+        self.targets, text_names = read_labels(self.table[self.label_column], self.label_column, data, classes)
+        if not self.targets:
+            raise LeanvitError(f"{data}: the split is empty")
+        names = names or text_names
         if classes is None:
             classes = names or [str(i) for i in range(max(self.targets) + 1)]
-        elif names is not None and list(classes) != names:
+        elif names is not None and list(classes) != names and text_names is None:
             raise LeanvitError(f"the classes of {data} differ from training's")
         self.classes = list(classes)
         for i, t in enumerate(self.targets):
             if not 0 <= t < len(self.classes):
                 raise LeanvitError(f"{data}: row {i} has label {t}, outside the {len(self.classes)} classes")
         self.data, self.transform, self.skip_corrupt = data, transform, bool(skip_corrupt)
-        self.skipped = set()
+        self.skipped = SharedSkips(len(self.targets))
 
     @property
     def source(self) -> str:
@@ -124,7 +159,7 @@ class HFDataset(SkippingImageDataset, torch.utils.data.Dataset):
             img.load()
             return to_rgb8(img)
         except (OSError, ValueError, SyntaxError) as e:
-            raise LeanvitError(f"cannot read image in row {index} of {self.data}: {e}") from None
+            raise LeanvitError(f"cannot read image in row {index} of {self.data}: {_no_buffer(e)}") from None
 
     image = load
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from leanvit.errors import LeanvitError
 
 __all__ = ["DatasetKind", "register_dataset", "resolve_dataset_kind", "create_dataset", "dataset_classes",
-           "list_dataset_kinds", "dataset_options", "check_dataset_options"]
+           "list_dataset_kinds", "dataset_options", "check_dataset_options", "with_data_overrides"]
 
 
 class DatasetKind:
@@ -112,6 +112,29 @@ def dataset_options(data, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if not isinstance(config, dict):
         return {}
     return kind.options_from_config(config)
+
+
+def with_data_overrides(config: Optional[Dict[str, Any]], overrides: Optional[Mapping]) -> Optional[Dict[str, Any]]:
+    """A recorded training config with data options replaced: ``overrides`` maps ``KIND.option`` (e.g.
+    ``hf.label_column``, ``shards.class_map``, ``digits.canvas_size``) or a top-level data setting
+    (``val_data``) to its value, as ``--set`` gives them to the commands that read a checkpoint. A key that
+    names no data option is a one-line error; ``config`` itself is left as it is."""
+    if not overrides:
+        return config
+    out = dict(config or {})
+    keys = {k.options_key: k for k in _KINDS if k.options_key}
+    for key, value in overrides.items():
+        head, dot, rest = str(key).partition(".")
+        if not dot and head == "val_data":
+            out[head] = value
+            continue
+        if not dot or head not in keys or not rest:
+            known = ", ".join(sorted(f"{k}.OPTION" for k in keys))
+            raise LeanvitError(f"`{key}` is no data option (give KIND.OPTION: {known}; or val_data)")
+        mapping = {**dict(out.get(head) or {}), rest: value}
+        keys[head].check_options(mapping)
+        out[head] = mapping
+    return out
 
 
 def check_dataset_options(cfg: Dict[str, Any]) -> None:

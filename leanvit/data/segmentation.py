@@ -12,9 +12,10 @@ Generic (``--data DIR`` with ``DIR/images/{train,val}/`` and ``DIR/masks/{train,
     K is the largest label found in the masks + 1 (the masks are scanned once).
 
 Checked before training starts, each a one-line error naming the file: an image without a mask, a
-mask whose size differs from its image's, a mask that is not single-channel, an image or mask PIL cannot
-read (not an image, truncated), a ``classes.txt`` that is not UTF-8, an empty split; when an item is
-read: mask values outside the label set.
+mask whose size differs from its image's, a mask that is not single-channel, a mask PIL cannot read whole
+(not an image, truncated: each mask file is verified, ``classes.txt`` or not), an image PIL cannot
+identify, a ``classes.txt`` that is not UTF-8, an empty split; when an item is read: an image truncated
+after its header, mask values outside the label set. (``check_sizes: false`` skips the per-file checks.)
 """
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ class SegmentationFolder:
                     if not _mask_mode_ok(b.mode):
                         raise LeanvitError(f"mask {m} has {b.mode} pixels; a mask is a single-channel image of "
                                            f"class indices")
+                    try:  # the whole file, checked without decoding it (PNG: every chunk's CRC): truncated
+                        b.verify()  # masks are found now, not at the first validation
+                    except (OSError, ValueError, SyntaxError) as e:
+                        raise LeanvitError(f"cannot read mask {m}: {e}") from None
 
     def __len__(self) -> int:
         return len(self.samples)

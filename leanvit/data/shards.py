@@ -21,6 +21,7 @@ import glob
 import io
 import logging
 import os
+import re
 import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leanvit.data.folder import SkippingImageDataset, to_rgb8
+from leanvit.data.folder import SharedSkips, SkippingImageDataset, to_rgb8
+from leanvit.data.folder import no_buffer_repr as _no_buffer
 from leanvit.data.registry import DatasetKind, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["ShardDataset", "ShardOrderSampler", "ShardsKind", "expand_shards", "index_shard", "split_key"]
+__all__ = ["ShardDataset", "ShardOrderSampler", "ShardsKind", "expand_shards", "index_shard", "split_key",
+           "no_validation"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,14 @@ def expand_shards(pattern: str) -> List[str]:
     except ImportError:
         raise LeanvitError("shard patterns need the braceexpand package: pip install leanvit[wds]") from None
 
+    if os.path.isfile(str(pattern)):  # an existing file is that file, whatever its name holds ([, *, ?, {)
+        return [str(pattern)]
     files: List[str] = []
     for p in braceexpand(str(pattern)):
-        files += sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.isfile(p) else [])
+        if os.path.isfile(p):
+            files.append(p)
+        elif any(c in p for c in "*?["):
+            files += sorted(glob.glob(p))
     missing = [p for p in braceexpand(str(pattern)) if not any(c in p for c in "*?[") and not os.path.isfile(p)]
     if missing:
         raise LeanvitError(f"shard pattern {pattern}: no such file {missing[0]}"
@@ -73,16 +81,33 @@ def split_key(name: str) -> Tuple[str, str]:
 
 def index_shard(path: str) -> List[Tuple[str, int, int, int]]:
     """``[(key, offset, size, label)]`` of one shard, in file order: the image member's data offset and
-    size, and the ``.cls`` label. A sample without an image or a label is an error naming the shard and key."""
+    size, and the ``.cls`` label. A sample without an image or a label is an error naming the shard and key.
+
+    Nothing is dropped silently: a key that comes again after its sample is complete (a second image or
+    label) is a sample of its own, kept as ``KEY#2`` (``#3``, ...), and a shard that ends without tar's
+    end-of-archive blocks (cut at a member boundary: it reads without error) is read as far as it goes; both
+    are counted in a warning naming the shard."""
     samples: Dict[str, list] = {}
+    seen: Dict[str, int] = {}  # how many samples each key has named
+    duplicates: List[str] = []
+    end = 0
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
+                end = max(end, m.offset_data + -(-m.size // 512) * 512)
                 if not m.isfile():
                     continue
                 key, ext = split_key(m.name)
                 if key.startswith("_") or "/_" in key:  # _info.json and the like
                     continue
+                slot = 0 if ext in IMAGE_EXTS else 1 if ext == "cls" else None
+                n = seen.setdefault(key, 1)
+                name = key if n == 1 else f"{key}#{n}"
+                if slot is not None and samples.get(name, [None, None])[slot] is not None:
+                    seen[key] = n = n + 1  # this member starts another sample with the same key
+                    name = f"{key}#{n}"
+                    duplicates.append(key)
+                key = name
                 entry = samples.setdefault(key, [None, None])
                 if ext in IMAGE_EXTS:
                     entry[0] = (m.offset_data, m.size)
@@ -106,6 +131,12 @@ def index_shard(path: str) -> List[Tuple[str, int, int, int]]:
         out.append((key, img[0], img[1], label))
     if not out:
         raise LeanvitError(f"shard {path} holds no samples (KEY.jpg + KEY.cls)")
+    if duplicates:
+        log.warning(f"warning: {path}: {len(duplicates)} sample(s) reuse the key of an earlier one (e.g. "
+                    f"{duplicates[0]}): kept as samples of their own ({duplicates[0]}#2, ...)")
+    if os.path.getsize(path) < end + 1024:  # tar ends with two zero blocks; a copy cut short has none
+        log.warning(f"warning: {path} ends without tar's end-of-archive blocks: it may be truncated; read "
+                    f"{len(out)} sample(s) up to where it stops")
     return out
 
 
@@ -130,6 +161,8 @@ def _index_all(files: Sequence[str]) -> List[_ShardIndex]:
             _INDEX_CACHE[k] = _ShardIndex([r[0] for r in rows], *(np.array([r[j] for r in rows], dtype=np.int64)
                                                                    for j in (1, 2, 3)))
         return _INDEX_CACHE[k]
+    if not files:
+        return []
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         return list(pool.map(one, files))
 
@@ -161,13 +194,15 @@ class ShardDataset(SkippingImageDataset, torch.utils.data.Dataset):
         self.files = list(files)
         index = _index_all(self.files)
         # numpy arrays, not lists of Python ints: forked loader workers share them without copying
-        self.shard_of = np.concatenate([np.full(len(ix.keys), s, dtype=np.int64) for s, ix in enumerate(index)])
-        self.offsets = np.concatenate([ix.offsets for ix in index])
-        self.sizes = np.concatenate([ix.sizes for ix in index])
-        self.targets = np.concatenate([ix.labels for ix in index])
+        none = [np.zeros(0, dtype=np.int64)]  # no shards: an empty set (`val_data: none`)
+        self.shard_of = np.concatenate([np.full(len(ix.keys), s, dtype=np.int64) for s, ix in enumerate(index)]
+                                       + none)
+        self.offsets = np.concatenate([ix.offsets for ix in index] + none)
+        self.sizes = np.concatenate([ix.sizes for ix in index] + none)
+        self.targets = np.concatenate([ix.labels for ix in index] + none)
         self.keys = [f"{Path(f).name}:{k}" for f, ix in zip(self.files, index) for k in ix.keys]
         if classes is None:
-            classes = [str(i) for i in range(int(self.targets.max()) + 1)]
+            classes = [str(i) for i in range(int(self.targets.max()) + 1 if len(self.targets) else 0)]
         self.classes = list(classes)
         bad = np.flatnonzero((self.targets < 0) | (self.targets >= len(self.classes)))
         if len(bad):
@@ -176,7 +211,7 @@ class ShardDataset(SkippingImageDataset, torch.utils.data.Dataset):
                                f"label {int(self.targets[i])}, outside the {len(self.classes)} classes of the "
                                "class map")
         self.transform, self.skip_corrupt, self.group = transform, bool(skip_corrupt), int(group)
-        self.skipped = set()
+        self.skipped = SharedSkips(len(self.targets))
         self._files: Dict[int, object] = {}
         self._pid = None
         self._lock = threading.Lock()
@@ -216,7 +251,7 @@ class ShardDataset(SkippingImageDataset, torch.utils.data.Dataset):
                 img.load()
                 return to_rgb8(img)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise LeanvitError(f"cannot read image {self.keys[index]}: {e}") from None
+            raise LeanvitError(f"cannot read image {self.keys[index]}: {_no_buffer(e)}") from None
 
     image = load
 
@@ -274,19 +309,36 @@ def _folder_tars(root: Path) -> List[str]:
     return sorted(str(p) for p in [*root.glob("*.tar"), *root.glob("*/*.tar")])
 
 
+#: the whole words in a shard's name (or its subfolder's) that make it a training or a validation shard
+SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "validation")}
+
+
+def _split_words(tar: str, root: Path) -> set:
+    """The words of a shard's path below ``root`` (``validation/shard-000.tar`` -> {validation, shard, tar};
+    ``retrieval-train-000.tar`` -> {retrieval, train, tar}: "val" inside "retrieval" is no word)."""
+    return {w for part in Path(tar).relative_to(root).parts for w in re.findall(r"[a-z]+", part.lower())}
+
+
 def _folder_shards(root: Path, split: str) -> List[str]:
     tars = _folder_tars(root)
-    if split == "train":
-        found = [t for t in tars if "train" in Path(t).name]
-    else:
-        found = [t for t in tars if "validation" in Path(t).name] or [t for t in tars if "val" in Path(t).name]
+    words = SPLIT_WORDS["train" if split == "train" else "val"]
+    found = [t for t in tars if _split_words(t, root) & set(words)]
     if not found:
-        want = "*train*.tar" if split == "train" else "*validation*.tar or *val*.tar"
-        raise LeanvitError(f"{root} holds no {split} shards ({want})")
+        want = " or ".join(f"'{w}'" for w in words)
+        hint = "; or name the validation shards with `val_data`" if split != "train" else ""
+        raise LeanvitError(f"{root} holds no {split} shards (a shard or subfolder named with the word {want}, e.g. "
+                           f"{words[0]}-000.tar){hint}")
     return found
 
 
+def no_validation(val_data) -> bool:
+    """Whether ``val_data`` says: no validation (``none``, ``off``, ``-``)."""
+    return isinstance(val_data, str) and val_data.strip().lower() in ("none", "off", "-")
+
+
 def _is_pattern(data: str) -> bool:
+    if os.path.isdir(data):  # an existing folder is a folder, whatever its name holds ([, *, ?)
+        return False
     return data.endswith(".tar") or ("{" in data and ".tar" in data) or any(c in data for c in "*?[")
 
 
@@ -300,8 +352,8 @@ class ShardsKind(DatasetKind):
     def matches(self, data: str) -> bool:
         if _is_pattern(data):
             return True
-        p = Path(data)  # a folder with training or validation shards (an ImageFolder tree has no .tar files)
-        return p.is_dir() and any(("train" in Path(t).name or "val" in Path(t).name) for t in _folder_tars(p))
+        p = Path(data)  # a folder with shards (an ImageFolder tree has no .tar files)
+        return p.is_dir() and bool(_folder_tars(p))
 
     def check_options(self, options) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
@@ -312,14 +364,22 @@ class ShardsKind(DatasetKind):
         opts = dict(config.get(self.options_key) or {})
         if config.get("val_data"):
             opts.setdefault("val_data", config["val_data"])
-            opts["train_data"] = config.get("data")  # val_data belongs to this data only
+        if config.get("data"):
+            opts["train_data"] = config["data"]  # val_data belongs to this data only
         return opts
 
     def files(self, data: str, split: str, options=None) -> List[str]:
         options = options or {}
-        if split != "train" and options.get("val_data") and options.get("train_data", data) == data:
+        training_data = options.get("train_data", data) == data
+        if split != "train" and options.get("val_data") and training_data:
+            if no_validation(options["val_data"]):  # the run validates on nothing, as it recorded
+                return []
             return expand_shards(options["val_data"])
         if _is_pattern(data):
+            if split != "train" and options.get("train_data") == data:  # a run's validation of its training pattern
+                raise LeanvitError(f"`data` {data} names training shards but no validation shards: name them with "
+                                   "`val_data` (e.g. 'shards/val-{000..003}.tar'), or set `val_data` none to train "
+                                   "without validation; the training shards are never used for validation")
             return expand_shards(data)
         return _folder_shards(Path(data), split)
 
@@ -333,7 +393,7 @@ class ShardsKind(DatasetKind):
 
     def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
         files = self.files(data, split, options)
-        names = self._class_map(data, files, options)
+        names = self._class_map(data, files, options) if files else None
         if classes is not None and names is not None and list(classes) != names:
             raise LeanvitError(f"the class map of {files[0]} differs from training's")
         ds = ShardDataset(files, transform, classes if classes is not None else names, skip_corrupt,

@@ -20,8 +20,11 @@ from leanvit.measure.flops import gmacs
 from leanvit.measure.memory import forward_peak_memory_mb
 from leanvit.measure.timing import interleaved_measure
 from leanvit.models.factory import create_model
-from leanvit.reduction import ReductionMethod, applied_reduction, get_reduction
+from leanvit.reduction import ReductionMethod, applied_reduction, get_reduction, is_none_text
 from leanvit.utils import check_input_size, model_input_size, to_2tuple
+
+#: a configuration without any reduction (``"none"``), even on a model built with one
+NO_REDUCTION = "none"
 
 __all__ = ["ReducedView", "benchmark_models", "build_configurations", "reduction_label", "Configuration"]
 
@@ -221,6 +224,8 @@ def _normalize(item) -> Tuple[Optional[ReductionMethod], Any]:
     name, value = item
     if name is None:
         return None, None
+    if is_none_text(name):
+        return NO_REDUCTION, None
     method = get_reduction(name)
     return method, method.check_strength(method.none_value if value is None else value)
 
@@ -232,7 +237,7 @@ def build_configurations(model_names: Sequence[str], reductions: Sequence[Config
 
     ``reductions``: (method, strength) pairs, e.g. ``[(None, None), ("evit", 0.7), ("evit", 0.5)]``
     (a bare number is an EViT keep rate); (None, None) measures the model as built (an ``evit_*`` model at
-    its own rate, others unmodified);
+    its own rate, others unmodified), ``("none", None)`` the model without any reduction;
     a method runs a model that has it at that strength, or applies it to a plain timm ViT (all strengths
     of one method share one model). Models that cannot be reduced (no class-token ViT) are measured once,
     as built, and a note says so."""
@@ -244,7 +249,7 @@ def build_configurations(model_names: Sequence[str], reductions: Sequence[Config
             model = _create_at_size(name, size, num_classes)
             hw = model_input_size(model, size)
             wanted = wanted_all
-            if not _can_reduce(model) and any(m is not None for m, _ in wanted):
+            if not _can_reduce(model) and any(m not in (None, NO_REDUCTION) for m, _ in wanted):
                 notes.append(f"{name} is not a ViT with a class token: measured once, without a reduction")
                 wanted = [(None, None)]
             own = applied_reduction(model)
@@ -254,6 +259,8 @@ def build_configurations(model_names: Sequence[str], reductions: Sequence[Config
             for method, value in wanted:
                 if method is None:
                     m = model
+                elif method is NO_REDUCTION:  # no reduction, even on a model built with one
+                    m = model if own is None else own.remove(copy.deepcopy(model))
                 else:
                     if method.name not in reduced:
                         base = copy.deepcopy(model)
@@ -263,6 +270,8 @@ def build_configurations(model_names: Sequence[str], reductions: Sequence[Config
                     m = ReducedView(reduced[method.name], method, value)
                 fields = _row_fields(m)
                 shown = f" {fields['reduction']} {fields['strength']}" if fields["reduction"] != "-" else ""
+                if method is NO_REDUCTION and own is not None:
+                    shown = " none"
                 label = f"{name}{shown} @{_hw_str(hw)}"
                 label = label.replace(" evit ", " keep ")  # EViT rows read as before: "deit keep 0.7 @224x224"
                 if label not in configs:  # e.g. 'none' and the EViT model's own rate: measured once

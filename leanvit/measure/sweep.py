@@ -256,7 +256,10 @@ def _timed_rows(task: Task, points: List[dict], batch_size: int, device, warmup:
         t, b1 = thr[p["label"]], lat[p["label"]]
         ips = batch_size / (t.latency_ms / 1e3)
         row = {k: v for k, v in p.items() if not k.startswith("_") and k != "hw"}
-        drop = baseline[score] - p[score] if task.higher_is_better else p[score] - baseline[score]
+        if baseline.get(score) is None or p.get(score) is None:  # undefined (no ground truth): no drop either
+            drop = None
+        else:
+            drop = baseline[score] - p[score] if task.higher_is_better else p[score] - baseline[score]
         row.update({f"{score}_drop": drop}, img_per_s=ips, speedup=ips / base_ips,
                    latency_ms=b1.latency_ms, p90_ms=b1.p90_ms, batch_size=batch_size, device=t.device, dtype=t.dtype,
                    threads=t.threads)
@@ -280,9 +283,10 @@ def pareto_front(rows: Sequence[dict], speed_key: str, higher: bool = True, scor
         return r[score] if score_higher else -r[score]
 
     front = []
-    for i, r in enumerate(rows):
+    scored = [(j, o) for j, o in enumerate(rows) if o.get(score) is not None]  # an undefined score: on no front
+    for i, r in scored:
         dominated = any(speed(o) >= speed(r) and good(o) >= good(r)
-                        and (speed(o) > speed(r) or good(o) > good(r)) for j, o in enumerate(rows) if j != i)
+                        and (speed(o) > speed(r) or good(o) > good(r)) for j, o in scored if j != i)
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: -speed(rows[i]))
@@ -296,7 +300,8 @@ def choose(rows: Sequence[dict], max_drop: Optional[float] = None, target_speedu
     least that much faster. None if no point qualifies."""
     if max_drop is None and target_speedup is None:
         return None
-    ok = [r for r in rows if (max_drop is None or r[f"{score}_drop"] <= max_drop + 1e-9)
+    ok = [r for r in rows if r.get(score) is not None and r.get(f"{score}_drop") is not None
+          and (max_drop is None or r[f"{score}_drop"] <= max_drop + 1e-9)
           and (target_speedup is None or r["speedup"] >= target_speedup)]
     if not ok:
         return None
@@ -349,6 +354,8 @@ def plot_pareto(rows: Sequence[dict], path, title: str = "", chosen: Optional[di
     for ax, key, higher, xlabel in ((axes[0], "img_per_s", True, f"throughput (img/s, batch {batch})"),
                                     (axes[1], "latency_ms", False, "batch-1 latency (ms, median)")):
         for r in rows:
+            if r.get(score) is None:  # undefined: nothing to place
+                continue
             c = f"C{methods.index(r['reduction']) % 10}"
             mk = "*" if r is rows[0] else markers[sizes.index(r["img_size"]) % len(markers)]
             ax.scatter(r[key], r[score], color=c, marker=mk, s=120 if mk == "*" else 36, zorder=3)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from leanvit.reduction import applied_reduction, get_reduction, remove_reduction
+from leanvit.reduction import applied_reduction, get_reduction, is_none_text, remove_reduction
 from leanvit.tasks import task_of_checkpoint
 from leanvit.utils import to_2tuple
 
@@ -38,6 +38,7 @@ def own_reduction(model: nn.Module) -> Optional[Tuple[str, Any]]:
 def checkpoint_configurations(path, reductions: Sequence[Tuple[Optional[str], Any]] = (),
                               restores: Optional[Sequence[str]] = None,
                               img_sizes: Sequence[Optional[Tuple[int, int]]] = (None,),
+                              notes: Optional[List[str]] = None,
                               ) -> Tuple[Dict[str, Tuple[nn.Module, tuple, dict]], Dict[str, nn.Module]]:
     """``(configs, parts)`` for :func:`leanvit.measure.benchmark_models` (``models=configs, backbones=parts``).
 
@@ -50,6 +51,9 @@ def checkpoint_configurations(path, reductions: Sequence[Tuple[Optional[str], An
             ``reactivate:2``, ``unmerge``, ...; default: every strategy of the method). One that applies to
             no method of the grid, or any with a classifier, is a :class:`~leanvit.errors.LeanvitError`.
         img_sizes: input sizes, None = the checkpoint's own (a dense checkpoint takes only its own).
+        notes: given a list, a model that takes no token reduction (a hierarchical backbone) is measured
+            unreduced and a note says so (as :func:`leanvit.measure.build_configurations` does for names);
+            without one, that is a :class:`~leanvit.errors.LeanvitError`.
 
     ``configs`` maps a label (``"PATH evit/keep 0.7 @HxW"``) to ``(model, (H, W), fields)``, the unreduced
     model first for every size; ``fields`` has ``model`` (the path: speed-ups are over its unreduced row),
@@ -58,7 +62,7 @@ def checkpoint_configurations(path, reductions: Sequence[Tuple[Optional[str], An
     task = task_of_checkpoint(path)
     grid: List[Tuple[str, Any]] = []
     for method, value in reductions:
-        if method is not None:
+        if method is not None and not is_none_text(method):  # the unreduced model is always measured
             m = get_reduction(method)
             grid.append((m.name, m.check_strength(m.none_value if value is None else value)))
     options = {"restore": list(restores)} if restores else {}
@@ -70,6 +74,9 @@ def checkpoint_configurations(path, reductions: Sequence[Tuple[Optional[str], An
         hw = to_2tuple(built.img_size)
         own = own_reduction(model)
         points = list(dict.fromkeys(grid + ([own] if own is not None else [])))
+        if points and notes is not None and not task.can_reduce(model):
+            notes.append(f"{path} ({built.name}) takes no token reduction: measured once, without one")
+            points, options = [], {}
         plain = remove_reduction(copy.deepcopy(model))
         for v in task.sweep_variants(model, plain, points, **options):
             shown = "" if v.value is None else f" {v.reduction} {v.strength}"

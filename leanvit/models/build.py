@@ -12,10 +12,12 @@ import torch.nn as nn
 from leanvit.checkpoints import load_checkpoint, read_checkpoint, state_dict_from
 from leanvit.errors import LeanvitError
 from leanvit.models.factory import create_model
-from leanvit.reduction.spec import ReductionSpec
+from leanvit.reduction.registry import applied_reduction, remove_reduction
+from leanvit.reduction.spec import ReductionSpec, is_none_text
 from leanvit.utils import Size, check_input_size, img_size_arg, model_input_size, to_2tuple
 
-__all__ = ["BuiltModel", "build_model", "checkpoint_num_classes", "recorded_spec", "describe_model"]
+__all__ = ["BuiltModel", "build_model", "checkpoint_num_classes", "recorded_spec", "recorded_config",
+           "describe_model"]
 
 _CLASSIFIER_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "head.l.weight")
 
@@ -36,6 +38,15 @@ def recorded_spec(obj) -> Optional[dict]:
         if isinstance(spec, dict) and isinstance(spec.get("name"), str):
             return spec
     return None
+
+
+def recorded_config(checkpoint) -> Optional[dict]:
+    """The training config a ``leanvit train`` checkpoint file records (None without a checkpoint or one)."""
+    if checkpoint is None:
+        return None
+    obj = read_checkpoint(checkpoint)
+    cfg = obj.get("config") if isinstance(obj, dict) else None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def _checkpoint_input_size(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[tuple]:
@@ -116,7 +127,8 @@ def build_model(name: Optional[str] = None, checkpoint=None, reduction: Any = No
         reduction: applied on top, in any form :meth:`leanvit.reduction.ReductionSpec.parse` reads
             (``"evit:0.7"``, ``{"method": "evit", "keep_rate": 0.7}``, a spec). It replaces a recorded
             reduction; for the same method, the recorded options it does not set are kept (e.g. the layers
-            EViT was trained to reorganize at).
+            EViT was trained to reorganize at). ``"none"`` (``"off"``, ``"-"``): no reduction, even where the
+            checkpoint records one.
         img_size: int or (H, W); default: the recorded one, else the size of the checkpoint's position
             embedding, else the model's own.
         num_classes: default: the checkpoint's classifier, else the recorded one, else ``data_classes``.
@@ -146,10 +158,11 @@ def build_model(name: Optional[str] = None, checkpoint=None, reduction: Any = No
         raise LeanvitError("name a model with `model` (or give a `checkpoint` written by leanvit train)")
     if num_classes is None and opts.get("num_classes") is None:
         num_classes = data_classes
+    unreduced = is_none_text(reduction)  # explicitly none: not the recorded one either
     reduction = ReductionSpec.parse(reduction)
     if reduction is not None and recorded is not None and recorded.method == reduction.method:
         reduction = replace(reduction, options={**recorded.options, **reduction.options})  # e.g. trained layers
-    if reduction is None:
+    if reduction is None and not unreduced:
         reduction = recorded
     if reduction is not None:
         opts["reduction"] = reduction
@@ -169,6 +182,8 @@ def build_model(name: Optional[str] = None, checkpoint=None, reduction: Any = No
         if trained is not None:  # e.g. a 384 px checkpoint: evaluate at the size it was trained at
             opts["img_size"] = trained
             model = _create(name, **opts)
+    if unreduced and applied_reduction(model) is not None:  # e.g. an evit_* model: built with EViT
+        remove_reduction(model)
     hw = model_input_size(model, opts.get("img_size"))
     check_input_size(model, hw)
     config = None

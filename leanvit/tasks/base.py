@@ -25,6 +25,7 @@ import torch.nn as nn
 from leanvit.data import create_dataset, dataset_options
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction
+from leanvit.utils import format_metric
 
 __all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith"]
 
@@ -131,16 +132,19 @@ class Task:
 
     def done_message(self, res: Dict[str, Any]) -> str:
         """The line ``leanvit train`` prints at the end (``res``: what ``train()`` returned)."""
-        def shown(v):  # a negative metric is COCOeval's "undefined" (nothing to score against), never a score
-            return "n/a" if v is None else ("undefined" if v < 0 else f"{v:.4f}")
+        def shown(v):  # undefined (None; -1 in older checkpoints: COCOeval's "nothing to score against")
+            return "n/a" if v is None or v < 0 else format_metric(v)
 
         return (f"done in {res['seconds']:.0f} s: best {res['main_metric']} {shown(res['best_metric'])}, "
                 f"last {shown(res['last_metric'])}; checkpoints in {res['output']}")
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name: Optional[str] = None, reduction: Optional[dict] = None,
-                   img_size=None, num_classes: Optional[int] = None, data=None, split: str = "val"):
-        """A :class:`leanvit.models.build.BuiltModel` in eval mode (the checkpoint's weights loaded strictly)."""
+                   img_size=None, num_classes: Optional[int] = None, data=None, split: str = "val",
+                   data_overrides: Optional[Dict[str, Any]] = None):
+        """A :class:`leanvit.models.build.BuiltModel` in eval mode (the checkpoint's weights loaded strictly).
+        Its ``config`` is the recorded training config with ``data_overrides`` applied
+        (:func:`leanvit.data.with_data_overrides`): the data options every later step uses."""
         raise NotImplementedError
 
     def eval_data(self, built, data, split: str = "val", batch_size: int = 64, workers: int = 0,
@@ -168,6 +172,11 @@ class Task:
         """What the evaluation's JSON records about the model besides its name."""
         return {}
 
+    def data_record(self, built, data) -> Dict[str, Any]:
+        """The data options an evaluation of ``built`` on ``data`` uses (what the checkpoint records for
+        ``data``'s kind): results name them beside the data."""
+        return dataset_options(data, built.config)
+
     def describe(self, res: Dict[str, Any]) -> str:
         """The metrics part of ``leanvit eval``'s line."""
         return "  ".join(f"{head} {res[key]:{fmt}}" for key, head, fmt in self.sweep_columns if key in res)
@@ -191,6 +200,12 @@ class Task:
         on the same input: timed beside the whole model, it gives the head's share of the time
         (``leanvit bench``). None: the task's models have no head worth reporting apart (classification)."""
         return None
+
+    def can_reduce(self, model: nn.Module) -> bool:
+        """Whether a token reduction applies to ``model`` at all (a class-token ViT); one that cannot is
+        measured unreduced, with a note, by ``leanvit bench``."""
+        return applied_reduction(model) is not None or (
+            all(hasattr(model, a) for a in ("blocks", "patch_embed")) and getattr(model, "cls_token", None) is not None)
 
     def sweep_variants(self, model: nn.Module, plain: nn.Module, grid: Sequence[Tuple[Optional[str], Any]],
                        **options) -> Iterator[SweepVariant]:

@@ -16,11 +16,11 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from leanvit.checkpoints import load_checkpoint
-from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classes, dataset_options
+from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classes, dataset_options, with_data_overrides
 from leanvit.data.folder import check_same_classes
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
-from leanvit.models.build import build_model
+from leanvit.models.build import build_model, recorded_config
 from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
 from leanvit.tasks.base import Task, TrainData
@@ -91,6 +91,16 @@ def build_training_model(cfg: Dict[str, Any], num_classes: int, reduction: Optio
     return create_model(spec["name"], reduction=spec["reduction"], img_size=to_2tuple(img), **kwargs)
 
 
+def _check_merge_count(model: nn.Module, reduction: Optional[dict]) -> None:
+    """ToMe merges at most half of a block's tokens: a larger target ``r`` would train as that half but be
+    recorded (and scheduled) as given, so it is refused here."""
+    r = (reduction or {}).get("r")
+    n = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if (reduction or {}).get("method") == "tome" and isinstance(r, int) and n and r > n // 2:
+        raise LeanvitError(f"`reduction` tome:{r} merges more tokens than a block has to merge: ToMe merges at "
+                           f"most {n // 2} per block here (half of the {n} patch tokens); give r <= {n // 2}")
+
+
 FINETUNE_MIN_SHARE = 0.5  # --finetune fails when fewer of the model's tensors load (unless finetune_partial)
 
 
@@ -155,15 +165,20 @@ def check_class_names(recorded, classes, checkpoint, data) -> None:
     """The data's class names must be the checkpoint's (same names, same order), or the accuracy is wrong."""
     if recorded is None or list(map(str, recorded)) == list(map(str, classes)):
         return
-    recorded = list(map(str, recorded))
+    recorded, classes = list(map(str, recorded)), list(map(str, classes))
     missing = [c for c in recorded if c not in classes]
     extra = [c for c in classes if c not in recorded]
+
+    def some(names):
+        return ", ".join(map(repr, names[:6])) + (", ..." if len(names) > 6 else "")
     if not missing and not extra:
-        what = "are in another order"
+        what = f"are those {checkpoint} was trained with, in another order"
     else:
-        what = (f"differ: not in the data {missing[:6] or 'none'}, not in the checkpoint {extra[:6] or 'none'}")
-    raise LeanvitError(f"the class names of {data} {what} than those {checkpoint} was trained with; the accuracy "
-                       "would be meaningless (give `ignore_class_names` to evaluate by label position anyway)")
+        parts = ([f"{len(missing)} of its classes are not in the data ({some(missing)})"] if missing else []) + \
+                ([f"{len(extra)} of the data's classes are not among its classes ({some(extra)})"] if extra else [])
+        what = f"differ from those {checkpoint} was trained with: {'; '.join(parts)}"
+    raise LeanvitError(f"the class names of {data} {what}; the accuracy would be meaningless "
+                       "(give `ignore_class_names` to evaluate by label position anyway)")
 
 
 class ClassificationTask(Task):
@@ -182,6 +197,7 @@ class ClassificationTask(Task):
     def build_model(self, cfg, num_classes, reduction=None, finetune=None):
         model = build_training_model(cfg, num_classes, reduction)
         check_input_size(model, to_2tuple(cfg["img_size"]))  # e.g. --img-size 7 with 8 px patches
+        _check_merge_count(model, reduction)
         note = finetune_from(model, finetune, partial=bool(cfg.get("finetune_partial"))) if finetune else None
         return model, model_spec_from_config(cfg, num_classes, reduction), note
 
@@ -218,16 +234,21 @@ class ClassificationTask(Task):
             return ""
         last = res["last_top1"]
         return (f"done in {res['seconds']:.0f} s: best val top-1 {res['best_top1']:.2f}%, "
-                f"last {last if last is None else round(last, 2)}%; checkpoints in {res['output']}")
+                f"last {'n/a' if last is None else f'{last:.2f}%'}; checkpoints in {res['output']}")
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
-                   split="val"):
-        if "restore" in getattr(reduction, "options", reduction or {}):
+                   split="val", data_overrides=None):
+        if isinstance(reduction, dict) and "restore" in reduction or "restore" in getattr(reduction, "options", {}):
             raise LeanvitError("`restore` (how a dense backbone restores its token map) applies to detection and "
                                "segmentation models, not to a classifier")
-        data_classes = len(dataset_classes(data, split)) if data is not None else None
+        data_classes = None
+        if data is not None:  # counted with the data options the checkpoint records (and the overrides)
+            config = with_data_overrides(recorded_config(checkpoint), data_overrides)
+            data_classes = len(dataset_classes(data, split, dataset_options(data, config)))
         built = build_model(name, checkpoint, reduction, img_size, num_classes, data_classes=data_classes)
+        if data_overrides:
+            built = built._replace(config=with_data_overrides(built.config, data_overrides))
         n_out = getattr(built.model, "num_classes", None)
         if data_classes is not None and n_out is not None and n_out != data_classes:
             raise LeanvitError(f"the model has {n_out} classes but the data has {data_classes} "
@@ -237,7 +258,8 @@ class ClassificationTask(Task):
     def eval_data(self, built, data, split="val", batch_size=64, workers=0, device="cpu", crop_pct=None,
                   interpolation=None, check_classes=True, source=None, **options):
         if check_classes and built.checkpoint is not None:
-            check_class_names(built.checkpoint.get("classes"), dataset_classes(data, split), source, data)
+            check_class_names(built.checkpoint.get("classes"),
+                              dataset_classes(data, split, dataset_options(data, built.config)), source, data)
         dataset = build_eval_dataset(data, built.model, built.img_size, config=built.config, split=split,
                                      crop_pct=crop_pct, interpolation=interpolation,
                                      options=dataset_options(data, built.config))
@@ -262,12 +284,13 @@ class ClassificationTask(Task):
 
     def title(self, built):
         method = applied_reduction(built.model)
-        shown = f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method else ""
+        shown = (f" {method.knob}={method.format_strength(method.get_strength(built.model))}" if method
+                 else ", no token reduction")
         return f"{built.description}{shown}"
 
     def record(self, built):
         method = applied_reduction(built.model)
-        return {"reduction": method.spec(built.model) if method else None,
+        return {"reduction": method.spec(built.model) if method else None, "restore": None,
                 "keep_rate": getattr(built.model, "keep_rate", None)}
 
 

@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 
 from leanvit.checkpoints import load_checkpoint, read_checkpoint
-from leanvit.data import create_dataset, dataset_classes, dataset_options
+from leanvit.data import create_dataset, dataset_classes, dataset_options, with_data_overrides
 from leanvit.data.dense import collate_fn
 from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.dense import apply_dense_reduction, dense_reduction_spec
 from leanvit.dense.reduction import BackbonePart, dense_backbone_of, dense_variants
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
-from leanvit.reduction import get_reduction
+from leanvit.reduction import ReductionSpec, get_reduction
 from leanvit.tasks.base import SweepVariant, Task, TrainData
 from leanvit.tasks.registry import get_task
 from leanvit.utils import to_2tuple
@@ -209,7 +209,7 @@ class DenseTask(Task):
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
-                   split="val"):
+                   split="val", data_overrides=None):
         if checkpoint is None:
             raise LeanvitError(f"a {self.name} model is loaded from a checkpoint written by leanvit train")
         for what, v in (("another input size", img_size), ("another number of classes", num_classes)):
@@ -223,7 +223,8 @@ class DenseTask(Task):
         if name is not None and name != spec["name"]:
             raise LeanvitError(f"{checkpoint} holds a {spec['name']} backbone, not {name}")
         hw = self.input_size(spec, config)
-        return BuiltModel(model, spec["name"], hw, config, read_checkpoint(checkpoint))
+        return BuiltModel(model, spec["name"], hw, with_data_overrides(config, data_overrides),
+                          read_checkpoint(checkpoint))
 
     def input_size(self, spec: Dict[str, Any], config: Dict[str, Any]):
         """(H, W) the recipe feeds the model (what the sweep times it at)."""
@@ -232,10 +233,19 @@ class DenseTask(Task):
 
     def title(self, built) -> str:
         spec = built.checkpoint["model_spec"]
-        return f"{spec['head']} on {spec['name']} ({self.name})"
+        rec = self.record(built)
+        red = rec["reduction"]
+        shown = "no token reduction" if red is None else f"{ReductionSpec.parse(red)}, restore {rec['restore']}"
+        return f"{spec['head']} on {spec['name']} ({self.name}; {shown})"
 
     def record(self, built) -> Dict[str, Any]:
-        return {"head": built.checkpoint["model_spec"]["head"]}
+        """The head, the backbone's token reduction (None without one) and its restoration."""
+        red = dense_reduction_spec(built.model)
+        restore = None if red is None else red.pop("restore", None)
+        return {"head": built.checkpoint["model_spec"]["head"], "reduction": red, "restore": restore}
+
+    def data_record(self, built, data) -> Dict[str, Any]:
+        return self.data_options({**(built.config or {}), "data": data})
 
     def eval_data(self, built, data, split="val", batch_size=64, workers=0, device="cpu", **options):
         dataset = self._eval_dataset(data, built.config, split)
@@ -261,6 +271,10 @@ class DenseTask(Task):
             m = get_reduction(method)
             yield SweepVariant(f"{method}/{rest}", m.format_strength(value), value, view, method=method,
                                restore=str(rest))
+
+    def can_reduce(self, model):
+        """Only a plain-ViT backbone takes a token reduction (Shunted and PVT v2 are hierarchical)."""
+        return hasattr(dense_backbone_of(model), "vit")
 
     def backbone_part(self, model):
         """The input's preparation and the dense backbone's maps, at ``model``'s reduction point."""

@@ -6,10 +6,12 @@
 
 Detection metrics are pycocotools' ``COCOeval`` (bbox): mAP@[.5:.95] (``val_map``), mAP@0.5
 (``val_map50``), mAP@0.75 (``val_map75``) and AP for small / medium / large objects (area < 32², < 96²,
-larger; ``val_map_small`` / ``_medium`` / ``_large``; -1 where a split has no object of that size, as
-COCOeval reports it). Predictions are mapped back to each image's original size (``target['orig_size']``)
-with torchvision's ``v2.functional.resize`` on ``BoundingBoxes`` and scored against the ground truth the
-dataset keeps in original coordinates (``gt_boxes``, ``gt_labels``, ``gt_area``, ``gt_iscrowd``).
+larger; ``val_map_small`` / ``_medium`` / ``_large``). A figure with no ground truth to score against (no
+object of that size in the split: COCOeval's -1) is None, undefined, whatever the model predicts: JSON
+``null``, "n/a" in tables, never a score. Predictions are mapped back to each image's original size
+(``target['orig_size']``) with torchvision's ``v2.functional.resize`` on ``BoundingBoxes`` and scored
+against the ground truth the dataset keeps in original coordinates (``gt_boxes``, ``gt_labels``, ``gt_area``,
+``gt_iscrowd``).
 
 Instance segmentation (Mask R-CNN: the model returns ``masks``, the dataset keeps ``gt_segms``, COCO RLEs in
 original coordinates) adds the same six figures for masks (``COCOeval`` segm): ``val_mask_map``,
@@ -79,8 +81,20 @@ def _cocoeval(gt, dets, iou_type: str, image_ids: List[int], keys: Sequence[str]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    # stats: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
-    return {k: float(v) for k, v in zip(keys, ev.stats[:6])}
+    # stats: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl; -1: no ground truth to score
+    return {k: (None if v < 0 else float(v)) for k, v in zip(keys, ev.stats[:6])}
+
+
+#: COCOeval's object-area range of each of the six figures (all, all, all, small, medium, large)
+_AREAS = ((0, float("inf")),) * 3 + ((0, 32 ** 2), (32 ** 2, 96 ** 2), (96 ** 2, float("inf")))
+
+
+def _without_detections(anns: Sequence[Dict[str, Any]], keys: Sequence[str]) -> Dict[str, Optional[float]]:
+    """The six figures when nothing was predicted: 0 where there are objects to find (in that area range,
+    not crowds, as COCOeval counts them), None (undefined) where there are none, as COCOeval says with
+    detections."""
+    return {k: (0.0 if any(not a["iscrowd"] and lo <= a["area"] <= hi for a in anns) else None)
+            for k, (lo, hi) in zip(keys, _AREAS)}
 
 
 def coco_map(predictions: Sequence[Dict[str, Any]], ground_truth: Sequence[Dict[str, Any]],
@@ -93,7 +107,8 @@ def coco_map(predictions: Sequence[Dict[str, Any]], ground_truth: Sequence[Dict[
             "iscrowd"?, "segms"?}``; every evaluated image must be here (images without objects included).
             ``segms``: one COCO RLE per object (:func:`encode_masks`), in the image's coordinates.
         num_classes: labels are 0..num_classes-1 (default: those seen); COCO category ids are label + 1.
-    Returns: :data:`DETECTION_KEYS` as fractions in [0, 1] (-1: no ground truth of that kind), plus
+    Returns: :data:`DETECTION_KEYS` as fractions in [0, 1] (None: undefined, no ground truth of that kind,
+        whatever was predicted), plus
     :data:`MASK_KEYS` when every prediction and ground truth has ``segms``.
     """
     from pycocotools import mask as mask_utils
@@ -138,7 +153,7 @@ def coco_map(predictions: Sequence[Dict[str, Any]], ground_truth: Sequence[Dict[
         for b, s, lab in zip(boxes, np.asarray(p["scores"]).reshape(-1), np.asarray(p["labels"]).reshape(-1)):
             dets.append([int(p["image_id"]), *[float(v) for v in b], float(s), int(lab) + 1])
     if not dets or not anns:
-        res = {k: (0.0 if anns else -1.0) for k in DETECTION_KEYS}
+        res = _without_detections(anns, DETECTION_KEYS)
     else:
         res = _cocoeval(ground(anns), np.asarray(dets, dtype=np.float64), "bbox", image_ids, DETECTION_KEYS)
     if with_masks:
@@ -148,7 +163,7 @@ def coco_map(predictions: Sequence[Dict[str, Any]], ground_truth: Sequence[Dict[
                      for rle, s, lab in zip(p["segms"], np.asarray(p["scores"]).reshape(-1),
                                             np.asarray(p["labels"]).reshape(-1))]
         if not mask_dets or not mask_anns:
-            res.update({k: (0.0 if mask_anns else -1.0) for k in MASK_KEYS})
+            res.update(_without_detections(mask_anns, MASK_KEYS))
         else:
             res.update(_cocoeval(ground(mask_anns), mask_dets, "segm", image_ids, MASK_KEYS))
     return res

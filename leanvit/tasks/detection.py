@@ -12,6 +12,7 @@ from leanvit.errors import LeanvitError
 from leanvit.tasks.dense import DenseTask
 from leanvit.tasks.dense_eval import DETECTION_KEYS, MASK_KEYS, evaluate_detection
 from leanvit.tasks.registry import register_task
+from leanvit.utils import format_metric
 
 __all__ = ["DetectionTask"]
 
@@ -72,9 +73,9 @@ class DetectionTask(DenseTask):
     def message(self, row):
         if "val_map" not in row:
             return ""
-        masks = f" mask mAP {row['val_mask_map']:.3f}" if "val_mask_map" in row else ""
-        return (f", val mAP {row['val_map']:.3f} mAP@0.5 {row['val_map50']:.3f} "
-                f"AP small {row['val_map_small']:.3f}{masks}")
+        masks = f" mask mAP {format_metric(row['val_mask_map'], '.3f')}" if "val_mask_map" in row else ""
+        return (f", val mAP {format_metric(row['val_map'], '.3f')} mAP@0.5 {format_metric(row['val_map50'], '.3f')} "
+                f"AP small {format_metric(row['val_map_small'], '.3f')}{masks}")
 
     def evaluate(self, model, loader, device="cpu", amp=False, progress=False, max_batches=None, dataset=None):
         n = getattr(model, "num_object_classes", None)
@@ -82,7 +83,7 @@ class DetectionTask(DenseTask):
                                   num_classes=n)
 
     def describe(self, res):
-        return "  ".join(f"{k[4:]} {res[k]:.4f}" for k in DETECTION_KEYS + MASK_KEYS if k in res)
+        return "  ".join(f"{k[4:]} {format_metric(res[k])}" for k in DETECTION_KEYS + MASK_KEYS if k in res)
 
     def example_input(self, batch, hw):
         return [torch.randn(3, *hw) for _ in range(batch)]

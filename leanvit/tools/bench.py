@@ -52,11 +52,12 @@ def parse_keep_rates(values: Optional[Sequence[str]]) -> List[Optional[float]]:
 
 def parse_reductions(values: Optional[Sequence[str]]) -> list:
     """``["evit:1.0,0.7", "evit-drop:0.5", "none"]`` ->
-    [("evit", 1.0), ("evit", 0.7), ("evit-drop", 0.5), (None, None)]."""
+    [("evit", 1.0), ("evit", 0.7), ("evit-drop", 0.5), ("none", None)] (``"none"``: no reduction, even on a
+    model built with one)."""
     out = []
     for text in values or []:
         if is_none_text(text):
-            out.append((None, None))
+            out.append(("none", None))
             continue
         method, strengths = parse_strengths(text)
         out += [(method.name, s) for s in (strengths or [method.none_value])]
@@ -93,7 +94,8 @@ def add_arguments(p) -> None:
                    help="model names and/or checkpoints written by leanvit train (any task), comma- or "
                         "space-separated (e.g. deit_small_patch16_224,shunted_t runs/seg/best.pth)")
     p.add_argument("--reduction", nargs="+", default=None, metavar="METHOD:V1,V2",
-                   help="token reductions, e.g. evit:1.0,0.7,0.5 evit-drop:0.7 none ('none' = the model as built); "
+                   help="token reductions, e.g. evit:1.0,0.7,0.5 evit-drop:0.7 none ('none', 'off', '-': no reduction, "
+                        "even on an evit_* model; default: the model as built); "
                         "applied to class-token ViTs only")
     p.add_argument("--restore", nargs="+", default=None, metavar="NAME",
                    help="detection/segmentation checkpoints: how the reduced backbone restores its token map, "
@@ -143,7 +145,8 @@ def run(args) -> int:
         raise LeanvitError("--restore applies to detection/segmentation checkpoints; --models names none")
     reductions = parse_reductions(args.reduction) if args.reduction else []
     if args.keep_rates or not reductions:
-        reductions += [("evit", r) if r is not None else (None, None) for r in parse_keep_rates(args.keep_rates)]
+        explicit = ("none", None) if args.keep_rates else (None, None)  # a written 'none': unreduced
+        reductions += [("evit", r) if r is not None else explicit for r in parse_keep_rates(args.keep_rates)]
     img_sizes = parse_img_sizes(args.img_sizes)
     runtimes = split_list(args.runtime) or ["eager"]
     unknown = [r for r in runtimes if r not in RUNTIMES]
@@ -159,7 +162,7 @@ def run(args) -> int:
     configs = build_configurations(models, reductions, img_sizes, args.num_classes, notes) if models else {}
     parts: dict = {}
     for path in checkpoints:
-        c, p = checkpoint_configurations(path, reductions, args.restore, img_sizes)
+        c, p = checkpoint_configurations(path, reductions, args.restore, img_sizes, notes)
         configs.update(c)
         parts.update(p)
     header = (f"{environment(str(device))} | dtype={str(dtype).replace('torch.', '')} | batch={args.batch_size} | "
@@ -197,6 +200,8 @@ def run(args) -> int:
               "feature maps; the head: everything after them (FPN neck, decoder, upsampling, box decoding)")
     load.stop()
     print(load.line)
+    for r in rows:  # each row says under which load it was timed
+        r["machine_load"] = load.line
     if load.warning and device.type == "cpu":
         print(f"warning: {load.warning}")
     csv_path = write_csv(rows, out / "bench.csv")

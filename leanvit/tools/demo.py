@@ -75,6 +75,37 @@ def _load(ckpt: str):
     return built.model, built.config
 
 
+def annotate_apart(ax, points, labels, fontsize: int = 8) -> list:
+    """Label each point right of it; a label that would overlap one placed before moves down (then up) in
+    steps of its height until it overlaps none, with a thin line to its point. Returns the texts."""
+    fig = ax.figure
+    fig.canvas.draw()  # the final data limits: placement is in display space
+    renderer = fig.canvas.get_renderer()
+    placed, texts = [], []
+    for (x, y), label in zip(points, labels):
+        text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=fontsize)
+        box = text.get_window_extent(renderer)
+        dx = 6
+        if box.x1 > ax.get_window_extent(renderer).x1:  # would leave the axes: left of the point instead
+            dx = -6
+            text.set_horizontalalignment("right")
+            text.set_position((dx, 4))
+            box = text.get_window_extent(renderer)
+        step = box.height * 72 / fig.dpi + 2  # points
+        for k in range(1, 40):
+            if not any(box.overlaps(b) for b in placed):
+                break
+            dy = 4 - step * ((k + 1) // 2) * (1 if k % 2 else -1)
+            text.set_position((dx, dy))
+            box = text.get_window_extent(renderer)
+        if text.get_position()[1] != 4:
+            ax.annotate("", (x, y), xytext=(dx, text.get_position()[1] + box.height * 36 / fig.dpi),
+                        textcoords="offset points", arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5"))
+        placed.append(box)
+        texts.append(text)
+    return texts
+
+
 def _accuracy_plot(rows: List[dict], path: Path) -> Path:
     import matplotlib
 
@@ -84,13 +115,13 @@ def _accuracy_plot(rows: List[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in rows:
         ax.scatter(r["img_per_s"], r["top1"], s=60)
-        ax.annotate(r["label"], (r["img_per_s"], r["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.margins(x=0.3, y=0.12)  # room for the labels right of the points
     ax.set_xlabel("throughput (images/s, CPU, fp32)")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("digits: accuracy vs throughput")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels: a layout change afterwards would move the points under them
+    annotate_apart(ax, [(r["img_per_s"], r["top1"]) for r in rows], [r["label"] for r in rows])
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -67,7 +67,8 @@ def run_detect(args) -> int:
         evals = {h["epoch"]: h for h in r["history"] if "val_map" in h}  # per-epoch validation, for equal steps
         rows.append({"label": label, "recipe": recipe, "train_s": r["seconds"], "steps": steps, "evals": evals,
                      "steps_per_s": steps / max(r["seconds"], 1e-9), **ev})
-        print(f"{label}: mAP {ev['val_map']:.3f}  mAP@0.5 {ev['val_map50']:.3f}  AP small {ev['val_map_small']:.3f}  "
+        print(f"{label}: mAP {_fmt(ev['val_map'])}  mAP@0.5 {_fmt(ev['val_map50'])}  "
+              f"AP small {_fmt(ev['val_map_small'])}  "
               f"({steps} steps in {r['seconds']:.0f} s)", flush=True)
     print("\n== predicted boxes", flush=True)
     pictures = []
@@ -90,8 +91,8 @@ def run_detect(args) -> int:
     return 0
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if v < 0 else f"{v:.3f}"
+def _fmt(v) -> str:
+    return "n/a" if v is None or v < 0 else f"{v:.3f}"  # undefined (None; COCOeval's -1 in older histories)
 
 
 def _table(rows: List[dict]) -> str:
@@ -111,16 +112,17 @@ def _equal_steps(rows: List[dict]) -> str:
     if not common:
         return ""
     e = common[-1]
-    parts = [f"{r['label']} mAP {r['evals'][e]['val_map']:.3f}, mAP@0.5 {r['evals'][e]['val_map50']:.3f}, "
+    parts = [f"{r['label']} mAP {_fmt(r['evals'][e]['val_map'])}, mAP@0.5 {_fmt(r['evals'][e]['val_map50'])}, "
              f"AP small {_fmt(r['evals'][e]['val_map_small'])}" for r in rows]
     return f" At equal training (after epoch {e + 1}, the last both validated): " + "; ".join(parts) + "."
 
 
 def verdict(rows: List[dict]) -> str:
-    """Which model scored the higher val mAP, as the report says it: no winner when either score is undefined
-    (COCOeval's -1), when both are 0.000 (neither detects anything yet) or when they tie at the shown precision."""
+    """Which model scored the higher val mAP, as the report says it: no winner when either score is
+    undefined (None; COCOeval's -1 in older records), when both are 0.000 (neither detects anything yet) or
+    when they tie at the shown precision."""
     a, b = rows[0], rows[1]
-    if a["val_map"] < 0 or b["val_map"] < 0:
+    if any(v is None or v < 0 for v in (a["val_map"], b["val_map"])):
         return "No comparison: the val mAP is undefined (the validation scenes hold no object to score against)."
     if round(a["val_map"], 3) == 0 and round(b["val_map"], 3) == 0:
         return "No winner: both models score 0.000 val mAP (neither detects the digits yet; train longer)."

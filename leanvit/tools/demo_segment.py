@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from leanvit.dense import apply_dense_reduction
+from leanvit.measure.load import LoadWatch
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import choose, parse_grid, plot_pareto, run_sweep, sweep_columns
 from leanvit.tasks import get_task
@@ -73,8 +74,10 @@ def run_segment(args) -> int:
     # batch 64 the p90 is within 2-4% of the median. Latency (batch 1) is measured separately.
     quick = dict(limit_images=16, batch_size=16, repeats=1, latency_repeats=2, warmup=0) if args.quick else \
         dict(batch_size=_THROUGHPUT_BATCH, repeats=9, latency_repeats=10, warmup=2)
+    load = LoadWatch()
     result = run_sweep(lambda s: first, parse_grid(SEGMENT_GRID), first.config["data"], config=first.config,
                        eval_batch_size=32, device="cpu", progress=progress, extra_models=extra, task=task, **quick)
+    load.stop()
     rows = result.rows
     chosen = choose(rows, _MAX_DROP, score="val_miou")
     png = plot_pareto(rows, out / "pareto.png", title="ViT segmenter (linear head) on digits-seg: mIoU vs speed",
@@ -83,7 +86,12 @@ def run_segment(args) -> int:
     table = format_table(rows, sweep_columns(task))
     print(table)
     seconds = time.perf_counter() - t0
-    (out / "report.md").write_text(_report(rows, table, chosen, png.name, base, fpn, bounds, args.quick, seconds))
+    timing = f"throughput at batch {quick['batch_size']}, latency at batch 1, all points interleaved; {load.line}"
+    (out / "report.md").write_text(_report(rows, table, chosen, png.name, base, fpn, bounds, args.quick, seconds,
+                                           timing + (f". Warning: {load.warning}" if load.warning else "")))
+    print(load.line)
+    if load.warning:
+        print(f"warning: {load.warning}")
     print(f"\nwrote {out / 'report.md'}, {png} and {out / 'sweep.csv'} ({seconds:.0f} s in all)")
     return 0
 
@@ -102,10 +110,12 @@ def _restorations(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(rows, table, chosen, png, base, fpn, bounds, quick, seconds) -> str:
+def _report(rows, table, chosen, png, base, fpn, bounds, quick, seconds, timing) -> str:
     b = rows[0]
     lin_b, fpn_b = bounds
-    light = (f"linear head {b['val_miou']:.4f} vs Semantic FPN {fpn['best_metric']:.4f} (best validation mIoU). "
+    light = (f"linear head {base['best_metric']:.4f} vs Semantic FPN {fpn['best_metric']:.4f} (the best validation "
+             "mIoU of each training run, on the whole validation split: what `leanvit eval` prints for its "
+             "best.pth). "
              f"Their output strides bound them: perfect logits at stride {lin_b['stride']} (the linear head's) "
              f"would score {lin_b['val_miou']:.4f}, at stride {fpn_b['stride']} (the Semantic FPN's) "
              f"{fpn_b['val_miou']:.4f}: the digits' ink is a few pixels thin")
@@ -121,10 +131,13 @@ Data: ``digits-seg`` (the embedded scenes: digit scans on cluttered canvases, a 
 DeiT III-style ViT (patch 8, 144 tokens at 96 px) with the linear head (a 1x1 convolution on the patch map).
 Reductions applied off the shelf to the trained model, each with every restoration strategy (keep /
 reactivate / fused for EViT, unmerge / reactivate for ToMe), and an EViT and a ToMe fine-tune.
-Machine: {environment("cpu")}; throughput at batch {_THROUGHPUT_BATCH}, latency at batch 1, all points interleaved.
+Machine: {environment("cpu")}; {timing}.
 Total time: {seconds:.0f} s.
 
 Light head: {light}.
+
+Sweep (every row: its mIoU on {b['images']} validation images{', a subset: --quick' if quick else ''}, at
+{b['img_size']}; the unreduced row is the linear-head model above, evaluated on these images):
 
 {table}
 

@@ -17,17 +17,22 @@ from pathlib import Path
 
 import torch
 
+from leanvit.checkpoints import check_writable, write_atomically
 from leanvit.errors import LeanvitError
+from leanvit.measure.load import LoadWatch
 from leanvit.tasks import check_data, task_of_checkpoint
-from leanvit.tools._common import add_model_arguments, reduction_from_args
+from leanvit.tools._common import add_data_overrides, add_model_arguments, data_overrides_from_args, reduction_from_args
 from leanvit.utils import img_size_arg, resolve_device
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p, keep_rate_help="EViT keep rate in (0, 1] (applies EViT to a plain ViT)")
-    p.add_argument("--data", required=True, metavar="DIR|digits",
-                   help="'digits' (the embedded data) or an ImageFolder tree (DIR/val/<class>/*.jpg, or "
-                        "DIR/<class>/*.jpg)")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="what to evaluate on: an embedded set (digits, digits-det, digits-seg), an ImageFolder tree "
+                        "(DIR/val/<class>/*.jpg, or DIR/<class>/*.jpg), tar shards (a folder, brace pattern or "
+                        "glob), a Hugging Face dataset (hfds/NAME or a save_to_disk folder), a COCO or mask-folder "
+                        "layout; read with the data options the checkpoint records")
+    add_data_overrides(p)
     p.add_argument("--split", default="val", help="split folder inside DIR (default val)")
     p.add_argument("--crop-pct", type=float, default=None,
                    help="centre-crop fraction (default: the checkpoint's recorded one, else the model's "
@@ -61,6 +66,7 @@ def _check_args(args) -> None:
                 if not parent.is_dir():
                     raise LeanvitError(f"--output {out}: {parent} is a file, not a folder")
                 break
+        check_writable(out.parent, "--output's folder")  # a read-only or full disk: before evaluating
 
 
 def run(args) -> int:
@@ -69,19 +75,26 @@ def run(args) -> int:
     check_data(task, args.data, f"{args.checkpoint}'s task" if args.checkpoint else "the model's task")
     device = resolve_device(args.device)
     built = task.load_model(args.checkpoint, args.model, reduction_from_args(args), img_size_arg(args.img_size),
-                            args.num_classes, data=args.data, split=args.split)
+                            args.num_classes, data=args.data, split=args.split,
+                            **data_overrides_from_args(args))
     dataset, loader = task.eval_data(built, args.data, args.split, args.batch_size, args.workers, device,
                                      crop_pct=args.crop_pct, interpolation=args.interpolation,
                                      check_classes=not args.ignore_class_names, source=args.checkpoint)
+    load = LoadWatch()
     res = task.evaluate(built.model, loader, device=device, amp=args.amp, progress=not args.no_progress,
                         max_batches=args.max_batches, dataset=dataset)
+    load.stop()
     hw = built.img_size
+    options = task.data_record(built, args.data)
     res.update(task.record(built), model=built.name, task=task.name, checkpoint=args.checkpoint, data=args.data,
-               img_size=f"{hw[0]}x{hw[1]}", batch_size=args.batch_size, device=str(device),
-               threads=torch.get_num_threads())
-    print(f"{task.title(built)} on {args.data} ({res['images']} images, {hw[0]}x{hw[1]}): {task.describe(res)}  "
-          f"{res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads)")
+               split=args.split, data_options=options, img_size=f"{hw[0]}x{hw[1]}", batch_size=args.batch_size,
+               device=str(device), threads=torch.get_num_threads(), machine_load=load.line, busy=load.busy)
+    shown = f" [{', '.join(f'{k}={v}' for k, v in options.items())}]" if options else ""
+    print(f"{task.title(built)} on {args.data}{shown} ({args.split}: {res['images']} images, {hw[0]}x{hw[1]}): "
+          f"{task.describe(res)}  {res['img_per_s']:.1f} img/s (forward only; batch {args.batch_size}, {device}, "
+          f"{torch.get_num_threads()} threads; {load.line})")
+    if load.warning and device.type == "cpu":
+        print(f"warning: {load.warning}")
     for line in getattr(getattr(dataset, "skips", None), "lines", lambda: [])():
         print(f"note: {line}")
     _write_json(res, args.output)
@@ -93,7 +106,6 @@ def _write_json(res: dict, path) -> None:
     if not path:
         return
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
-    out.write_text(json.dumps(safe, indent=2) + "\n")
+    write_atomically(out, lambda f: f.write(json.dumps(safe, indent=2) + "\n"), binary=False)
     print(f"wrote {out}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+from leanvit.checkpoints import check_writable
 from leanvit.deploy.export import (
     FORMATS,
     export_model,
@@ -19,7 +21,7 @@ from leanvit.deploy.export import (
     verify_export,
 )
 from leanvit.errors import LeanvitError
-from leanvit.reduction import reduction_spec
+from leanvit.reduction import ReductionSpec, is_none_text, reduction_spec
 from leanvit.reduction.reorg import check_keep_rate
 from leanvit.tasks import task_of_checkpoint
 from leanvit.utils import img_size_arg
@@ -33,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-rate", type=float, nargs="+", default=None, metavar="R",
                    help="EViT keep rate(s) to bake into the file; several write one file per rate "
                         "(NAME_keepR.EXT); on a plain ViT this applies EViT")
+    p.add_argument("--reduction", default=None, metavar="METHOD:VALUE",
+                   help="token reduction to bake into the file, e.g. tome:8; none (or off, -): no reduction, even "
+                        "on a checkpoint trained with one (default: the model's own)")
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="S",
                    help="input size S or H W (default: the model's / checkpoint's)")
     p.add_argument("--num-classes", type=int, default=None)
@@ -49,7 +54,13 @@ def run(args) -> int:
     if fmt is None:
         raise LeanvitError(f"--format: give onnx or pt2 (cannot tell from --output {args.output})")
     rates = [check_keep_rate(r, "--keep-rate") for r in args.keep_rate] if args.keep_rate else [None]
+    check_writable(Path(args.output).parent, "--output's folder")  # a read-only or full disk: before exporting
     reduction = {"method": "evit", "keep_rate": rates[0]} if rates[0] is not None else None
+    if args.reduction is not None:
+        if args.keep_rate:
+            raise LeanvitError("give --reduction or --keep-rate, not both")
+        reduction = "none" if is_none_text(args.reduction) else ReductionSpec.parse(args.reduction,
+                                                                                   what="--reduction")
     built = task_of_checkpoint(args.checkpoint).load_model(args.checkpoint, args.model, reduction,
                                                            img_size_arg(args.img_size), args.num_classes)
     model, hw = built.model, built.img_size

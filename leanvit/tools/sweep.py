@@ -17,15 +17,17 @@ line applying it.
 """
 from __future__ import annotations
 
+import json
 import shlex
 
 import torch
 
 from leanvit.errors import LeanvitError
+from leanvit.measure.load import LoadWatch
 from leanvit.measure.report import format_table, write_csv
 from leanvit.measure.sweep import apply_line, choose, parse_grid, plot_pareto, run_sweep, sweep_columns
 from leanvit.tasks import check_data, task_of_checkpoint
-from leanvit.tools._common import check_output_folder
+from leanvit.tools._common import add_data_overrides, check_output_folder, data_overrides_from_args
 from leanvit.utils import busy_note, environment, img_size_arg, resolve_device
 
 
@@ -33,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, metavar="M",
                    help="model name (optional with a checkpoint written by leanvit train)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="local weights (.pth/.pt/.safetensors)")
-    p.add_argument("--data", required=True, metavar="DIR|digits", help="'digits' or an ImageFolder tree")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="evaluation data, as for leanvit eval (read with the data options the checkpoint records)")
+    add_data_overrides(p)
     p.add_argument("--reduction", nargs="+", default=["none"], metavar="METHOD:V1,V2",
                    help="the grid, e.g. evit:1.0,0.9,0.8,0.7,0.6,0.5 tome:0,4,8,12,16 evit-drop:0.7,0.5 "
                         "(the unreduced model is always measured)")
@@ -104,7 +108,7 @@ def run(args) -> int:
 
     def build(size):
         return task.load_model(args.checkpoint, args.model, None, None if size is None else img_size_arg(list(size)),
-                               args.num_classes, data=args.data)
+                               args.num_classes, data=args.data, **data_overrides_from_args(args))
 
     print(f"{environment(str(device))} | batch {args.batch_size} (throughput, median of {args.repeats}) and 1 "
           f"(latency, median/p90 of {args.latency_repeats}), all points interleaved", flush=True)
@@ -113,17 +117,27 @@ def run(args) -> int:
         print(f"note: {busy}")
     first = build(None)  # fail early (and record the checkpoint's config) before the grid starts
     cache = {None: first}
+    load = LoadWatch()
     result = run_sweep(lambda s: cache.pop(s) if s in cache else build(s), grid, args.data, [None] + sizes,
                        config=first.config, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        limit_images=args.limit_images, device=device, warmup=args.warmup, repeats=args.repeats,
                        latency_repeats=args.latency_repeats, workers=args.workers, progress=not args.no_progress,
                        task=task, variant_options={"restore": args.restore} if args.restore else None)
+    load.stop()
     rows = result.rows
     score, score_head, fmt = task.sweep_columns[0]
     name = task.title(first)
+    options = task.data_record(first, args.data)
+    for r in rows:  # every row names what was measured and under which load
+        r.setdefault("restore", "-")
+        r.update(model=first.name, checkpoint=args.checkpoint or "", data=str(args.data),
+                 data_options=json.dumps(options, sort_keys=True) if options else "", machine_load=load.line)
     print(f"{name} on {args.data} ({rows[0]['images']} images); drop = {score_head} points below the unreduced "
           "model; pareto: on the front of it vs throughput (thr) / batch-1 latency (lat)")
     print(format_table(rows, sweep_columns(task)))
+    print(load.line)
+    if load.warning and device.type == "cpu":
+        print(f"warning: {load.warning}")
     csv_path = write_csv(rows, out / "sweep.csv")
     chosen = choose(rows, args.max_drop, args.target_speedup,
                     speed_key="latency_ms" if args.by == "latency" else "img_per_s", score=score,

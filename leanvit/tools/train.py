@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, Dict, List
 
 from leanvit.errors import LeanvitError
@@ -73,6 +74,14 @@ def _set(cfg: Dict[str, Any], key: str, value: Any) -> None:
         cfg[head] = value
 
 
+def _value(key: str, text: str) -> Any:
+    """A command-line value as YAML, except a reduction written as text (``evit:0.7``, ``evit:``): YAML would
+    read ``evit:`` as the mapping ``{evit: null}``, whose error would not say what is missing."""
+    if key.replace("-", "_") == "reduction" and re.fullmatch(r"[A-Za-z][\w-]*:[^\s{}\[\],]*(,[^\s{}\[\],]*)*", text):
+        return text
+    return parse_value(text)
+
+
 def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
     over: Dict[str, Any] = {}
     for key in ("save_every_steps", "keep_last"):
@@ -86,7 +95,7 @@ def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
             continue
         v = getattr(args, key, None)
         if v is not None:
-            over[key] = parse_value(v) if key != "data" and key != "output" and key != "finetune" else v
+            over[key] = _value(key, v) if key != "data" and key != "output" and key != "finetune" else v
     i = 0
     while i < len(extra):
         tok = extra[i]
@@ -98,13 +107,13 @@ def parse_overrides(args, extra: List[str]) -> Dict[str, Any]:
                 raise LeanvitError(f"--{key} needs a value")
             val = extra[i + 1]
             i += 1
-        _set(over, key, parse_value(val))
+        _set(over, key, _value(key, val))
         i += 1
     for item in args.set:
         key, eq, val = item.partition("=")
         if not eq:
             raise LeanvitError(f"--set takes KEY=VALUE, got '{item}'")
-        value = parse_value(val)
+        value = _value(key, val)
         _set(over, key, NULL if value is None else value)  # --set reduction=null removes an inherited one
     return over
 
@@ -123,6 +132,8 @@ def run(args, extra: List[str] = ()) -> int:
     resume = "auto" if args.auto_resume else bool(args.resume)
     res = train(args.recipe, device=args.device, progress=not args.no_progress, resume=resume,
                 overwrite=args.overwrite, **over)
+    if not res.get("is_main", True):  # under torchrun: one summary, from rank 0
+        return 0
     done = get_task(res["task"]).done_message(res)
     if done:
         print(done)

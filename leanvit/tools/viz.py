@@ -14,11 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from leanvit.data import dataset_classes
+from leanvit.data import dataset_classes, dataset_options
 from leanvit.data.folder import load_image
 from leanvit.errors import LeanvitError
 from leanvit.tasks import check_data, task_of_checkpoint
-from leanvit.tools._common import add_model_arguments, check_output_folder, reduction_from_args
+from leanvit.tools._common import (
+    add_data_overrides,
+    add_model_arguments,
+    check_output_folder,
+    data_overrides_from_args,
+    reduction_from_args,
+)
 from leanvit.utils import img_size_arg, resolve_device
 
 
@@ -28,6 +34,7 @@ def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", metavar="FILE", help="image files (any format PIL reads)")
     src.add_argument("--data", metavar="DIR|digits", help="take images from 'digits' or an ImageFolder tree")
+    add_data_overrides(p)
     p.add_argument("--num-images", type=int, default=8, help="images taken from --data (default 8)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the PNGs")
@@ -64,10 +71,10 @@ def run(args) -> int:
         items = [(Path(f).name, load_image(f)) for f in args.images]  # fail early, before building the model
     else:
         check_data(task, args.data, f"{args.checkpoint}'s task" if args.checkpoint else "the model's task")
-        class_names = dataset_classes(args.data, "val") or None
     built = task.load_model(args.checkpoint, args.model, reduction_from_args(args), img_size_arg(args.img_size),
-                            args.num_classes, data=args.data)
+                            args.num_classes, data=args.data, **data_overrides_from_args(args))
     if items is None:  # drawn with the data settings the checkpoint records
+        class_names = dataset_classes(args.data, "val", dataset_options(args.data, built.config)) or None
         items = _data_items(task, args.data, built.config or {}, args.num_images)
     paths = task.draw(built, [im for _, im in items], out, [n for n, _ in items], class_names=class_names,
                       device=device, batch_size=args.batch_size, score_thresh=args.score_thresh)

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from leanvit.checkpoints import read_checkpoint, save_checkpoint
+from leanvit.data.shards import no_validation
 from leanvit.errors import LeanvitError
 from leanvit.models.build import describe_model
 from leanvit.reduction import get_reduction
@@ -227,8 +228,10 @@ class Run:
     def _announce(self) -> None:
         cfg, env, d = self.cfg, self.env, self.data
         what = describe_model(self.spec["name"], self.state.model, self.spec.get("kwargs"))
+        val = (f"{len(d.val_set)} val images" if not no_validation(cfg.get("val_data"))
+               else "no validation images (val_data none)")
         log.info(f"training {what}, {self.num_classes} classes, on "
-                 f"{cfg['data']}: {len(d.train_set)} train / {len(d.val_set)} val images, {cfg['epochs']} epochs "
+                 f"{cfg['data']}: {len(d.train_set)} train / {val}, {cfg['epochs']} epochs "
                  f"x {d.iters} iterations, batch {cfg['batch_size']} x {env.world_size} process(es), "
                  f"{env.device}, {torch.get_num_threads()} threads -> {self.out}")
 
@@ -249,6 +252,8 @@ class Run:
         last_epoch = epoch == int(cfg["epochs"]) - 1
         # stop when another epoch like this one would end past the time limit
         over_time = cfg["time_limit"] is not None and elapsed + elapsed / (epoch + 1 - start_epoch) > cfg["time_limit"]
+        if no_validation(cfg.get("val_data")):  # `val_data: none`: trained without validation, as recorded
+            return False, over_time, last_epoch
         return last_epoch or over_time or (epoch + 1) % max(1, int(cfg["eval_every"])) == 0, over_time, last_epoch
 
     def _epoch_message(self, row: Dict[str, Any]) -> str:
@@ -267,7 +272,7 @@ class Run:
             metrics = MetricsLog(self.out)
             metrics.start(st.history)  # rebuilt from the checkpoint (a fresh run: empty)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
-            self.tracker = create_trackers(cfg, self.out, st.step, bool(self.resume))
+            self.tracker = create_trackers(cfg, self.out, st.step, bool(self.resume), st.history, self.data.iters)
             self._announce()
         t_run, start_epoch, row = time.perf_counter(), st.epoch, {}
         self.stopped_early = None
@@ -337,6 +342,8 @@ class Run:
         return not earlier or value < self.state.best
 
     def _summary(self, row: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+        if not row:  # nothing left to train (a finished run resumed): its last evaluated epoch's figures
+            row = next((r for r in reversed(self.state.history) if self.task.main_metric in r), {})
         skipped = getattr(self.data.train_set, "num_skipped", 0)
         if skipped and self.env.is_main:
             log.warning(f"warning: {skipped} unreadable training image(s) were skipped")
@@ -350,7 +357,8 @@ class Run:
                 "best": str(self.best_path) if evaluated else None,
                 **self.task.summary(st.best if evaluated else None, row), "history": st.history, "seconds": seconds,
                 "model_spec": self.spec, "skipped_images": skipped,
-                "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early}
+                "epochs_done": st.epoch, "epochs": int(self.cfg["epochs"]), "stopped_early": self.stopped_early,
+                "is_main": self.env.is_main}
 
 
 def train(recipe: Union[str, Dict[str, Any], None] = None, device: Optional[str] = None,

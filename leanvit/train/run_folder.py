@@ -4,7 +4,8 @@
   unless the caller asked to resume (``resume=True``), to resume when possible (``resume="auto"``: the one
   command line for elastic restarts and requeued jobs) or to overwrite (``overwrite=True``).
 * :class:`RunLock`: ``.lock`` with the owner's pid and host, created with ``O_EXCL``; a second run on the
-  same folder stops with an error naming the owner; a stale lock (its pid is dead on this host) is taken
+  same folder stops with an error naming the owner; a stale lock (its pid is dead on this host, or it names
+  no owner for more than a few seconds, as a run on a full disk leaves it) is taken
   over with a note.
 * :func:`remove_orphans`: temporary files a killed checkpoint/metrics write left behind.
 * :func:`config_differences`: the settings in which a resumed run differs from its checkpoint's.
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from leanvit.checkpoints import check_writable
 from leanvit.errors import LeanvitError
 
 __all__ = ["RunLock", "resume_decision", "remove_orphans", "config_differences", "SAFE_RESUME_KEYS",
@@ -97,8 +99,16 @@ class RunLock:
         except (OSError, ValueError):
             return {}  # unreadable / half-written: treated as held by an unknown owner
 
+    def _abandoned(self, grace_s: float = 5.0) -> bool:
+        """An ownerless lock (empty or unreadable) older than ``grace_s``: its writer would have finished
+        writing it in that time (a lock is written and synced right after it is created)."""
+        try:
+            return time.time() - self.path.stat().st_mtime > grace_s
+        except FileNotFoundError:
+            return False
+
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(self.path.parent, "`output`")  # a full or read-only disk: now, not after an epoch
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
             try:
@@ -107,6 +117,14 @@ class RunLock:
                 owner = self._owner()
                 if owner is None:
                     continue  # removed in between: try again
+                if not owner and self._abandoned():  # empty or unreadable for a while: no run owns it
+                    log.warning(f"note: taking over the lock of {self.path.parent}: it names no owner (left by "
+                                "a run that could not write it, e.g. on a full disk)")
+                    try:
+                        self.path.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
                 pid, host = owner.get("pid"), owner.get("host")
                 if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
                     log.warning(f"note: taking over the stale lock of {self.path.parent} (pid {pid} on {host} "
@@ -119,10 +137,17 @@ class RunLock:
                 who = f"pid {pid} on host {host} since {owner.get('since')}" if owner else "an unknown owner"
                 raise LeanvitError(f"{self.path.parent} is in use by another run ({who}); wait for it, use "
                                    f"another `output`, or remove {self.path} if that run is gone") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(me) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # e.g. a full disk: leave no empty lock behind
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
+                raise LeanvitError(f"cannot write the lock {self.path}: {e.strerror or e}") from None
             self.held = True
             return self
         raise LeanvitError(f"could not take the lock {self.path} (it keeps changing owners)")

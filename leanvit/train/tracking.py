@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -37,9 +38,12 @@ BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "w
 
 
 def parse_log_to(value) -> List[str]:
-    """The backends of ``log_to`` (``"tensorboard,wandb"``, a list, or None); a clear error for an unknown
-    backend or one whose package is not installed."""
+    """The backends of ``log_to`` (``"tensorboard,wandb"``, a list, or None; ``none`` / ``off`` / ``-``: no
+    tracking, e.g. to stop it on resume); a clear error for an unknown backend or one whose package is not
+    installed."""
     if value is None or value == "" or value is False:
+        return []
+    if isinstance(value, str) and value.strip().lower() in ("none", "off", "-"):
         return []
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
@@ -176,8 +180,14 @@ class Trackers:
         self.trackers = []
 
 
-def create_trackers(cfg: Dict[str, Any], out: Path, start_step: int, resume: bool) -> Trackers:
-    """The backends ``cfg['log_to']`` names, writing under the run folder ``out`` (call on rank 0 only)."""
+def create_trackers(cfg: Dict[str, Any], out: Path, start_step: int, resume: bool,
+                    history: Sequence[Dict[str, Any]] = (), iters: Optional[int] = None) -> Trackers:
+    """The backends ``cfg['log_to']`` names, writing under the run folder ``out`` (call on rank 0 only).
+
+    ``history`` (the checkpoint's per-epoch rows) and ``iters`` (optimizer steps per epoch): on resume, W&B in
+    offline mode logs them again, each at its epoch's last step: a run killed with ``kill -9`` may leave its
+    offline run file without the rows W&B's background process had not written yet, and ``wandb sync`` of
+    both attempts then has every row (a step logged twice keeps its first value)."""
     trackers: List[Tracker] = []
     for name in parse_log_to(cfg.get("log_to")):
         trackers.append(TensorBoardTracker(out, start_step, resume) if name == "tensorboard"
@@ -185,6 +195,12 @@ def create_trackers(cfg: Dict[str, Any], out: Path, start_step: int, resume: boo
     result = Trackers(trackers)
     for t in result.trackers:
         t.log_config(dict(cfg))
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+    if resume and iters and offline:
+        for t in result.trackers:
+            if isinstance(t, WandbTracker):
+                for i, row in enumerate(history):
+                    t.log_scalars(_scalars(row), (int(row.get("epoch", i)) + 1) * int(iters))
     return result
 
 
