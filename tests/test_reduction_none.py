@@ -53,7 +53,7 @@ def test_viz_none_on_a_reduced_classifier_draws_nothing_reduced(ckpts, tmp_path,
     """viz draws the reduction's tokens: with `none` there is none to draw, so it says so (not the EViT ones)."""
     rc, err = cli_error(capsys, "viz", "--checkpoint", ckpts / "cls.pth", "--data", "digits", "--num-images", "1",
                         "--reduction", "none", "--output", tmp_path / "v")
-    one_line_error(rc, err, "does not reorganize tokens")
+    one_line_error(rc, err, "does not reduce tokens")
 
 
 def test_export_none_on_a_reduced_classifier(ckpts, tmp_path, capsys):
