@@ -55,8 +55,11 @@ from leanvit.dense import create_detector, create_segmenter
 from leanvit.dense.segmentation import Segmenter
 from leanvit.errors import LeanvitError
 from leanvit.measure import count_macs, forward_peak_memory_mb, interleaved_measure
+from leanvit.measure.bound import sequence_lengths
 from leanvit.measure.load import LoadWatch
 from leanvit.measure.memory import _LiveTensorBytes
+from leanvit.reduction.families import family_of
+from leanvit.reduction.positions import RotaryPositions
 from leanvit.utils import environment, retain_freed_memory, sync_device
 
 SEG_HEADS = ("linear", "semantic_fpn", "upernet")
@@ -64,6 +67,7 @@ EXTRA_HEADS = ("mask_transformer",)  # measured when asked for
 EVIT_RESTORES = ("keep", "reactivate", "fused")
 TOME_RESTORES = ("unmerge", "reactivate")
 LOCATIONS = (3, 6, 9)
+SEG_BACKBONE = ["deit3_small_patch16_224"]  # --seg-backbone
 
 
 # ------------------------------------------------------------------------------------ token budgets
@@ -107,13 +111,16 @@ class BoundBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         vit = self.inner.vit
+        family = family_of(vit, "the token-count bound")
         H, W = vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        P = vit.num_prefix_tokens
+        t, pos = family.embed(vit, x)
         for blk, n in zip(vit.blocks, self.lengths):
-            t = t + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(t))))
-            t = t[:, :n]
-            t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
-        t = vit.norm(t)[:, vit.num_prefix_tokens:]
+            p = None if pos is None else RotaryPositions(pos.timm_rope[..., :t.shape[1] - P, :], None, None,
+                                                         pos.rotate_half, P, pos.batch)
+            t = family.attn_residual(blk, t, family.attention(blk, blk.norm1(t), p, P)[0])[:, :n]
+            t = family.mlp_residual(blk, t)
+        t = vit.norm(t)[:, P:]
         B, k, C = t.shape
         grid = torch.cat([t, t.new_zeros(B, H * W - k, C)], 1) if k < H * W else t[:, :H * W]
         m = grid.transpose(1, 2).reshape(B, C, H, W)
@@ -237,7 +244,7 @@ def build(kind: str, conf: dict, size: int):
         det = create_detector("retinanet", "vit_small_patch16_224", 80, img_size=size, min_size=size, max_size=size,
                               **extra)
         return BatchDetector(det).eval(), DetectorBackbone(det).eval()
-    seg = create_segmenter(kind, "deit3_small_patch16_224", 150, img_size=size, **extra).eval()
+    seg = create_segmenter(kind, SEG_BACKBONE[0], 150, img_size=size, **extra).eval()
     return seg, seg.backbone
 
 
@@ -260,14 +267,19 @@ def bench_model(kind: str, size: int, batch_sizes, repeats: int, memory: bool, d
     bounds = {}
     for conf in configurations(patches):
         if conf["lengths"] is not None and conf["schedule"] not in bounds:
+            lengths = conf["lengths"]
+            if conf["label"] in built:  # the reduced model's own lengths (prefix tokens and all)
+                whole = built[conf["label"]][1]
+                vit = whole.det.backbone.body.vit if kind == "retinanet" else whole.backbone.vit
+                lengths = [m for _, m in sequence_lengths(vit, torch.rand(1, 3, size, size))]
             if kind == "retinanet":
-                body = BoundBackbone(base_whole.det.backbone.body, conf["lengths"])
+                body = BoundBackbone(base_whole.det.backbone.body, lengths)
                 whole = BatchDetector(with_backbone(base_whole.det, body))
                 bounds[conf["schedule"]] = (whole, DetectorBackbone(whole.det))
             else:
-                body = BoundBackbone(base_whole.backbone, conf["lengths"])
+                body = BoundBackbone(base_whole.backbone, lengths)
                 bounds[conf["schedule"]] = (with_backbone(base_whole, body), body)
-    print(f"\n## {kind} on {'ViT-S' if kind == 'retinanet' else 'DeiT III-S'}, {size}x{size} ({patches:,} tokens)"
+    print(f"\n## {kind} on {'ViT-S' if kind == 'retinanet' else SEG_BACKBONE[0]}, {size}x{size} ({patches:,} tokens)"
           + (f"\n(reduced models unavailable: {unavailable})" if unavailable else ""), flush=True)
     gm = {}
     for label, (_, whole, bb) in built.items():
@@ -352,6 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seg-size", type=int, default=512)
+    p.add_argument("--seg-backbone", default=SEG_BACKBONE[0],
+                   help="the segmenters' ViT (e.g. vit_small_patch16_dinov3, eva02_small_patch14_224: RoPE)")
     p.add_argument("--det-size", type=int, default=640)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--memory", action="store_true", help="also peak inference memory of every whole model")
@@ -366,6 +380,7 @@ def main(argv=None) -> int:
                         "retain_freed_memory: the 157 MB logits of a 512x512 image are then not page-faulted "
                         "in on every call)")
     args = p.parse_args(argv)
+    SEG_BACKBONE[0] = args.seg_backbone
     if args.quick:
         args.seg_size = args.det_size = 128
         args.batch_sizes, args.repeats = [1], 1
