@@ -169,3 +169,49 @@ def test_eva_trains_with_gradient_checkpointing(method, strength):
     model(x).square().mean().backward()
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_dinov3_pretrained_through_timm_with_a_reduction(tmp_path):
+    """``pretrained=True`` goes through timm's own machinery (a local file here), then the reduction applies."""
+    kwargs, size = SMALL["vit_small_patch16_dinov3"]
+    torch.manual_seed(3)
+    sd = timm.create_model("vit_small_patch16_dinov3", num_classes=10, **kwargs).state_dict()
+    path = tmp_path / "dinov3_small.pth"
+    torch.save(sd, path)
+    model = leanvit.create_model("vit_small_patch16_dinov3", pretrained=True, num_classes=10, reduction="tome:3",
+                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+    assert leanvit.reduction.reduction_spec(model)["r"] == 3
+    backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}  # timm's DINOv3 cfg has no classifier
+    assert len(backbone) > 20
+    for k, v in backbone.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_eva_checkpoint_through_the_commands(tmp_path, capsys):
+    """eval, viz, export, bench and sweep take a RoPE checkpoint with a reduction as they take DeiT's."""
+    from cli_helpers import cli
+
+    from leanvit.checkpoints import save_checkpoint
+
+    kwargs, size = SMALL["vit_small_patch16_dinov3"]
+    spec = {"name": "vit_small_patch16_dinov3", "kwargs": {**kwargs, "img_size": 48, "patch_size": 8,
+                                                           "num_classes": 10}}
+    ckpt = tmp_path / "dino.pth"
+    torch.manual_seed(0)
+    save_checkpoint({"model": leanvit.create_model(spec["name"], **spec["kwargs"]).state_dict(), "model_spec": spec},
+                    ckpt)
+    data = ("--data", "digits")
+    rc, out, err = cli(capsys, "eval", "--checkpoint", ckpt, *data, "--reduction", "tome:4", "--no-progress")
+    assert rc == 0 and "top-1" in out, err
+    rc, _, err = cli(capsys, "viz", "--checkpoint", ckpt, *data, "--num-images", "2", "--reduction", "evit:0.5",
+                     "--output", tmp_path / "viz")
+    assert rc == 0 and (tmp_path / "viz" / "kept_tokens.png").exists(), err
+    rc, out, err = cli(capsys, "export", "--checkpoint", ckpt, "--reduction", "evit:0.5", "--format", "onnx",
+                       "--output", tmp_path / "dino.onnx")
+    assert rc == 0, err
+    diffs = [float(d) for d in __import__("re").findall(r"max abs diff (\S+)", out)]
+    assert diffs and max(diffs) <= 1e-4
+    rc, out, err = cli(capsys, "bench", "--models", ckpt, "--reduction", "evit:0.5", "tome:4", "--batch-size", "2",
+                       "--repeats", "1", "--output", tmp_path / "bench")
+    assert rc == 0, err
+    assert "evit" in out and "tome" in out
