@@ -215,3 +215,17 @@ def test_eva_checkpoint_through_the_commands(tmp_path, capsys):
                        "--repeats", "1", "--output", tmp_path / "bench")
     assert rc == 0, err
     assert "evit" in out and "tome" in out
+
+
+@torch.no_grad()
+def test_eva_intermediates_with_a_reduction():
+    model, x = small("vit_small_patch16_dinov3")
+    ref = model.forward_intermediates(x)[1]
+    leanvit.apply_reduction(model, "tome", r=0)  # timm's own loop through the merging blocks, nothing merged
+    assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(x)[1], ref))
+    leanvit.apply_reduction(model, "evit", keep_rate=0.5, locations=(1, 2))
+    maps = model.forward_intermediates(x)[1]
+    assert torch.equal(maps[0], ref[0]) and maps[-1].shape == ref[-1].shape  # before pruning: the same map
+    leanvit.apply_reduction(model, "tome", r=4)
+    with pytest.raises(LeanvitError, match="not available while ToMe merges"):
+        model.forward_intermediates(x)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from leanvit.errors import LeanvitError
 from leanvit.reduction import ReductionSpec, get_reduction, reduction_spec
+from leanvit.reduction.fixed import AtStrength
 from leanvit.reduction.restore import Restore, parse_restore, reduction_with_restorations, restoration_for
 
 __all__ = ["reduction_options", "dense_backbone_of", "apply_dense_reduction", "dense_reduction_spec", "ReducedDense",
@@ -74,28 +75,17 @@ def dense_reduction_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
 
 
 
-class ReducedDense(nn.Module):
-    """A dense ``model`` run at one reduction strength and restoration (set before every forward, so one
+class ReducedDense(AtStrength):
+    """A dense ``model`` run at one reduction strength and restoration (both set before every forward, so one
     model serves several points of a sweep, interleaved); other attributes are the model's."""
 
     def __init__(self, model: nn.Module, method: str, value, restore):
-        super().__init__()
-        self.model = model
-        self.method = get_reduction(method)
-        self.value = self.method.check_strength(value)
+        super().__init__(model, method, value)
         self.restore = parse_restore(restore)
 
-    def forward(self, *args, **kwargs):
-        backbone = dense_backbone_of(self.model)
-        backbone.restore = self.restore
-        self.method.set_strength(self.model, self.value)
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["model"], name)
+    def set_point(self) -> None:
+        dense_backbone_of(self.model).restore = self.restore
+        super().set_point()
 
 
 def dense_variants(model: nn.Module, grid, restores=None):
@@ -152,8 +142,7 @@ class BackbonePart(nn.Module):
         inner = view.model if isinstance(view, ReducedDense) else view
         backbone = dense_backbone_of(inner)
         if isinstance(view, ReducedDense):  # the view's point, as its forward sets it
-            backbone.restore = view.restore
-            view.method.set_strength(inner, view.value)
+            view.set_point()
         transform = getattr(inner, "transform", None)
         if callable(transform):  # torchvision's GeneralizedRCNNTransform
             x = transform(list(x))[0].tensors

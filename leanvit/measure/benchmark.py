@@ -21,6 +21,7 @@ from leanvit.measure.memory import forward_peak_memory_mb
 from leanvit.measure.timing import interleaved_measure
 from leanvit.models.factory import create_model
 from leanvit.reduction import ReductionMethod, applied_reduction, get_reduction, is_none_text
+from leanvit.reduction.fixed import AtStrength
 from leanvit.utils import check_input_size, model_input_size, to_2tuple
 
 #: a configuration without any reduction (``"none"``), even on a model built with one
@@ -32,18 +33,8 @@ __all__ = ["ReducedView", "benchmark_models", "build_configurations", "reduction
 Configuration = Tuple[Optional[str], Any]
 
 
-class ReducedView(nn.Module):
-    """A reduced model run at a fixed strength (e.g. EViT keep rate 0.5); shares the weights with ``model``."""
-
-    def __init__(self, model: nn.Module, method: ReductionMethod, value):
-        super().__init__()
-        self.model = model
-        self.method = method
-        self.value = value
-        self._kwargs = method.forward_kwargs(value)
-
-    def forward(self, x):
-        return self.model(x, **self._kwargs)
+#: a reduced model at a fixed strength (the one view of :mod:`leanvit.reduction.fixed`)
+ReducedView = AtStrength
 
 
 def reduction_label(model: nn.Module) -> Tuple[str, str]:

@@ -7,7 +7,7 @@ user's data, its GMACs, throughput at a large batch and batch-1 latency, the Par
     best = choose(result.rows, max_drop=0.5)            # fastest point within 0.5 top-1 of the baseline
 
 Every point runs the same weights: a method is applied to a copy of the model (one copy per method and
-size; its strengths are forward-call overrides, as :class:`leanvit.measure.ReducedView`). The model's task
+size; its strengths are fixed-strength views, :class:`leanvit.reduction.fixed.AtStrength`). The model's task
 (:class:`leanvit.tasks.Task`) supplies the configurations (:meth:`~leanvit.tasks.Task.sweep_variants`), the
 evaluation data and metrics (the same images and numbers ``leanvit eval`` gives for that configuration:
 top-1 for classification, mAP for detection, mIoU for segmentation; the first of its

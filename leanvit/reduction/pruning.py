@@ -112,10 +112,12 @@ class PruningBlockMixin(ReducingBlockMixin):
         return out if pos is None else out + (moved[2],)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        pos = self.family.call_positions(args, kwargs)
-        if pos is not None:  # a timm loop's call with timm's rotary table: no bookkeeping to return
-            raise LeanvitError("a pruning block under RoPE runs inside its model's loop (model.forward_features), "
-                               "which moves the rotary positions with the tokens")
+        rope = self.family.call_positions(args, kwargs)
+        if rope is not None:  # called by timm's own loop with timm's rotary table
+            if num_kept(self.keep_rate, x.shape[1] - self.num_prefix_tokens) < x.shape[1] - self.num_prefix_tokens:
+                raise LeanvitError("a pruning block under RoPE runs inside its model's loop "
+                                   "(model.forward_features), which moves the rotary positions with the tokens")
+            return self._swap_base.forward(self, x, rope=rope)
         return self.forward_reorg(x)[0]
 
     def extra_repr(self) -> str:

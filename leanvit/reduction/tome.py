@@ -137,9 +137,12 @@ class ToMeBlockMixin(ReducingBlockMixin):
         return (x, size, groups) if pos is None else (x, size, groups, pos)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.family.call_positions(args, kwargs) is not None:
-            raise LeanvitError("a merging block under RoPE runs inside its model's loop (model.forward_features), "
-                               "which moves the rotary positions with the tokens")
+        rope = self.family.call_positions(args, kwargs)
+        if rope is not None:  # called by timm's own loop with timm's rotary table
+            if self.tome_r > 0:
+                raise LeanvitError("a merging block under RoPE runs inside its model's loop "
+                                   "(model.forward_features), which moves the rotary positions with the tokens")
+            return self._swap_base.forward(self, x, rope=rope)
         return self.forward_merge(x)[0]
 
     def extra_repr(self) -> str:
