@@ -82,6 +82,14 @@ class Task:
     data_tasks: Tuple[str, ...] = ()
     #: sweep columns (key in :meth:`evaluate`'s result, header, format); the first one ranks the points
     sweep_columns: Tuple[Tuple[str, str, str], ...] = ()
+    #: the recipe settings this task reads beyond the engine's, with their defaults (e.g. ``detector: None``);
+    #: every registered task's settings are known to every recipe (see :mod:`leanvit.train.recipes`)
+    settings: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ settings
+    def check_settings(self, cfg: Dict[str, Any]) -> None:
+        """Types and ranges of :attr:`settings` in any resolved config, whatever its task (a typo in ``--set``
+        is a one-line :class:`LeanvitError`, not a traceback later)."""
 
     # ------------------------------------------------------------------ training
     def check_config(self, cfg: Dict[str, Any]) -> None:

@@ -173,6 +173,32 @@ class ClassificationTask(Task):
     name = "classification"
     main_metric = "val_top1"
     sweep_columns = (("top1", "top-1", ".2f"), ("top5", "top-5", ".2f"))
+    settings = {
+        "crop": "rrc",               # rrc | src | none
+        "scale": [0.08, 1.0],
+        "src_padding": 4,
+        "hflip": 0.5,
+        "three_augment": True,
+        "color_jitter": 0.3,
+        "auto_augment": None,        # a timm RandAugment policy instead of 3-Augment (e.g. rand-m9-mstd0.5-inc1)
+        "reprob": 0.0,               # random erasing probability
+        "eval_crop_ratio": 1.0,
+        "loss": "bce",               # bce (DeiT III: targets > 0 after mixup) | ce
+        "smoothing": 0.0,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+    }
+
+    def check_settings(self, cfg):
+        if cfg["loss"] not in ("bce", "ce"):
+            raise LeanvitError(f"loss must be bce or ce, got {cfg['loss']!r}")
+        if cfg["loss"] == "bce" and cfg["smoothing"]:
+            raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
+        for key in ("mixup", "cutmix", "smoothing"):
+            if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
+                raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
 
     # ------------------------------------------------------------------ training
     def check_config(self, cfg):

@@ -121,6 +121,18 @@ class DenseTask(Task):
 
     head_key = ""           # the recipe key naming the head: detector / segmenter
     heads: tuple = ()       # the heads it knows
+    settings = {
+        "head_kwargs": {},  # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
+        "min_size": None,   # shorter image side (detection: resize; segmentation: base of the random resize)
+        "max_size": None,   # longer image side at most (detection)
+        "hflip": 0.5,
+    }
+
+    def check_settings(self, cfg):
+        for key in (k for k in self.settings if k.endswith("_size")):
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or int(v) != v):
+                raise LeanvitError(f"{key} must be a positive integer, got {v!r}")
 
     def create(self, head: str, backbone: str, num_classes: int, **kwargs) -> nn.Module:
         raise NotImplementedError

@@ -36,6 +36,8 @@ class DetectionTask(DenseTask):
     main_metric = "val_map"
     head_key = "detector"
     heads = tuple(DETECTORS)
+    settings = {**DenseTask.settings,
+                "detector": None}  # retinanet | fcos | fasterrcnn | maskrcnn (the backbone: `model`)
     sweep_columns = (("val_map", "mAP", ".4f"), ("val_map50", "mAP@0.5", ".4f"), ("val_map_small", "AP small", ".4f"))
 
     def create(self, head, backbone, num_classes, **kwargs):

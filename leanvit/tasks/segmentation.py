@@ -37,6 +37,9 @@ class SegmentationTask(DenseTask):
     main_metric = "val_miou"
     head_key = "segmenter"
     heads = tuple(SEGMENTERS)
+    settings = {**DenseTask.settings,
+                "segmenter": None,   # semantic_fpn | upernet | linear (the backbone: `model`)
+                "crop_size": None}   # training crop (square)
     sweep_columns = (("val_miou", "mIoU", ".4f"), ("val_miou_all", "mIoU all", ".4f"),
                      ("val_pixel_acc", "pixel acc", ".4f"))
 
