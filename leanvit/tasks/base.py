@@ -5,7 +5,8 @@ only these methods; they never ask which task they hold. A new task is one subcl
 :func:`leanvit.tasks.register_task` (see ``docs/tasks.md``).
 
 Training (called by :class:`leanvit.train.engine.Run`, in this order):
-  :meth:`Task.check_config` -> :meth:`Task.classes` -> :meth:`Task.build_model` -> :meth:`Task.build_data`
+  :meth:`Task.check_config` -> :meth:`Task.classes` -> :meth:`Task.build_model` -> :meth:`Task.datasets`
+  (the engine builds the loaders, with :attr:`Task.collate_fn`)
   -> :meth:`Task.training_step` (called once per batch) -> :meth:`Task.validate` (after evaluated epochs).
 A trained model (``eval``, ``viz``, ``sweep``):
   :meth:`Task.load_model` -> :meth:`Task.eval_data` -> :meth:`Task.evaluate` -> :meth:`Task.describe`;
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from leanvit.data import create_dataset, dataset_options
+from leanvit.data.loaders import eval_loader
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction
 
@@ -30,7 +32,7 @@ __all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith"]
 
 
 class TrainData(NamedTuple):
-    """A run's data as a task builds it (:meth:`Task.build_data`)."""
+    """A run's data as the engine builds it from :meth:`Task.datasets` (or a task's :meth:`Task.build_data`)."""
     train_set: Any
     val_set: Any
     train_loader: Any        # batches of (x, y) as :meth:`Task.training_step` takes them
@@ -85,6 +87,9 @@ class Task:
     #: the recipe settings this task reads beyond the engine's, with their defaults (e.g. ``detector: None``);
     #: every registered task's settings are known to every recipe (see :mod:`leanvit.train.recipes`)
     settings: Dict[str, Any] = {}
+    #: how samples make a batch (``collate_fn`` of the loaders; None: torch's default); a plain function is
+    #: given as ``collate_fn = staticmethod(my_collate)``
+    collate_fn: Optional[Callable] = None
 
     # ------------------------------------------------------------------ settings
     def check_settings(self, cfg: Dict[str, Any]) -> None:
@@ -106,8 +111,16 @@ class Task:
         ``reduction``: the token reduction at its target strength (the engine steps its schedule)."""
         raise NotImplementedError
 
-    def build_data(self, cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
+    def datasets(self, cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, List[str]]:
+        """(training set, validation set, class names) of a run; the engine builds the loaders over them
+        (:func:`leanvit.data.loaders.training_loaders`: the resumable seeded order, the shards per process)
+        with :attr:`collate_fn`."""
         raise NotImplementedError
+
+    def build_data(self, cfg: Dict[str, Any], env, model: nn.Module) -> Optional[TrainData]:
+        """A :class:`TrainData` with loaders of the task's own making; None (the default): the engine builds
+        them from :meth:`datasets`. Override :meth:`datasets` instead unless the loaders must differ."""
+        return None
 
     def training_step(self, cfg: Dict[str, Any], num_classes: int) -> Callable:
         """``step(ctx, x, y) -> (loss, images)``: the forward pass and loss of one batch. ``ctx`` has
@@ -159,8 +172,7 @@ class Task:
 
     def loader(self, dataset, batch_size: int = 64, workers: int = 0, device="cpu"):
         """An evaluation loader over ``dataset`` (in order) as :meth:`evaluate` takes it."""
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                           pin_memory=torch.device(device).type == "cuda")
+        return eval_loader(dataset, batch_size, workers, device, self.collate_fn)
 
     def evaluate(self, model: nn.Module, loader, device="cpu", amp: bool = False, progress: bool = False,
                  max_batches: Optional[int] = None, dataset=None) -> Dict[str, Any]:

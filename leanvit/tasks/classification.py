@@ -8,7 +8,7 @@ the same images). Pictures: the tokens EViT keeps, or the patches ToMe merges.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,28 +18,27 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from leanvit.checkpoints import load_checkpoint
 from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classes, dataset_options
 from leanvit.data.folder import check_same_classes
-from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
 from leanvit.models.build import build_model
 from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
 from leanvit.reduction.evit import is_evit
 from leanvit.reduction.tome import is_tome
-from leanvit.tasks.base import Task, TrainData
+from leanvit.tasks.base import Task
 from leanvit.tasks.classification_eval import accumulate, evaluate
 from leanvit.tasks.registry import register_task
 from leanvit.utils import check_input_size, to_2tuple
 from leanvit.viz.merges import visualize_merges
 from leanvit.viz.tokens import visualize
 
-__all__ = ["ClassificationTask", "build_data", "model_spec_from_config", "build_training_model", "finetune_from",
+__all__ = ["ClassificationTask", "build_datasets", "model_spec_from_config", "build_training_model", "finetune_from",
            "build_mixup", "build_loss", "check_class_names", "FINETUNE_MIN_SHARE"]
 
 log = logging.getLogger(__name__)
 
 
-def build_data(cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
-    """Training and validation data, normalized for ``model``. Validation is built by the same
+def build_datasets(cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, List[str]]:
+    """(training set, validation set, class names), normalized for ``model``. Validation is built by the same
     :func:`leanvit.data.build_eval_dataset` that ``leanvit eval`` uses, so both see the same images."""
     img_size = to_2tuple(cfg["img_size"])
     tf = {k: cfg[k] for k in ("crop", "hflip", "three_augment", "color_jitter", "auto_augment", "reprob")}
@@ -54,21 +53,7 @@ def build_data(cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
     bs = int(cfg["batch_size"])
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and bs % 2:
         raise LeanvitError(f"mixup/cutmix need an even batch size, got {bs}")
-    sampler = ResumableSampler(train_sampler(train_set, cfg, env), env.rank)
-    train_set = SeededSamples(train_set, cfg["seed"], env.rank)
-    loader_kw = dict(num_workers=int(cfg["workers"]), pin_memory=env.device.type == "cuda",
-                     persistent_workers=False)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
-                                               **loader_kw)
-    if len(train_loader) == 0:
-        raise LeanvitError(f"the training set ({len(train_set)} images per process) is smaller than one "
-                           f"batch of {bs}")
-    val_shard = torch.utils.data.Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=bs, shuffle=False, **loader_kw)
-    iters = len(train_loader)
-    if cfg["max_train_batches"]:
-        iters = min(iters, int(cfg["max_train_batches"]))
-    return TrainData(train_set, val_set, train_loader, val_loader, sampler, classes, iters)
+    return train_set, val_set, classes
 
 
 def model_spec_from_config(cfg: Dict[str, Any], num_classes: int, reduction: Optional[dict] = None) -> Dict[str, Any]:
@@ -214,8 +199,8 @@ class ClassificationTask(Task):
         note = finetune_from(model, finetune, partial=bool(cfg.get("finetune_partial"))) if finetune else None
         return model, model_spec_from_config(cfg, num_classes, reduction), note
 
-    def build_data(self, cfg, env, model):
-        return build_data(cfg, env, model)
+    def datasets(self, cfg, model):
+        return build_datasets(cfg, model)
 
     def training_step(self, cfg, num_classes):
         mixup = build_mixup(cfg, num_classes)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from leanvit.data.dense import detection_transform
+from leanvit.data.dense import collate_detection, detection_transform
 from leanvit.dense import DETECTORS, create_detector
 from leanvit.errors import LeanvitError
 from leanvit.tasks.dense import DenseTask
 from leanvit.tasks.dense_eval import DETECTION_KEYS, MASK_KEYS, evaluate_detection
 from leanvit.tasks.registry import register_task
+from leanvit.viz.dense import detection_pictures
 
 __all__ = ["DetectionTask"]
 
@@ -36,6 +37,8 @@ class DetectionTask(DenseTask):
     main_metric = "val_map"
     head_key = "detector"
     heads = tuple(DETECTORS)
+    pictures = staticmethod(detection_pictures)  # what `leanvit viz` draws
+    collate_fn = staticmethod(collate_detection)  # batches as the model takes them
     settings = {**DenseTask.settings,
                 "detector": None}  # retinanet | fcos | fasterrcnn | maskrcnn (the backbone: `model`)
     sweep_columns = (("val_map", "mAP", ".4f"), ("val_map50", "mAP@0.5", ".4f"), ("val_map_small", "AP small", ".4f"))

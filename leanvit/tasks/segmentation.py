@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from leanvit.data.dense import IGNORE_INDEX, segmentation_transform, stack_masks
+from leanvit.data.dense import IGNORE_INDEX, collate_segmentation, segmentation_transform, stack_masks
 from leanvit.dense import SEGMENTERS, create_segmenter
 from leanvit.tasks.dense import DenseTask
 from leanvit.tasks.dense_eval import evaluate_segmentation, stride_bound
 from leanvit.tasks.registry import register_task
+from leanvit.viz.dense import segmentation_pictures
 
 __all__ = ["SegmentationTask"]
 
@@ -37,6 +38,8 @@ class SegmentationTask(DenseTask):
     main_metric = "val_miou"
     head_key = "segmenter"
     heads = tuple(SEGMENTERS)
+    pictures = staticmethod(segmentation_pictures)  # what `leanvit viz` draws
+    collate_fn = staticmethod(collate_segmentation)  # batches as the model takes them
     settings = {**DenseTask.settings,
                 "segmenter": None,   # semantic_fpn | upernet | linear (the backbone: `model`)
                 "crop_size": None}   # training crop (square)

@@ -46,7 +46,7 @@ from leanvit.train.run_folder import (
     remove_orphans,
     resume_decision,
 )
-from leanvit.train.setup import build_state, freeze_parameters
+from leanvit.train.setup import build_state, build_train_data, freeze_parameters
 from leanvit.train.state import TrainState
 from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
 
@@ -136,7 +136,7 @@ class Run:
             if env.is_main:
                 log.info("froze %d parameter tensors (%s parameters) matching %s", tensors, f"{params:,}",
                          cfg["freeze"])
-        self.data = self.task.build_data(cfg, env, model)
+        self.data = self.task.build_data(cfg, env, model) or build_train_data(self.task, cfg, env, model)
         model = model.to(env.device)
         self.state = build_state(cfg, model, self.data.iters, env)
         if self.resume:
