@@ -28,7 +28,16 @@ from leanvit.data.loaders import eval_loader
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction
 
-__all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith"]
+__all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith", "Metric"]
+
+
+class Metric(NamedTuple):
+    """One row of a task's metric table (:attr:`Task.metrics`): what its texts show of a result."""
+    key: str            # in :meth:`Task.evaluate`'s result; validation logs it as :meth:`Task.validation_key`
+    label: str          # how the texts name it
+    fmt: str            # its format (e.g. ``.4f``)
+    unit: str = ""      # printed after the value (e.g. ``%``)
+    brief: bool = True  # in the per-epoch log line (else only in ``leanvit eval``'s line)
 
 
 class TrainData(NamedTuple):
@@ -84,6 +93,9 @@ class Task:
     data_tasks: Tuple[str, ...] = ()
     #: sweep columns (key in :meth:`evaluate`'s result, header, format); the first one ranks the points
     sweep_columns: Tuple[Tuple[str, str, str], ...] = ()
+    #: the metric table: what :meth:`validate` logs and the texts (:meth:`message`, :meth:`describe`) show, in
+    #: order (default: the :attr:`sweep_columns`)
+    metrics: Tuple[Metric, ...] = ()
     #: the recipe settings this task reads beyond the engine's, with their defaults (e.g. ``detector: None``);
     #: every registered task's settings are known to every recipe (see :mod:`leanvit.train.recipes`)
     settings: Dict[str, Any] = {}
@@ -127,13 +139,36 @@ class Task:
         ``forward_model`` (DDP-wrapped), ``env.device`` and ``autocast()``; the engine does the rest."""
         raise NotImplementedError
 
+    def metric_table(self) -> Tuple[Metric, ...]:
+        """:attr:`metrics`, else one row per :attr:`sweep_columns` entry."""
+        return tuple(self.metrics) or tuple(Metric(k, head, fmt) for k, head, fmt in self.sweep_columns)
+
+    @staticmethod
+    def validation_key(key: str) -> str:
+        """The name validation logs a result key under (``top1`` -> ``val_top1``; ``val_map`` stays)."""
+        return key if key.startswith("val_") else f"val_{key}"
+
     def validate(self, model: nn.Module, loader, env, amp: bool) -> Dict[str, float]:
-        """Metrics over the whole validation set, each process evaluating its shard of ``loader``; every
-        process returns the same dict (it contains :attr:`main_metric`)."""
-        raise NotImplementedError
+        """The metric table's values over the whole validation set, named by :meth:`validation_key`: the
+        task's one evaluator (:meth:`evaluate`, which ``leanvit eval`` runs too) on this process's shard of
+        ``loader``, combined across processes by the evaluator; every process returns the same dict (it
+        contains :attr:`main_metric`). The model's training mode is restored."""
+        was_training = model.training
+        try:
+            res = self.evaluate(model, loader, env.device, amp=amp)
+        finally:
+            model.train(was_training)
+        if not res.get("images"):
+            raise LeanvitError("the validation set is empty")
+        return {self.validation_key(m.key): res[m.key] for m in self.metric_table() if m.key in res}
 
     def message(self, row: Dict[str, Any]) -> str:
-        """The validation part of the per-epoch log line (``row``: the epoch's metrics)."""
+        """The validation part of the per-epoch log line (``row``: the epoch's metrics), from the metric
+        table's ``brief`` rows; the main metric alone when the table does not name it."""
+        parts = [f"{m.label} {row[k]:{m.fmt}}{m.unit}" for m in self.metric_table()
+                 if m.brief and (k := self.validation_key(m.key)) in row]
+        if parts:
+            return ", val " + " ".join(parts)
         v = row.get(self.main_metric)
         return "" if v is None else f", {self.main_metric} {v:.4f}"
 
@@ -189,8 +224,8 @@ class Task:
         return {}
 
     def describe(self, res: Dict[str, Any]) -> str:
-        """The metrics part of ``leanvit eval``'s line."""
-        return "  ".join(f"{head} {res[key]:{fmt}}" for key, head, fmt in self.sweep_columns if key in res)
+        """The metrics part of ``leanvit eval``'s line: every row of the metric table in ``res``."""
+        return "  ".join(f"{m.label} {res[m.key]:{m.fmt}}{m.unit}" for m in self.metric_table() if m.key in res)
 
     def eval_images(self, data, config: Optional[Dict[str, Any]], split: str = "val"):
         """``data``'s ``split`` untransformed: ``image(i)`` gives its PIL images (pictures of ``leanvit viz``)."""

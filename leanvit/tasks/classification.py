@@ -24,8 +24,8 @@ from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
 from leanvit.reduction.evit import is_evit
 from leanvit.reduction.tome import is_tome
-from leanvit.tasks.base import Task
-from leanvit.tasks.classification_eval import accumulate, evaluate
+from leanvit.tasks.base import Metric, Task
+from leanvit.tasks.classification_eval import evaluate
 from leanvit.tasks.registry import register_task
 from leanvit.utils import check_input_size, to_2tuple
 from leanvit.viz.merges import visualize_merges
@@ -158,6 +158,8 @@ class ClassificationTask(Task):
     name = "classification"
     main_metric = "val_top1"
     sweep_columns = (("top1", "top-1", ".2f"), ("top5", "top-5", ".2f"))
+    metrics = (Metric("top1", "top-1", ".2f", "%"), Metric("top5", "top-5", ".2f", "%"),
+               Metric("loss", "loss", ".4f", brief=False))
     settings = {
         "crop": "rrc",               # rrc | src | none
         "scale": [0.08, 1.0],
@@ -206,24 +208,6 @@ class ClassificationTask(Task):
         mixup = build_mixup(cfg, num_classes)
         return _Step(build_loss(cfg, mixup is not None), mixup)
 
-    def validate(self, model, loader, env, amp):
-        """Top-1/top-5/loss over the whole validation set, each process taking its own shard."""
-        was_training = model.training
-        model.eval()
-        try:
-            s = accumulate(model, loader, env.device, amp=amp)
-        finally:
-            model.train(was_training)
-        n, c1, c5, loss = env.all_sum([s["images"], s["correct1"], s["correct5"], s["loss_sum"]])
-        if n == 0:
-            raise LeanvitError("the validation set is empty")
-        return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_loss": loss / n}
-
-    def message(self, row):
-        if "val_top1" not in row:
-            return ""
-        return f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
-
     def summary(self, best, row):
         return {"best_top1": best, "last_top1": row.get("val_top1")}
 
@@ -259,9 +243,6 @@ class ClassificationTask(Task):
 
     def evaluate(self, model, loader, device="cpu", amp=False, progress=False, max_batches=None, dataset=None):
         return evaluate(model, loader, device=device, amp=amp, progress=progress, max_batches=max_batches)
-
-    def describe(self, res):
-        return f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}"
 
     def draw(self, built, images, out_dir, names, class_names=None, device="cpu", batch_size=16, **options):
         """The tokens EViT keeps (``kept_tokens.png``) or the patches ToMe merges (``merged_tokens.png``)."""
