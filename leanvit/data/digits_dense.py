@@ -103,14 +103,16 @@ class DigitScenes:
     """The embedded scenes as a dataset of (image, target), the targets detection's or segmentation's.
 
     Args:
-        split: ``train`` or ``val``; target_format: ``boxes`` (boxes, labels, optionally instance masks) or ``mask``
-            (a label map); see :mod:`leanvit.data.dense` for the sample format.
+        split: ``train`` or ``val``.
+        target_format: ``boxes`` (boxes, labels, optionally instance masks) or ``mask`` (a label map); see
+            :mod:`leanvit.data.dense` for the sample format.
         transform: a dense transform called as ``transform(image, target)``
             (:func:`leanvit.data.dense.detection_transform` / ``segmentation_transform``); without one the
             image is a ``tv_tensors.Image`` (uint8).
-        renders_per_epoch / val_renders: scenes per scan per epoch (train) / in validation.
-        canvas_size, min_digit, max_digit, max_objects, num_fragments, noise, ink_threshold, max_overlap:
-            see :func:`render_scene`.
+        renders_per_epoch: scenes per scan per epoch (train).
+        val_renders: scenes per scan in validation.
+        canvas_size: see :func:`render_scene`, as for ``min_digit``, ``max_digit``, ``max_objects``,
+            ``num_fragments``, ``noise``, ``ink_threshold`` and ``max_overlap``.
     """
 
     def __init__(self, split: str = "train", target_format: str = "boxes", transform: Optional[Callable] = None,
