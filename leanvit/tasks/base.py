@@ -211,7 +211,10 @@ class Task:
 
     def evaluate(self, model: nn.Module, loader, device="cpu", amp: bool = False, progress: bool = False,
                  max_batches: Optional[int] = None, dataset=None) -> Dict[str, Any]:
-        """The metrics of ``model`` on ``loader`` (with ``images`` and ``img_per_s`` of forward passes)."""
+        """The metrics of ``model`` on ``loader`` (with ``images`` and ``img_per_s`` of forward passes): the
+        task's one evaluator, which :meth:`validate` runs too. Under several processes (``torch.distributed``
+        initialized: training's validation, each process holding its shard of ``loader``) it combines the
+        shards, so that every process returns the figures over the whole set."""
         raise NotImplementedError
 
     def title(self, built) -> str:
