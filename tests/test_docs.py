@@ -151,3 +151,50 @@ def test_doc_python_examples_compile():
             compile(code, str(md), "exec")
         except SyntaxError as e:
             pytest.fail(f"{md.relative_to(ROOT)}: a Python example does not compile: {e}")
+
+
+def _args_entries(doc: str):
+    """The parameter names of a Google-style ``Args:`` section (entries at its first indentation)."""
+    lines = doc.split("\n")
+    if "Args:" not in lines:
+        return
+    for line in lines[lines.index("Args:") + 1:]:
+        if not line.strip():
+            return
+        m = re.match(r"^    (\S[^:]*?)(\s*\([^)]*\))?:", line)
+        if m:
+            yield m.group(1)
+
+
+def test_docstrings_have_one_style():
+    """Google-style sections, as mkdocs.yml tells mkdocstrings and CONTRIBUTING tells contributors: no sphinx
+    fields, and every ``Args:`` entry names one real parameter."""
+    import ast
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)  # mkdocs' !relative and the like
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=_Loader)
+    handler = next(p["mkdocstrings"] for p in config["plugins"] if isinstance(p, dict) and "mkdocstrings" in p)
+    assert handler["handlers"]["python"]["options"]["docstring_style"] == "google"
+    assert "Google-style" in (ROOT / "CONTRIBUTING.md").read_text()
+    bad = []
+    for path in sorted((ROOT / "leanvit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node, clean=True) or ""
+            where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+            bad += [f"{where}: sphinx field {f}" for f in re.findall(r"^\s*(:(?:param|returns?|raises?)\b)", doc, re.M)]
+            fn = node
+            if isinstance(node, ast.ClassDef):
+                fn = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+            if fn is None:
+                continue
+            a = fn.args
+            names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs} | {x.arg for x in (a.vararg, a.kwarg) if x}
+            bad += [f"{where}: Args entry {n!r} is not a parameter" for n in _args_entries(doc) if n not in names]
+    assert not bad, bad

@@ -183,6 +183,57 @@ def test_registered_dataset_kind_trains(tmp_path):
         create_dataset("test-noise", "val")
 
 
+class NoiseOptionsKind(NoiseKind):
+    """The same kind with recipe options (``test_noise: {n: ...}``) and a top-level setting of its own."""
+    name = "test-noise-opts"
+    options_key = "test_noise"
+    settings = {"test_noise_level": 0.5}
+
+    def matches(self, data):
+        return data == self.name
+
+    def check_options(self, options):
+        if set(options) - {"n"}:
+            raise LeanvitError(f"unknown test_noise option(s) {sorted(set(options) - {'n'})}")
+
+
+def test_a_plugin_kind_and_task_declare_their_settings():
+    from leanvit.tasks import Task, get_task, register_task, unregister_task
+    from leanvit.train import defaults, resolve_config
+
+    base = defaults()
+    assert "test_noise" not in base and "detector" in base and "digits" in base  # a task's, a kind's
+    register_dataset(NoiseOptionsKind())
+
+    class _T(Task):
+        name, main_metric = "test-settings", "val_x"
+        settings = {"test_strength": 2}
+
+        def check_settings(self, cfg):
+            if cfg["test_strength"] < 0:
+                raise LeanvitError(f"test_strength must be >= 0, got {cfg['test_strength']}")
+
+    register_task(_T())
+    try:
+        cfg = resolve_config(None, {"data": "test-noise-opts", "test_noise": {"n": 6}})
+        assert cfg["test_noise"] == {"n": 6} and cfg["test_noise_level"] == 0.5 and cfg["test_strength"] == 2
+        assert leanvit.data.dataset_options("test-noise-opts", cfg) == {"n": 6}
+        with pytest.raises(LeanvitError, match="unknown test_noise option"):
+            resolve_config(None, {"test_noise": {"m": 1}})
+        with pytest.raises(LeanvitError, match="test_strength must be >= 0"):
+            resolve_config(None, {"test_strength": -1})
+        # two owners of one setting must agree on its default
+        _T.settings = {"test_strength": 2, "hflip": 0.25}
+        with pytest.raises(LeanvitError, match="'hflip' has default 0.5 .* 0.25 for task test-settings"):
+            resolve_config(None, {})
+    finally:
+        unregister_task("test-settings")
+        _KINDS[:] = [k for k in _KINDS if k.name != "test-noise-opts"]
+    assert get_task("classification") and defaults() == base
+    with pytest.raises(LeanvitError, match="unknown setting 'test_noise'"):
+        resolve_config(None, {"test_noise": {"n": 6}})
+
+
 # ---------------------------------------------------------------- tasks are peers; no cycles; no private imports
 TASK_NAMES = {"classification", "detection", "segmentation"}
 # what train/ and tools/ may use of leanvit.tasks: the package's API, its registry and base class, and the
@@ -352,6 +403,22 @@ def test_engine_and_commands_know_no_task_by_name():
     mods = _modules()
     offenders = {name: f for name, path in mods.items()
                  if name.startswith(("leanvit.train", "leanvit.tools")) and (f := _task_coupling(path, name, mods))}
+    assert not offenders, offenders
+
+
+def test_data_and_pictures_know_no_task_by_name():
+    """Below the tasks, data/ and viz/ neither import a task nor branch on a task's name: a task gives its
+    collate (``Task.collate_fn``) and what its pictures show (e.g. ``DenseTask.pictures``)."""
+    mods = _modules()
+    offenders = {}
+    for name, path in mods.items():
+        if not name.startswith(("leanvit.data", "leanvit.viz")):
+            continue
+        found = _task_coupling(path, name, mods)
+        found += [f"imports {m}" for m in _import_targets(path, name, mods)
+                  if m.startswith("leanvit.tasks") and f"imports {m}" not in found]
+        if found:
+            offenders[name] = found
     assert not offenders, offenders
 
 

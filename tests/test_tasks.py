@@ -197,3 +197,36 @@ def test_the_registry_names_the_shipped_tasks():
     assert {"classification", "detection", "segmentation"} <= set(list_tasks())
     assert get_task("detection").main_metric == "val_map" and get_task("segmentation").main_metric == "val_miou"
     assert get_task("classification").sweep_columns[0][0] == "top1"
+
+
+class CountFromDatasets(CountTask):
+    """The same task as most tasks are written: datasets and a collate; the engine builds the loaders (the
+    resumable seeded order, the validation shard) and the validation is the task's evaluator."""
+    name = "digit-count-datasets"
+    collate_fn = staticmethod(_collate)
+    build_data = Task.build_data  # not overridden: the engine's loaders
+    validate = Task.validate      # the one evaluator (evaluate) on the shard, logged as val_<key>
+
+    def datasets(self, cfg, model):
+        return self._dataset(cfg, "train"), self._dataset(cfg, "val"), ["count"]
+
+    def loader(self, dataset, batch_size=64, workers=0, device="cpu"):
+        return Task.loader(self, dataset, batch_size, workers, device)
+
+
+def test_a_task_gives_datasets_and_a_collate_and_the_engine_builds_the_loaders(tmp_path):
+    from leanvit.tasks import register_task
+    from leanvit.train import train
+
+    register_task(CountFromDatasets())
+    try:
+        cfg = {"task": "digit-count-datasets", "model": "test_vit", "data": "digits-det", "img_size": 32,
+               "model_kwargs": {"patch_size": 8}, "digits_dense": SCENES, "epochs": 1, "batch_size": 8,
+               "max_train_batches": 2, "opt": "adamw", "lr": 1e-3, "warmup_epochs": 0,
+               "output": str(tmp_path / "run")}
+        res = train(cfg, progress=False, device="cpu")
+        row = res["history"][-1]
+        assert set(row) >= {"val_mae", "val_exact"} and row["val_mae"] >= 0
+        assert CountFromDatasets().message(row).startswith(", val MAE ")
+    finally:
+        unregister_task("digit-count-datasets")

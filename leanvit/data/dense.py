@@ -31,13 +31,12 @@ from torchvision.transforms import v2
 
 from leanvit.errors import LeanvitError
 
-__all__ = ["IGNORE_INDEX", "DENSE_TASKS", "SkipCounter", "detection_transform", "segmentation_transform",
-           "collate_detection", "collate_segmentation", "collate_fn", "DenseTransform", "encode_masks"]
+__all__ = ["IGNORE_INDEX", "SkipCounter", "detection_transform", "segmentation_transform",
+           "collate_detection", "collate_segmentation", "DenseTransform", "encode_masks"]
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-DENSE_TASKS = ("detection", "segmentation")
 
 
 class SkipCounter:
@@ -161,10 +160,6 @@ def stack_masks(targets: Sequence[Dict[str, Any]], h: int, w: int) -> torch.Tens
     """The targets' ``mask`` label maps padded with the ignore label to (h, w) and stacked: B x H x W int64."""
     return torch.stack([_pad_to(t["mask"].as_subclass(torch.Tensor).long(), h, w, IGNORE_INDEX)
                         for t in targets])
-
-
-def collate_fn(task: str):
-    return collate_detection if task == "detection" else collate_segmentation
 
 
 def encode_masks(masks) -> List[Dict[str, Any]]:

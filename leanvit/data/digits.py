@@ -139,8 +139,9 @@ class DigitsDataset:
         transform: applied to the PIL image (e.g. from :mod:`leanvit.data.transforms`).
         renders_per_epoch: renders of each scan per epoch (train; the dataset length is scans x renders).
         val_renders: renders of each val scan (fixed images).
-        canvas_size, digit_size, max_offset, num_fragments, noise: see :func:`render`.
-        val_fraction, seed: the split and every render derive from ``seed``.
+        canvas_size: see :func:`render`, as for ``digit_size``, ``max_offset``, ``num_fragments`` and ``noise``.
+        val_fraction: the share of each class's source scans held out for validation.
+        seed: the split and every render derive from it.
     """
 
     classes = list(CLASSES)

@@ -37,7 +37,7 @@ from leanvit.data.digits import random_color, resize_scan, split_scans
 from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
 from leanvit.errors import LeanvitError
 
-__all__ = ["DigitScenes", "render_scene", "DigitsDetKind", "DigitsSegKind", "DIGIT_CLASSES"]
+__all__ = ["DigitScenes", "render_scene", "DigitsDetKind", "DigitsSegKind", "DIGIT_CLASSES", "scene_classes"]
 
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 _SPLIT_CODE = {"train": 11, "val": 12}
@@ -91,45 +91,56 @@ def render_scene(scans: List[np.ndarray], rng: np.random.Generator, others: np.n
     return img, owner, placed
 
 
+TARGET_FORMATS = ("boxes", "mask")
+
+
+def scene_classes(target_format: str) -> List[str]:
+    """The class names of the scenes: the digits, with a ``background`` first for label maps."""
+    return ["background", *DIGIT_CLASSES] if target_format == "mask" else list(DIGIT_CLASSES)
+
+
 class DigitScenes:
-    """The embedded scenes as a dataset of (image, target) for ``task`` detection or segmentation.
+    """The embedded scenes as a dataset of (image, target), the targets detection's or segmentation's.
 
     Args:
-        split: ``train`` or ``val``; task: ``detection`` or ``segmentation``.
+        split: ``train`` or ``val``.
+        target_format: ``boxes`` (boxes, labels, optionally instance masks) or ``mask`` (a label map); see
+            :mod:`leanvit.data.dense` for the sample format.
         transform: a dense transform called as ``transform(image, target)``
             (:func:`leanvit.data.dense.detection_transform` / ``segmentation_transform``); without one the
             image is a ``tv_tensors.Image`` (uint8).
-        renders_per_epoch / val_renders: scenes per scan per epoch (train) / in validation.
-        canvas_size, min_digit, max_digit, max_objects, num_fragments, noise, ink_threshold, max_overlap:
-            see :func:`render_scene`.
+        renders_per_epoch: scenes per scan per epoch (train).
+        val_renders: scenes per scan in validation.
+        canvas_size: see :func:`render_scene`, as for ``min_digit``, ``max_digit``, ``max_objects``,
+            ``num_fragments``, ``noise``, ``ink_threshold`` and ``max_overlap``.
     """
 
-    def __init__(self, split: str = "train", task: str = "detection", transform: Optional[Callable] = None,
+    def __init__(self, split: str = "train", target_format: str = "boxes", transform: Optional[Callable] = None,
                  canvas_size: int = 96, min_digit: int = 12, max_digit: int = 40, min_objects: int = 1,
                  max_objects: int = 4, num_fragments: int = 6, noise: float = 0.06, ink_threshold: float = 0.3,
                  max_overlap: float = 0.2, renders_per_epoch: int = 1, val_renders: int = 1,
                  val_fraction: float = 0.2, seed: int = 0, masks: bool = False):
         if split not in _SPLIT_CODE:
-            raise LeanvitError(f"digits-{'det' if task == 'detection' else 'seg'} has the splits train and val, "
+            raise LeanvitError(f"digits-{'det' if target_format == 'boxes' else 'seg'} has the splits train and val, "
                                f"not '{split}'")
-        if task not in ("detection", "segmentation"):
-            raise LeanvitError(f"task must be detection or segmentation, got {task!r}")
+        if target_format not in TARGET_FORMATS:
+            raise LeanvitError(f"target_format must be {' or '.join(TARGET_FORMATS)}, got {target_format!r}")
         if not 4 <= min_digit <= max_digit <= canvas_size:
             raise LeanvitError(f"need 4 <= min_digit <= max_digit <= canvas_size, got {min_digit}, {max_digit}, "
                                f"{canvas_size}")
         if not 1 <= min_objects <= max_objects:
             raise LeanvitError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
         scans, labels, idx, renders = split_scans(split, renders_per_epoch, val_renders, val_fraction, seed)
-        self.split, self.task, self.transform = split, task, transform
+        self.split, self.target_format, self.transform = split, target_format, transform
         self.scans, self.labels, self.source_indices = scans, labels, idx
         self.renders, self.seed, self.epoch = renders, int(seed), 0
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.render_kwargs = dict(canvas_size=int(canvas_size), min_digit=int(min_digit), max_digit=int(max_digit),
                                   num_fragments=int(num_fragments), noise=float(noise),
                                   ink_threshold=float(ink_threshold), max_overlap=float(max_overlap))
-        self.classes = list(DIGIT_CLASSES) if task == "detection" else ["background", *DIGIT_CLASSES]
-        # segmentation: mIoU over the digits (the background is trained on, reported in val_miou_all)
-        self.miou_classes = list(range(1, 11)) if task == "segmentation" else None
+        self.classes = scene_classes(target_format)
+        # label maps: mIoU over the digits (the background is trained on, reported in val_miou_all)
+        self.miou_classes = list(range(1, 11)) if target_format == "mask" else None
         self.with_masks = bool(masks)  # detection: instance masks too (Mask R-CNN)
         self.num_skipped = 0
 
@@ -158,7 +169,7 @@ class DigitScenes:
 
     def target(self, index: int, owner: np.ndarray, digits: List[int]) -> Dict[str, Any]:
         s = owner.shape
-        if self.task == "segmentation":
+        if self.target_format == "mask":
             lab = np.zeros(s, dtype=np.int64)
             for k, d in enumerate(digits):
                 lab[owner == k] = d + 1
@@ -195,7 +206,8 @@ class DigitScenes:
         return image, target
 
     def __repr__(self) -> str:
-        return (f"DigitScenes(split={self.split!r}, task={self.task!r}, scans={len(self.scans)}, "
+        return (f"DigitScenes(split={self.split!r}, target_format={self.target_format!r}, "
+                f"scans={len(self.scans)}, "
                 f"renders={self.renders}, {', '.join(f'{k}={v}' for k, v in self.render_kwargs.items())}, "
                 f"seed={self.seed})")
 
@@ -208,16 +220,17 @@ class _DigitScenesKind(DatasetKind):
         return data == self.name
 
     def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
-        ds = DigitScenes(split=split, task=self.task, transform=transform, **(options or {}))
+        ds = DigitScenes(split=split, target_format=self.target_format, transform=transform, **(options or {}))
         if classes is not None and list(classes) != ds.classes:
             raise LeanvitError(f"the {self.name} classes {ds.classes} differ from the expected {list(classes)}")
         return ds
 
     def check_options(self, options):
-        check_keyword_options(self.options_key, options, DigitScenes.__init__)
+        check_keyword_options(self.options_key, options, DigitScenes.__init__,
+                              skip=("self", "split", "target_format", "transform"))
 
     def classes(self, data, split="val", options=None):
-        return list(DIGIT_CLASSES) if self.task == "detection" else ["background", *DIGIT_CLASSES]
+        return scene_classes(self.target_format)
 
 
 class DigitsDetKind(_DigitScenesKind):
@@ -225,6 +238,7 @@ class DigitsDetKind(_DigitScenesKind):
 
     name = "digits-det"
     task = "detection"
+    target_format = "boxes"
 
 
 class DigitsSegKind(_DigitScenesKind):
@@ -232,6 +246,7 @@ class DigitsSegKind(_DigitScenesKind):
 
     name = "digits-seg"
     task = "segmentation"
+    target_format = "mask"
 
 
 register_dataset(DigitsDetKind())

@@ -13,24 +13,31 @@ import inspect
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from leanvit.errors import LeanvitError
 
 __all__ = ["DatasetKind", "register_dataset", "resolve_dataset_kind", "create_dataset", "dataset_classes",
-           "list_dataset_kinds", "dataset_options", "check_dataset_options", "with_data_overrides"]
+           "list_dataset_kinds", "dataset_options", "check_dataset_options", "with_data_overrides",
+           "dataset_settings"]
 
 
 class DatasetKind:
     """One kind of data. Subclasses set ``name`` and implement :meth:`matches`, :meth:`create`, :meth:`classes`.
 
     ``options_key``: the recipe mapping that holds this kind's options (e.g. ``digits``), or None.
+    ``settings``: other top-level recipe settings the kind reads, with their defaults (e.g. ``val_data``).
     ``task``: ``classification`` (batches of (image, label)), or a dense task name."""
 
     name: str = ""
     embedded: bool = False  # built in (a name, not a folder)
     options_key: Optional[str] = None
+    settings: Dict[str, Any] = {}
     task: str = "classification"
+
+    def recipe_settings(self) -> Dict[str, Any]:
+        """The recipe settings this kind declares: its ``options_key`` mapping (empty) and :attr:`settings`."""
+        return {**({self.options_key: {}} if self.options_key else {}), **self.settings}
 
     def matches(self, data: str) -> bool:
         raise NotImplementedError
@@ -135,6 +142,9 @@ def with_data_overrides(config: Optional[Dict[str, Any]], overrides: Optional[Ma
         keys[head].check_options(mapping)
         out[head] = mapping
     return out
+def dataset_settings() -> List[Tuple[str, Dict[str, Any]]]:
+    """(owner, settings) of every registered kind, oldest first (see :meth:`DatasetKind.recipe_settings`)."""
+    return [(f"dataset kind {k.name}", k.recipe_settings()) for k in reversed(_KINDS)]
 
 
 def check_dataset_options(cfg: Dict[str, Any]) -> None:

@@ -71,7 +71,8 @@ class SegmentationFolder:
     """Pairs of (image, label map) as (image, target) (see :mod:`leanvit.data.dense` for the format).
 
     Args:
-        image_dir, mask_dir: the split's folders (masks matched to images by relative path and stem).
+        image_dir: the split's image folder.
+        mask_dir: the split's mask folder (masks matched to images by relative path and stem).
         classes: class names (label i = classes[i]).
         reduce_zero_label: ADE20K's convention (0 -> ignore, c -> c - 1).
         transform: a dense transform ``transform(image, target)``.

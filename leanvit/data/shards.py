@@ -347,7 +347,8 @@ class ShardsKind(DatasetKind):
     ``class_map``, ``group``; recipe key ``val_data`` for the validation shards)."""
 
     name = "shards"
-    options_key = "shards"
+    options_key = "shards"   # class_map, group
+    settings = {"val_data": None}  # validation shards when `data` names training shards (a brace pattern or glob)
 
     def matches(self, data: str) -> bool:
         if _is_pattern(data):

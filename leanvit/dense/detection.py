@@ -153,8 +153,8 @@ def create_detector(name: str, backbone, num_classes: int, pretrained_backbone=N
             the detector uses) or a :class:`~leanvit.dense.backbones.DenseBackbone` already built.
         num_classes: K object classes; labels 0..K-1 in targets and outputs.
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
-        reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
-            (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
+        reduction: a token reduction in a plain-ViT backbone (see :func:`~leanvit.dense.create_backbone`).
+        restore: its restoration strategy (see :mod:`leanvit.dense.restore`).
         kwargs: detector options (torchvision's: ``min_size``, ``max_size``, ``score_thresh``,
             ``box_score_thresh``, ``detections_per_img``, ...; leanvit's: ``fpn_channels`` (256),
             ``anchor_sizes`` (one tuple per FPN level), ``anchor_scale``, ``aspect_ratios``,

@@ -331,8 +331,8 @@ def create_segmenter(name: str, backbone, num_classes: int, pretrained_backbone=
             patch stride).
         num_classes: K classes; logits (B, K, H, W).
         pretrained_backbone: a classification checkpoint for the backbone (classifier dropped).
-        reduction, restore: a token reduction in a plain-ViT backbone and its restoration strategy
-            (see :func:`~leanvit.dense.create_backbone` and :mod:`leanvit.dense.restore`).
+        reduction: a token reduction in a plain-ViT backbone (see :func:`~leanvit.dense.create_backbone`).
+        restore: its restoration strategy (see :mod:`leanvit.dense.restore`).
         kwargs: head options (``channels``, ``fpn_channels`` and ``norm`` (gn | bn) for semantic_fpn,
             ``pool_scales`` for upernet, ``decoder_*`` for mask_transformer, ``dropout``), ``normalize`` (True:
             inputs in [0, 1]); the rest go to the backbone (``img_size``, ``drop_path_rate``, ``out_indices``,

@@ -82,8 +82,12 @@ def benchmark_models(models: Dict[str, object], batch_size: int = 32, device="cp
         models: maps a label to a model, to ``(model, (H, W))`` or to ``(model, (H, W), extra)`` where
             ``extra`` is a dict of fields copied into the row (e.g. ``model``). Without a size, ``img_size``
             (int or (H, W)) is used, else the model's own input size.
-        batch_size, device, dtype, warmup, repeats: models of the same input size are timed interleaved
-            (:func:`interleaved_measure`), the median of ``repeats`` runs is reported.
+        batch_size: images per timed forward pass.
+        device: where the models run.
+        dtype: the models' and inputs' dtype.
+        warmup: untimed runs first.
+        repeats: models of the same input size are timed interleaved (:func:`interleaved_measure`), the
+            median of ``repeats`` runs is reported.
         memory: also measure the peak memory of one forward pass (:func:`forward_peak_memory_mb`).
 
     Each row has ``label, model, reduction, strength, keep_rate, img_size ("HxW"), batch_size, params_m,

@@ -10,13 +10,16 @@ from leanvit.tasks import classification, detection, segmentation  # noqa: F401 
 from leanvit.tasks.base import ForwardWith, SweepVariant, Task, TrainData
 from leanvit.tasks.registry import (
                                     check_data,
+                                    check_task_settings,
                                     get_task,
                                     list_tasks,
                                     register_task,
                                     task_for_config,
                                     task_of_checkpoint,
+                                    task_settings,
                                     unregister_task,
 )
 
 __all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith", "register_task", "unregister_task", "get_task",
-           "list_tasks", "task_for_config", "task_of_checkpoint", "check_data"]
+           "list_tasks", "task_for_config", "task_of_checkpoint", "check_data", "task_settings",
+           "check_task_settings"]

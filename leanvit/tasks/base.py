@@ -5,7 +5,8 @@ only these methods; they never ask which task they hold. A new task is one subcl
 :func:`leanvit.tasks.register_task` (see ``docs/tasks.md``).
 
 Training (called by :class:`leanvit.train.engine.Run`, in this order):
-  :meth:`Task.check_config` -> :meth:`Task.classes` -> :meth:`Task.build_model` -> :meth:`Task.build_data`
+  :meth:`Task.check_config` -> :meth:`Task.classes` -> :meth:`Task.build_model` -> :meth:`Task.datasets`
+  (the engine builds the loaders, with :attr:`Task.collate_fn`)
   -> :meth:`Task.training_step` (called once per batch) -> :meth:`Task.validate` (after evaluated epochs).
 A trained model (``eval``, ``viz``, ``sweep``):
   :meth:`Task.load_model` -> :meth:`Task.eval_data` -> :meth:`Task.evaluate` -> :meth:`Task.describe`;
@@ -23,15 +24,25 @@ import torch
 import torch.nn as nn
 
 from leanvit.data import create_dataset, dataset_options
+from leanvit.data.loaders import eval_loader
 from leanvit.errors import LeanvitError
 from leanvit.reduction import applied_reduction, get_reduction
 from leanvit.utils import format_metric
 
-__all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith"]
+__all__ = ["Task", "TrainData", "SweepVariant", "ForwardWith", "Metric"]
+
+
+class Metric(NamedTuple):
+    """One row of a task's metric table (:attr:`Task.metrics`): what its texts show of a result."""
+    key: str            # in :meth:`Task.evaluate`'s result; validation logs it as :meth:`Task.validation_key`
+    label: str          # how the texts name it
+    fmt: str            # its format (e.g. ``.4f``)
+    unit: str = ""      # printed after the value (e.g. ``%``)
+    brief: bool = True  # in the per-epoch log line (else only in ``leanvit eval``'s line)
 
 
 class TrainData(NamedTuple):
-    """A run's data as a task builds it (:meth:`Task.build_data`)."""
+    """A run's data as the engine builds it from :meth:`Task.datasets` (or a task's :meth:`Task.build_data`)."""
     train_set: Any
     val_set: Any
     train_loader: Any        # batches of (x, y) as :meth:`Task.training_step` takes them
@@ -83,6 +94,20 @@ class Task:
     data_tasks: Tuple[str, ...] = ()
     #: sweep columns (key in :meth:`evaluate`'s result, header, format); the first one ranks the points
     sweep_columns: Tuple[Tuple[str, str, str], ...] = ()
+    #: the metric table: what :meth:`validate` logs and the texts (:meth:`message`, :meth:`describe`) show, in
+    #: order (default: the :attr:`sweep_columns`)
+    metrics: Tuple[Metric, ...] = ()
+    #: the recipe settings this task reads beyond the engine's, with their defaults (e.g. ``detector: None``);
+    #: every registered task's settings are known to every recipe (see :mod:`leanvit.train.recipes`)
+    settings: Dict[str, Any] = {}
+    #: how samples make a batch (``collate_fn`` of the loaders; None: torch's default); a plain function is
+    #: given as ``collate_fn = staticmethod(my_collate)``
+    collate_fn: Optional[Callable] = None
+
+    # ------------------------------------------------------------------ settings
+    def check_settings(self, cfg: Dict[str, Any]) -> None:
+        """Types and ranges of :attr:`settings` in any resolved config, whatever its task (a typo in ``--set``
+        is a one-line :class:`LeanvitError`, not a traceback later)."""
 
     # ------------------------------------------------------------------ training
     def check_config(self, cfg: Dict[str, Any]) -> None:
@@ -99,23 +124,54 @@ class Task:
         ``reduction``: the token reduction at its target strength (the engine steps its schedule)."""
         raise NotImplementedError
 
-    def build_data(self, cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
+    def datasets(self, cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, List[str]]:
+        """(training set, validation set, class names) of a run; the engine builds the loaders over them
+        (:func:`leanvit.data.loaders.training_loaders`: the resumable seeded order, the shards per process)
+        with :attr:`collate_fn`."""
         raise NotImplementedError
+
+    def build_data(self, cfg: Dict[str, Any], env, model: nn.Module) -> Optional[TrainData]:
+        """A :class:`TrainData` with loaders of the task's own making; None (the default): the engine builds
+        them from :meth:`datasets`. Override :meth:`datasets` instead unless the loaders must differ."""
+        return None
 
     def training_step(self, cfg: Dict[str, Any], num_classes: int) -> Callable:
         """``step(ctx, x, y) -> (loss, images)``: the forward pass and loss of one batch. ``ctx`` has
         ``forward_model`` (DDP-wrapped), ``env.device`` and ``autocast()``; the engine does the rest."""
         raise NotImplementedError
 
+    def metric_table(self) -> Tuple[Metric, ...]:
+        """:attr:`metrics`, else one row per :attr:`sweep_columns` entry."""
+        return tuple(self.metrics) or tuple(Metric(k, head, fmt) for k, head, fmt in self.sweep_columns)
+
+    @staticmethod
+    def validation_key(key: str) -> str:
+        """The name validation logs a result key under (``top1`` -> ``val_top1``; ``val_map`` stays)."""
+        return key if key.startswith("val_") else f"val_{key}"
+
     def validate(self, model: nn.Module, loader, env, amp: bool) -> Dict[str, float]:
-        """Metrics over the whole validation set, each process evaluating its shard of ``loader``; every
-        process returns the same dict (it contains :attr:`main_metric`)."""
-        raise NotImplementedError
+        """The metric table's values over the whole validation set, named by :meth:`validation_key`: the
+        task's one evaluator (:meth:`evaluate`, which ``leanvit eval`` runs too) on this process's shard of
+        ``loader``, combined across processes by the evaluator; every process returns the same dict (it
+        contains :attr:`main_metric`). The model's training mode is restored."""
+        was_training = model.training
+        try:
+            res = self.evaluate(model, loader, env.device, amp=amp)
+        finally:
+            model.train(was_training)
+        if not res.get("images"):
+            raise LeanvitError("the validation set is empty")
+        return {self.validation_key(m.key): res[m.key] for m in self.metric_table() if m.key in res}
 
     def message(self, row: Dict[str, Any]) -> str:
-        """The validation part of the per-epoch log line (``row``: the epoch's metrics)."""
+        """The validation part of the per-epoch log line (``row``: the epoch's metrics), from the metric
+        table's ``brief`` rows; the main metric alone when the table does not name it."""
+        parts = [f"{m.label} {format_metric(row[k], m.fmt)}{m.unit}" for m in self.metric_table()
+                 if m.brief and (k := self.validation_key(m.key)) in row]
+        if parts:
+            return ", val " + " ".join(parts)
         v = row.get(self.main_metric)
-        return "" if v is None else f", {self.main_metric} {v:.4f}"
+        return "" if self.main_metric not in row else f", {self.main_metric} {format_metric(v)}"
 
     def summary(self, best: Optional[float], row: Dict[str, Any]) -> Dict[str, Any]:
         """Extra keys of the summary ``train()`` returns."""
@@ -155,12 +211,14 @@ class Task:
 
     def loader(self, dataset, batch_size: int = 64, workers: int = 0, device="cpu"):
         """An evaluation loader over ``dataset`` (in order) as :meth:`evaluate` takes it."""
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                           pin_memory=torch.device(device).type == "cuda")
+        return eval_loader(dataset, batch_size, workers, device, self.collate_fn)
 
     def evaluate(self, model: nn.Module, loader, device="cpu", amp: bool = False, progress: bool = False,
                  max_batches: Optional[int] = None, dataset=None) -> Dict[str, Any]:
-        """The metrics of ``model`` on ``loader`` (with ``images`` and ``img_per_s`` of forward passes)."""
+        """The metrics of ``model`` on ``loader`` (with ``images`` and ``img_per_s`` of forward passes): the
+        task's one evaluator, which :meth:`validate` runs too. Under several processes (``torch.distributed``
+        initialized: training's validation, each process holding its shard of ``loader``) it combines the
+        shards, so that every process returns the figures over the whole set."""
         raise NotImplementedError
 
     def title(self, built) -> str:
@@ -178,8 +236,9 @@ class Task:
         return dataset_options(data, built.config)
 
     def describe(self, res: Dict[str, Any]) -> str:
-        """The metrics part of ``leanvit eval``'s line."""
-        return "  ".join(f"{head} {res[key]:{fmt}}" for key, head, fmt in self.sweep_columns if key in res)
+        """The metrics part of ``leanvit eval``'s line: every row of the metric table in ``res``."""
+        return "  ".join(f"{m.label} {format_metric(res[m.key], m.fmt)}{m.unit}" for m in self.metric_table()
+                         if m.key in res)
 
     def eval_images(self, data, config: Optional[Dict[str, Any]], split: str = "val"):
         """``data``'s ``split`` untransformed: ``image(i)`` gives its PIL images (pictures of ``leanvit viz``)."""

@@ -8,7 +8,7 @@ the same images). Pictures: the tokens EViT keeps, or the patches ToMe merges.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,25 +18,24 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from leanvit.checkpoints import load_checkpoint
 from leanvit.data import build_eval_dataset, build_train_dataset, dataset_classes, dataset_options, with_data_overrides
 from leanvit.data.folder import check_same_classes
-from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.errors import LeanvitError
 from leanvit.models.build import build_model, recorded_config
 from leanvit.models.factory import create_model
 from leanvit.reduction import applied_reduction
-from leanvit.tasks.base import Task, TrainData
-from leanvit.tasks.classification_eval import accumulate, evaluate
+from leanvit.tasks.base import Metric, Task
+from leanvit.tasks.classification_eval import evaluate
 from leanvit.tasks.registry import register_task
 from leanvit.utils import check_input_size, to_2tuple
 from leanvit.viz import draw_reduction
 
-__all__ = ["ClassificationTask", "build_data", "model_spec_from_config", "build_training_model", "finetune_from",
+__all__ = ["ClassificationTask", "build_datasets", "model_spec_from_config", "build_training_model", "finetune_from",
            "build_mixup", "build_loss", "check_class_names", "FINETUNE_MIN_SHARE"]
 
 log = logging.getLogger(__name__)
 
 
-def build_data(cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
-    """Training and validation data, normalized for ``model``. Validation is built by the same
+def build_datasets(cfg: Dict[str, Any], model: nn.Module) -> Tuple[Any, Any, List[str]]:
+    """(training set, validation set, class names), normalized for ``model``. Validation is built by the same
     :func:`leanvit.data.build_eval_dataset` that ``leanvit eval`` uses, so both see the same images."""
     img_size = to_2tuple(cfg["img_size"])
     tf = {k: cfg[k] for k in ("crop", "hflip", "three_augment", "color_jitter", "auto_augment", "reprob")}
@@ -51,21 +50,7 @@ def build_data(cfg: Dict[str, Any], env, model: nn.Module) -> TrainData:
     bs = int(cfg["batch_size"])
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and bs % 2:
         raise LeanvitError(f"mixup/cutmix need an even batch size, got {bs}")
-    sampler = ResumableSampler(train_sampler(train_set, cfg, env), env.rank)
-    train_set = SeededSamples(train_set, cfg["seed"], env.rank)
-    loader_kw = dict(num_workers=int(cfg["workers"]), pin_memory=env.device.type == "cuda",
-                     persistent_workers=False)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
-                                               **loader_kw)
-    if len(train_loader) == 0:
-        raise LeanvitError(f"the training set ({len(train_set)} images per process) is smaller than one "
-                           f"batch of {bs}")
-    val_shard = torch.utils.data.Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=bs, shuffle=False, **loader_kw)
-    iters = len(train_loader)
-    if cfg["max_train_batches"]:
-        iters = min(iters, int(cfg["max_train_batches"]))
-    return TrainData(train_set, val_set, train_loader, val_loader, sampler, classes, iters)
+    return train_set, val_set, classes
 
 
 def model_spec_from_config(cfg: Dict[str, Any], num_classes: int, reduction: Optional[dict] = None) -> Dict[str, Any]:
@@ -185,6 +170,34 @@ class ClassificationTask(Task):
     name = "classification"
     main_metric = "val_top1"
     sweep_columns = (("top1", "top-1", ".2f"), ("top5", "top-5", ".2f"))
+    metrics = (Metric("top1", "top-1", ".2f", "%"), Metric("top5", "top-5", ".2f", "%"),
+               Metric("loss", "loss", ".4f", brief=False))
+    settings = {
+        "crop": "rrc",               # rrc | src | none
+        "scale": [0.08, 1.0],
+        "src_padding": 4,
+        "hflip": 0.5,
+        "three_augment": True,
+        "color_jitter": 0.3,
+        "auto_augment": None,        # a timm RandAugment policy instead of 3-Augment (e.g. rand-m9-mstd0.5-inc1)
+        "reprob": 0.0,               # random erasing probability
+        "eval_crop_ratio": 1.0,
+        "loss": "bce",               # bce (DeiT III: targets > 0 after mixup) | ce
+        "smoothing": 0.0,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+    }
+
+    def check_settings(self, cfg):
+        if cfg["loss"] not in ("bce", "ce"):
+            raise LeanvitError(f"loss must be bce or ce, got {cfg['loss']!r}")
+        if cfg["loss"] == "bce" and cfg["smoothing"]:
+            raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
+        for key in ("mixup", "cutmix", "smoothing"):
+            if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
+                raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
 
     # ------------------------------------------------------------------ training
     def check_config(self, cfg):
@@ -201,30 +214,12 @@ class ClassificationTask(Task):
         note = finetune_from(model, finetune, partial=bool(cfg.get("finetune_partial"))) if finetune else None
         return model, model_spec_from_config(cfg, num_classes, reduction), note
 
-    def build_data(self, cfg, env, model):
-        return build_data(cfg, env, model)
+    def datasets(self, cfg, model):
+        return build_datasets(cfg, model)
 
     def training_step(self, cfg, num_classes):
         mixup = build_mixup(cfg, num_classes)
         return _Step(build_loss(cfg, mixup is not None), mixup)
-
-    def validate(self, model, loader, env, amp):
-        """Top-1/top-5/loss over the whole validation set, each process taking its own shard."""
-        was_training = model.training
-        model.eval()
-        try:
-            s = accumulate(model, loader, env.device, amp=amp)
-        finally:
-            model.train(was_training)
-        n, c1, c5, loss = env.all_sum([s["images"], s["correct1"], s["correct5"], s["loss_sum"]])
-        if n == 0:
-            raise LeanvitError("the validation set is empty")
-        return {"val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n, "val_loss": loss / n}
-
-    def message(self, row):
-        if "val_top1" not in row:
-            return ""
-        return f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
 
     def summary(self, best, row):
         return {"best_top1": best, "last_top1": row.get("val_top1")}
@@ -267,9 +262,6 @@ class ClassificationTask(Task):
 
     def evaluate(self, model, loader, device="cpu", amp=False, progress=False, max_batches=None, dataset=None):
         return evaluate(model, loader, device=device, amp=amp, progress=progress, max_batches=max_batches)
-
-    def describe(self, res):
-        return f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}"
 
     def draw(self, built, images, out_dir, names, class_names=None, device="cpu", batch_size=16, **options):
         """The picture of the model's reduction (its method draws it: EViT's kept tokens, ToMe's merged

@@ -14,6 +14,7 @@ import time
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -87,19 +88,37 @@ def evaluate(model: nn.Module, loader, device="cpu", keep_rate=None, amp: bool =
 
     Returns a dict: ``top1``, ``top5`` (percent; top-k with k capped at the number of classes), ``loss``
     (mean cross-entropy), ``images``, ``img_per_s`` (forward passes only) and ``seconds`` (wall time).
+    Under several processes (``torch.distributed`` initialized: the training engine's validation, each
+    process holding its shard of the data) the figures are over every process's images.
     """
     t_start = time.perf_counter()
     model = model.to(torch.device(device)).eval()
     s = accumulate(model, loader, device, keep_rate, amp, progress, max_batches, desc)
+    fwd, local = s["forward_seconds"], s["images"]
+    s = _over_processes(s, device)
     n = s["images"]
     if n == 0:
         raise LeanvitError("the evaluation data is empty")
-    fwd = s["forward_seconds"]
     return {
         "top1": 100.0 * s["correct1"] / n,
         "top5": 100.0 * s["correct5"] / n,
         "loss": s["loss_sum"] / n,
         "images": n,
-        "img_per_s": n / fwd if fwd > 0 else math.inf,
+        "img_per_s": local / fwd if fwd > 0 else math.inf,
         "seconds": time.perf_counter() - t_start,
     }
+
+
+_SUMS = ("images", "correct1", "correct5", "loss_sum")
+
+
+def _over_processes(s: Dict[str, float], device) -> Dict[str, float]:
+    """The sums of every process when several evaluate their shards (the training engine's validation)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return s
+    on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(s[k]) for k in _SUMS], dtype=torch.float64, device=on)
+    dist.all_reduce(t)
+    total = dict(zip(_SUMS, t.cpu().tolist()))
+    total["images"] = int(total["images"])
+    return {**s, **total}

@@ -9,51 +9,25 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Any, Dict, Optional
 
-import torch
 import torch.nn as nn
 
 from leanvit.checkpoints import load_checkpoint, read_checkpoint
 from leanvit.data import create_dataset, dataset_classes, dataset_options, with_data_overrides
-from leanvit.data.dense import collate_fn
-from leanvit.data.sampling import ResumableSampler, SeededSamples, train_sampler
 from leanvit.dense import apply_dense_reduction, dense_reduction_spec
 from leanvit.dense.reduction import BackbonePart, dense_backbone_of, dense_variants
 from leanvit.errors import LeanvitError
 from leanvit.models.build import BuiltModel
 from leanvit.reduction import ReductionSpec, get_reduction
-from leanvit.tasks.base import SweepVariant, Task, TrainData
+from leanvit.tasks.base import SweepVariant, Task
 from leanvit.tasks.registry import get_task
 from leanvit.utils import to_2tuple
 from leanvit.viz.dense import visualize_dense
 
-__all__ = ["DenseTask", "dense_loader", "load_dense_model", "build_dense_model"]
+__all__ = ["DenseTask", "load_dense_model", "build_dense_model"]
 
 log = logging.getLogger(__name__)
-
-
-class _OneLineErrors:
-    """A data loader whose workers' :class:`LeanvitError` (a bad mask, an unreadable image) reaches the
-    caller as the one-line error it was, not as the worker's traceback text that torch wraps it in."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader):
-        self.loader = loader
-        self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        try:
-            yield from self.loader
-        except LeanvitError as e:
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            if len(lines) <= 1:
-                raise
-            last = lines[-1].split("LeanvitError: ", 1)[-1]
-            raise LeanvitError(last) from None
 
 
 def _transfer_backbone(model: nn.Module, recorded: Dict[str, Any], path) -> int:
@@ -75,14 +49,6 @@ def _transfer_backbone(model: nn.Module, recorded: Dict[str, Any], path) -> int:
                            f"(out_indices)")
     mine.load_state_dict({k: theirs[k] for k in own}, strict=True)
     return len(own)
-
-
-def dense_loader(dataset, task: str, batch_size: int, workers: int = 0, shuffle: bool = False, sampler=None,
-                 drop_last: bool = False, pin_memory: bool = False):
-    """A loader of (images, targets) batches for ``task`` (the collate of :mod:`leanvit.data.dense`)."""
-    return _OneLineErrors(torch.utils.data.DataLoader(
-        dataset, batch_size=int(batch_size), shuffle=shuffle, sampler=sampler, drop_last=drop_last,
-        num_workers=int(workers), pin_memory=pin_memory, collate_fn=collate_fn(task)))
 
 
 def build_dense_model(spec: Dict[str, Any], pretrained_backbone=None, drop_path: float = 0.0) -> nn.Module:
@@ -121,6 +87,18 @@ class DenseTask(Task):
 
     head_key = ""           # the recipe key naming the head: detector / segmenter
     heads: tuple = ()       # the heads it knows
+    settings = {
+        "head_kwargs": {},  # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
+        "min_size": None,   # shorter image side (detection: resize; segmentation: base of the random resize)
+        "max_size": None,   # longer image side at most (detection)
+        "hflip": 0.5,
+    }
+
+    def check_settings(self, cfg):
+        for key in (k for k in self.settings if k.endswith("_size")):
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or int(v) != v):
+                raise LeanvitError(f"{key} must be a positive integer, got {v!r}")
 
     def create(self, head: str, backbone: str, num_classes: int, **kwargs) -> nn.Module:
         raise NotImplementedError
@@ -182,30 +160,11 @@ class DenseTask(Task):
             raise LeanvitError(f"the {split} split of {data} is empty")
         return ds
 
-    def build_data(self, cfg, env, model):
-        options = self.data_options(cfg)
-        train_set = create_dataset(cfg["data"], "train", transform=self.transform(cfg, True), options=options,
-                                   skip_corrupt=cfg["skip_corrupt"])
+    def datasets(self, cfg, model):
+        train_set = create_dataset(cfg["data"], "train", transform=self.transform(cfg, True),
+                                   options=self.data_options(cfg), skip_corrupt=cfg["skip_corrupt"])
         val_set = self._eval_dataset(cfg["data"], cfg, "val")
-        bs = int(cfg["batch_size"])
-        # exact mid-epoch resumption, as for classification: a skippable order, per-sample seeded transforms
-        sampler = ResumableSampler(train_sampler(train_set, cfg, env), env.rank)
-        train_set = SeededSamples(train_set, cfg["seed"], env.rank)
-        pin = env.device.type == "cuda"
-        train_loader = dense_loader(train_set, self.name, bs, cfg["workers"], sampler=sampler, drop_last=True,
-                                    pin_memory=pin)
-        if len(train_loader) == 0:
-            raise LeanvitError(f"the training set ({len(train_set)} images per process) is smaller than one "
-                               f"batch of {bs}")
-        val_shard = torch.utils.data.Subset(val_set, list(range(env.rank, len(val_set), env.world_size)))
-        val_loader = dense_loader(val_shard, self.name, bs, cfg["workers"], pin_memory=pin)
-        iters = len(train_loader)
-        if cfg["max_train_batches"]:
-            iters = min(iters, int(cfg["max_train_batches"]))
-        if cfg.get("iterations"):  # a budget in optimizer steps (segmentation recipes): whole epochs cover it
-            cfg["epochs"] = max(1, math.ceil(int(cfg["iterations"]) / iters))
-        classes = list(getattr(val_set, "classes", []) or self.classes(cfg))
-        return TrainData(train_set, val_set, train_loader, val_loader, sampler, classes, iters)
+        return train_set, val_set, list(getattr(val_set, "classes", []) or self.classes(cfg))
 
     # ------------------------------------------------------------------ a trained model
     def load_model(self, checkpoint=None, name=None, reduction=None, img_size=None, num_classes=None, data=None,
@@ -256,9 +215,6 @@ class DenseTask(Task):
                                "evaluate on data with the model's classes")
         return dataset, self.loader(dataset, batch_size, workers, device)
 
-    def loader(self, dataset, batch_size=64, workers=0, device="cpu"):
-        return dense_loader(dataset, self.name, batch_size, workers, pin_memory=torch.device(device).type == "cuda")
-
     def sweep_variants(self, model, plain, grid, restore=None, **options):
         """The unreduced model, then every (method, strength) of ``grid`` with each restoration strategy of
         the method (``restore``: a list of strategy names to sweep instead of all of them)."""
@@ -283,9 +239,13 @@ class DenseTask(Task):
     def draw(self, built, images, out_dir, names, class_names=None, device="cpu", score_thresh=0.3, **options):
         """Predicted boxes (class and score) and masks, or the predicted label map, over the images."""
         classes = list(built.checkpoint.get("classes") or []) or class_names
-        return visualize_dense(built.model.to(device), self.name, list(images), out_dir, names=list(names),
+        return visualize_dense(built.model.to(device), self.pictures, list(images), out_dir, names=list(names),
                                class_names=classes or None, score_thresh=score_thresh, device=device,
                                min_size=self.draw_size(built.config))
+
+    def pictures(self, model: nn.Module, images, class_names=None, device="cpu", **options) -> list:
+        """The task's drawing of ``model``'s predictions over each image (uint8 3 x H x W tensors)."""
+        raise NotImplementedError
 
     def draw_size(self, config: Dict[str, Any]) -> Optional[int]:
         return None

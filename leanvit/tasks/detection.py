@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from leanvit.data.dense import detection_transform
+from leanvit.data.dense import collate_detection, detection_transform
 from leanvit.dense import DETECTORS, create_detector
-from leanvit.errors import LeanvitError
+from leanvit.tasks.base import Metric
 from leanvit.tasks.dense import DenseTask
 from leanvit.tasks.dense_eval import DETECTION_KEYS, MASK_KEYS, evaluate_detection
 from leanvit.tasks.registry import register_task
-from leanvit.utils import format_metric
+from leanvit.viz.dense import detection_pictures
 
 __all__ = ["DetectionTask"]
+
+_BRIEF = ("val_map", "val_map50", "val_map_small", "val_mask_map")
 
 
 def _plain(t):
@@ -37,6 +39,12 @@ class DetectionTask(DenseTask):
     main_metric = "val_map"
     head_key = "detector"
     heads = tuple(DETECTORS)
+    pictures = staticmethod(detection_pictures)  # what `leanvit viz` draws
+    collate_fn = staticmethod(collate_detection)  # batches as the model takes them
+    settings = {**DenseTask.settings,
+                "detector": None}  # retinanet | fcos | fasterrcnn | maskrcnn (the backbone: `model`)
+    # COCOeval's figures (mask ones for Mask R-CNN); the per-epoch line shows mAP, mAP@0.5, AP small, mask mAP
+    metrics = tuple(Metric(k, k[4:], ".4f", brief=k in _BRIEF) for k in DETECTION_KEYS + MASK_KEYS)
     sweep_columns = (("val_map", "mAP", ".4f"), ("val_map50", "mAP@0.5", ".4f"), ("val_map_small", "AP small", ".4f"))
 
     def create(self, head, backbone, num_classes, **kwargs):
@@ -63,27 +71,10 @@ class DetectionTask(DenseTask):
     def training_step(self, cfg, num_classes):
         return _step
 
-    def validate(self, model, loader, env, amp):
-        res = evaluate_detection(model, loader, env.device, amp=amp,
-                                 num_classes=getattr(model, "num_object_classes", None))
-        if res["images"] == 0:
-            raise LeanvitError("the validation set is empty")
-        return {k: v for k, v in res.items() if k.startswith("val_")}
-
-    def message(self, row):
-        if "val_map" not in row:
-            return ""
-        masks = f" mask mAP {format_metric(row['val_mask_map'], '.3f')}" if "val_mask_map" in row else ""
-        return (f", val mAP {format_metric(row['val_map'], '.3f')} mAP@0.5 {format_metric(row['val_map50'], '.3f')} "
-                f"AP small {format_metric(row['val_map_small'], '.3f')}{masks}")
-
     def evaluate(self, model, loader, device="cpu", amp=False, progress=False, max_batches=None, dataset=None):
         n = getattr(model, "num_object_classes", None)
         return evaluate_detection(model, loader, device=device, amp=amp, progress=progress, max_batches=max_batches,
                                   num_classes=n)
-
-    def describe(self, res):
-        return "  ".join(f"{k[4:]} {format_metric(res[k])}" for k in DETECTION_KEYS + MASK_KEYS if k in res)
 
     def example_input(self, batch, hw):
         return [torch.randn(3, *hw) for _ in range(batch)]

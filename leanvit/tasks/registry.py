@@ -6,7 +6,7 @@ data suits a task is decided here, in :func:`check_data`, for every command alik
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from leanvit.checkpoints import read_checkpoint
 from leanvit.data import resolve_dataset_kind
@@ -14,7 +14,7 @@ from leanvit.errors import LeanvitError
 from leanvit.tasks.base import Task
 
 __all__ = ["register_task", "get_task", "list_tasks", "task_for_config", "task_of_checkpoint", "check_data",
-           "DEFAULT_TASK"]
+           "task_settings", "check_task_settings", "DEFAULT_TASK"]
 
 _TASKS: Dict[str, Task] = {}
 DEFAULT_TASK = "classification"  # what checkpoints that record no task hold
@@ -41,6 +41,17 @@ def get_task(name: str) -> Task:
         return _TASKS[str(name)]
     except KeyError:
         raise LeanvitError(f"unknown task {name!r} (known: {', '.join(list_tasks())})") from None
+
+
+def task_settings() -> List[Tuple[str, Dict[str, Any]]]:
+    """(owner, settings) of every registered task (:attr:`Task.settings`), in registration order."""
+    return [(f"task {t.name}", dict(t.settings)) for t in _TASKS.values()]
+
+
+def check_task_settings(cfg: Dict[str, Any]) -> None:
+    """Every registered task's :meth:`Task.check_settings` on ``cfg``."""
+    for t in _TASKS.values():
+        t.check_settings(cfg)
 
 
 def _data_task(data) -> Optional[str]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from leanvit.data.dense import IGNORE_INDEX, segmentation_transform, stack_masks
+from leanvit.data.dense import IGNORE_INDEX, collate_segmentation, segmentation_transform, stack_masks
 from leanvit.dense import SEGMENTERS, create_segmenter
+from leanvit.tasks.base import Metric
 from leanvit.tasks.dense import DenseTask
 from leanvit.tasks.dense_eval import evaluate_segmentation, stride_bound
 from leanvit.tasks.registry import register_task
+from leanvit.viz.dense import segmentation_pictures
 
 __all__ = ["SegmentationTask"]
 
@@ -37,6 +39,13 @@ class SegmentationTask(DenseTask):
     main_metric = "val_miou"
     head_key = "segmenter"
     heads = tuple(SEGMENTERS)
+    pictures = staticmethod(segmentation_pictures)  # what `leanvit viz` draws
+    collate_fn = staticmethod(collate_segmentation)  # batches as the model takes them
+    settings = {**DenseTask.settings,
+                "segmenter": None,   # semantic_fpn | upernet | linear (the backbone: `model`)
+                "crop_size": None}   # training crop (square)
+    metrics = (Metric("val_miou", "mIoU", ".4f"), Metric("val_miou_all", "mIoU (all classes)", ".4f"),
+               Metric("val_pixel_acc", "pixel acc", ".4f"))
     sweep_columns = (("val_miou", "mIoU", ".4f"), ("val_miou_all", "mIoU all", ".4f"),
                      ("val_pixel_acc", "pixel acc", ".4f"))
 
@@ -51,17 +60,6 @@ class SegmentationTask(DenseTask):
 
     def training_step(self, cfg, num_classes):
         return _step
-
-    def validate(self, model, loader, env, amp):
-        res = evaluate_segmentation(model, loader, int(model.num_classes), env.device, amp=amp,
-                                    miou_classes=getattr(_base_dataset(loader), "miou_classes", None))
-        return {k: v for k, v in res.items() if k.startswith("val_")}
-
-    def message(self, row):
-        if "val_miou" not in row:
-            return ""
-        return (f", val mIoU {row['val_miou']:.3f} (all classes {row['val_miou_all']:.3f}), "
-                f"pixel acc {row['val_pixel_acc']:.3f}")
 
     def evaluate(self, model, loader, device="cpu", amp=False, progress=False, max_batches=None, dataset=None):
         ds = _base_dataset(dataset if dataset is not None else loader)
@@ -80,10 +78,6 @@ class SegmentationTask(DenseTask):
         res = stride_bound(loader, int(model.num_classes), int(stride),
                            miou_classes=getattr(_base_dataset(dataset), "miou_classes", None))
         return {**res, "stride": int(stride)}
-
-    def describe(self, res):
-        return (f"mIoU {res['val_miou']:.4f}  mIoU (all classes) {res['val_miou_all']:.4f}  "
-                f"pixel acc {res['val_pixel_acc']:.4f}")
 
     def draw_size(self, config):
         return config.get("min_size")

@@ -38,7 +38,7 @@ from leanvit.train.distributed import DistEnv, seed_everything
 from leanvit.train.loop import StepContext, train_one_epoch
 from leanvit.train.metrics import MetricsLog
 from leanvit.train.preemption import StopRequest, TrainingInterrupted, keep_last_copies
-from leanvit.train.recipes import DEFAULTS, reduction_settings, resolve_config
+from leanvit.train.recipes import defaults, reduction_settings, resolve_config
 from leanvit.train.run_folder import (
     RunLock,
     check_output_path,
@@ -47,7 +47,7 @@ from leanvit.train.run_folder import (
     remove_orphans,
     resume_decision,
 )
-from leanvit.train.setup import build_state, freeze_parameters
+from leanvit.train.setup import build_state, build_train_data, freeze_parameters
 from leanvit.train.state import TrainState
 from leanvit.train.tracking import Trackers, create_trackers, evaluation_pictures, parse_log_to
 
@@ -137,7 +137,7 @@ class Run:
             if env.is_main:
                 log.info("froze %d parameter tensors (%s parameters) matching %s", tensors, f"{params:,}",
                          cfg["freeze"])
-        self.data = self.task.build_data(cfg, env, model)
+        self.data = self.task.build_data(cfg, env, model) or build_train_data(self.task, cfg, env, model)
         model = model.to(env.device)
         self.state = build_state(cfg, model, self.data.iters, env)
         if self.resume:
@@ -173,7 +173,7 @@ class Run:
                 log.warning(f"note: {self.last_path} records no config; its settings cannot be compared")
             return
         # settings newer than the checkpoint count as their defaults
-        full = {**{k: v for k, v in DEFAULTS.items() if k in self.cfg}, **recorded}
+        full = {**{k: v for k, v in defaults().items() if k in self.cfg}, **recorded}
         diffs = config_differences(full, self.cfg)
         if diffs:
             raise LeanvitError(f"`resume` with other settings than {self.last_path} was trained with: "
@@ -367,7 +367,7 @@ def train(recipe: Union[str, Dict[str, Any], None] = None, device: Optional[str]
     """Train a model as a recipe says; returns a summary (best/last val top-1, paths, history).
 
     Args:
-        recipe: a shipped recipe name, a YAML path, or a dict of settings (see ``recipes.DEFAULTS``).
+        recipe: a shipped recipe name, a YAML path, or a dict of settings (see :func:`leanvit.train.recipes.defaults`).
         device: ``cpu``, ``cuda`` (default: cuda when available).
         resume: continue from ``OUTPUT/last.pth`` (the optimizer, schedule, EMA and data position are
             restored; the settings must be those it was trained with, except epochs and a few more);

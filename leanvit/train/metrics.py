@@ -29,7 +29,6 @@ class MetricsLog:
 
     def __init__(self, out: Path):
         self.jsonl, self.csv = Path(out) / "metrics.jsonl", Path(out) / "metrics.csv"
-        self._rows: List[dict] = []
 
     def rows(self) -> List[dict]:
         """The rows on disk; a line that does not parse (a partial write of an older version) is dropped
@@ -62,18 +61,12 @@ class MetricsLog:
             log.info(f"metrics: restored the row(s) of epoch(s) {restored} from the checkpoint")
         self.write(list(history))
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop rows of epochs >= ``epoch`` (written before a crash that is now being resumed)."""
-        self.write([r for r in self.rows() if r.get("epoch", -1) < epoch])
-
     def write(self, rows: List[dict]) -> None:
-        self._rows = list(rows)
+        """Rewrite both files with exactly ``rows``."""
+        rows = list(rows)
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self._rows))
-        _write_atomic(self.csv, self._csv_text(self._rows))
-
-    def append(self, row: dict) -> None:
-        self.write((self._rows or self.rows()) + [row])
+        _write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        _write_atomic(self.csv, self._csv_text(rows))
 
     @staticmethod
     def _csv_text(rows: list) -> str:

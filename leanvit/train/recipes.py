@@ -1,27 +1,33 @@
 """Training recipes: a flat dict of settings, shipped as YAML files and overridable key by key.
 
+The engine declares its own settings (:data:`ENGINE_DEFAULTS`: model, optimization, run); each task
+(:attr:`leanvit.tasks.Task.settings`, e.g. ``detector``) and dataset kind
+(:attr:`leanvit.data.DatasetKind.settings` and its ``options_key`` mapping, e.g. ``digits``) declares its own.
 Every key of :data:`DEFAULTS` can be set by a recipe file and overridden from the command line
 (``--key value`` or ``--set key=value``) or from Python (``train("deit3_demo", epochs=3)``).
 A recipe file may name a ``base`` recipe whose values it extends.
 """
 from __future__ import annotations
 
+import copy
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import yaml
 
-from leanvit.data.registry import check_dataset_options
+from leanvit.data.registry import check_dataset_options, dataset_settings
 from leanvit.errors import LeanvitError
 from leanvit.reduction import ReductionSpec
+from leanvit.tasks import check_task_settings, task_settings
 
-__all__ = ["DEFAULTS", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config", "parse_value",
-           "reduction_settings", "NULL"]
+__all__ = ["DEFAULTS", "ENGINE_DEFAULTS", "defaults", "RECIPE_DIR", "list_recipes", "load_recipe", "resolve_config",
+           "parse_value", "reduction_settings", "NULL"]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
-DEFAULTS: Dict[str, Any] = {
+ENGINE_DEFAULTS: Dict[str, Any] = {
     # model
     "model": "deit3_small_patch16_224",
     "model_kwargs": {},          # extra keyword arguments of create_model (e.g. patch_size, depth)
@@ -39,21 +45,9 @@ DEFAULTS: Dict[str, Any] = {
     "finetune_train_mode": True, # DeiT III keeps drop-path on when fine-tuning; EViT/DeiT used eval mode
     "finetune_partial": False,   # accept a --finetune checkpoint that fills less than half of the model
     "freeze": None,              # parameter-name patterns kept fixed, e.g. ["backbone.vit.blocks.0.*"]
-    # data
+    "task": None,                # a registered task (leanvit.tasks; default: the task of the data's kind)
+    # data (each dataset kind adds its own options, e.g. digits:)
     "data": "digits",
-    "digits": {},                # options of leanvit.data.digits.DigitsDataset
-    "val_data": None,            # validation data when --data names training shards (a brace pattern or glob)
-    "shards": {},                # options of tar shards (leanvit.data.shards): class_map, group
-    "hf": {},                    # options of Hugging Face datasets (leanvit.data.hf): columns, split names
-    "crop": "rrc",               # rrc | src | none
-    "scale": [0.08, 1.0],
-    "src_padding": 4,
-    "hflip": 0.5,
-    "three_augment": True,
-    "color_jitter": 0.3,
-    "auto_augment": None,        # a timm RandAugment policy instead of 3-Augment (e.g. rand-m9-mstd0.5-inc1)
-    "reprob": 0.0,               # random erasing probability
-    "eval_crop_ratio": 1.0,
     "repeated_aug": False,       # timm RepeatAugSampler, 3 repeats
     "skip_corrupt": False,
     "workers": 0,
@@ -68,12 +62,8 @@ DEFAULTS: Dict[str, Any] = {
     "warmup_lr": 1e-6,
     "warmup_epochs": 5,
     "clip_grad": None,
-    "loss": "bce",               # bce (DeiT III: targets > 0 after mixup) | ce
-    "smoothing": 0.0,
-    "mixup": 0.8,
-    "cutmix": 1.0,
-    "mixup_prob": 1.0,
-    "mixup_switch_prob": 0.5,
+    "schedule": "cosine",        # cosine | poly (power 0.9, the Semantic FPN / UperNet schedule)
+    "iterations": None,          # a budget in optimizer steps instead of epochs (whole epochs cover it)
     "model_ema": False,
     "model_ema_decay": 0.99996,
     "amp": False,                # autocast (float16 on CUDA with a grad scaler, bfloat16 on CPU)
@@ -87,19 +77,42 @@ DEFAULTS: Dict[str, Any] = {
     "save_every_steps": None,    # also write a recovery checkpoint (last.pth, mid-epoch) every N optimizer steps
     "keep_last": None,           # keep the K newest checkpoints as checkpoint-<step>.pth besides last.pth
     "log_to": None,              # experiment tracking: tensorboard, wandb or both (list or "tensorboard,wandb")
-    # the task (leanvit.tasks) and dense prediction (leanvit.dense)
-    "task": None,                # a registered task: classification | detection | segmentation | ... (default: data's)
-    "detector": None,            # retinanet | fcos | fasterrcnn | maskrcnn (task detection; backbone: model)
-    "segmenter": None,           # semantic_fpn | upernet | linear (task segmentation; backbone: model)
-    "head_kwargs": {},           # detector/segmenter options (fpn_channels, head_convs, channels, anchor_sizes...)
-    "min_size": None,            # shorter image side (detection: resize; segmentation: base of the random resize)
-    "max_size": None,            # longer image side at most (detection)
-    "crop_size": None,           # segmentation training crop (square)
-    "schedule": "cosine",        # cosine | poly (power 0.9, the Semantic FPN / UperNet schedule)
-    "iterations": None,          # a budget in optimizer steps instead of epochs (whole epochs cover it)
-    "digits_dense": {},          # options of the embedded digits-det / digits-seg scenes
-    "coco": {},                  # options of COCO-layout data (masks: true is set for maskrcnn)
 }
+
+
+def defaults() -> Dict[str, Any]:
+    """Every setting a recipe can hold and its default: the engine's (:data:`ENGINE_DEFAULTS`), then those
+    each registered task (:attr:`leanvit.tasks.Task.settings`) and dataset kind
+    (:attr:`leanvit.data.DatasetKind.settings`, its ``options_key`` mapping) declares. A fresh copy."""
+    out = copy.deepcopy(ENGINE_DEFAULTS)
+    owners = {k: "the engine" for k in out}
+    for owner, settings in [*task_settings(), *dataset_settings()]:
+        for key, value in settings.items():
+            if key in out and out[key] != value:
+                raise LeanvitError(f"setting '{key}' has default {out[key]!r} for {owners[key]} but {value!r} "
+                                   f"for {owner}: a setting two owners declare needs one default")
+            if key not in out:
+                out[key], owners[key] = copy.deepcopy(value), owner
+    return out
+
+
+class _Defaults(Mapping):
+    """:func:`defaults` as a read-only mapping, computed when read (tasks and kinds registered later count)."""
+
+    def __getitem__(self, key: str) -> Any:
+        return defaults()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(defaults())
+
+    def __len__(self) -> int:
+        return len(defaults())
+
+    def __repr__(self) -> str:
+        return f"DEFAULTS({defaults()!r})"
+
+
+DEFAULTS: Mapping = _Defaults()  # every known setting and its default (see :func:`defaults`)
 
 
 def list_recipes() -> List[str]:
@@ -150,10 +163,11 @@ def load_recipe(name_or_path: str, _seen: Optional[set] = None) -> Dict[str, Any
     return cfg
 
 
-def check_keys(cfg: Dict[str, Any], where: str) -> None:
+def check_keys(cfg: Dict[str, Any], where: str, known: Optional[Mapping] = None) -> None:
+    known = defaults() if known is None else known
     for k in cfg:
-        if k not in DEFAULTS and k != "recipe":
-            close = difflib.get_close_matches(k, list(DEFAULTS), n=3)
+        if k not in known and k != "recipe":
+            close = difflib.get_close_matches(k, list(known), n=3)
             hint = f"; did you mean: {', '.join(close)}" if close else ""
             raise LeanvitError(f"unknown setting '{k}' in {where}{hint}")
 
@@ -194,13 +208,13 @@ def resolve_config(recipe: Optional[str] = None, overrides: Optional[Dict[str, A
     """DEFAULTS, then the recipe, then the overrides (``None`` values in overrides are ignored, :data:`NULL`
     sets a value to null, e.g. removes an inherited ``reduction``; a mapping such as ``digits`` or
     ``model_kwargs`` is merged key by key into the recipe's)."""
-    cfg = dict(DEFAULTS)
+    cfg = defaults()
     if recipe:
         r = load_recipe(recipe)
-        check_keys(r, f"recipe '{recipe}'")
+        check_keys(r, f"recipe '{recipe}'", cfg)
         cfg.update(r)
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
-    check_keys(over, "the overrides")
+    check_keys(over, "the overrides", cfg)
     for k, v in over.items():  # mappings (digits, model_kwargs) are merged into the recipe's
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
         cfg[k] = _nulls_to_none(cfg[k])
@@ -220,21 +234,17 @@ def _validate(cfg: Dict[str, Any]) -> None:
     positive("lr")
     if cfg["opt"] not in ("lamb", "adamw", "sgd"):
         raise LeanvitError(f"opt must be lamb, adamw or sgd, got {cfg['opt']!r}")
-    if cfg["loss"] not in ("bce", "ce"):
-        raise LeanvitError(f"loss must be bce or ce, got {cfg['loss']!r}")
-    if cfg["loss"] == "bce" and cfg["smoothing"]:
-        raise LeanvitError("the DeiT III BCE loss needs smoothing 0 (targets are thresholded at 0 after mixup)")
     reduction_settings(cfg)  # a clear error for a bad method or strength
     _validate_more(cfg)
     if cfg.get("schedule", "cosine") not in ("cosine", "poly"):
         raise LeanvitError(f"schedule must be cosine or poly, got {cfg['schedule']!r}")
-    for key in ("min_size", "max_size", "crop_size", "iterations"):
-        if cfg.get(key) is not None:
-            positive(key, integer=True)
+    if cfg.get("iterations") is not None:
+        positive("iterations", integer=True)
     for key in ("warmup_epochs", "keep_rate_start_epoch", "keep_rate_epochs", "drop_path", "weight_decay",
-                "mixup", "cutmix", "smoothing", "workers"):
+                "workers"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
             raise LeanvitError(f"{key} must be a number >= 0, got {cfg[key]!r}")
+    check_task_settings(cfg)  # each task's settings (e.g. loss, min_size), whatever the run's task
 
 
 def _number(v, integer: bool = False) -> bool:

@@ -1,4 +1,5 @@
-"""What trains a run's model, whatever its task: optimizer, learning-rate schedule, grad scaler and EMA."""
+"""What trains a run's model, whatever its task: data loaders, optimizer, learning-rate schedule, grad scaler
+and EMA."""
 from __future__ import annotations
 
 import fnmatch
@@ -10,11 +11,21 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 
+from leanvit.data.loaders import training_loaders
 from leanvit.errors import LeanvitError
+from leanvit.tasks import Task, TrainData
 from leanvit.train.distributed import DistEnv
 from leanvit.train.state import TrainState
 
-__all__ = ["build_state", "freeze_parameters"]
+__all__ = ["build_state", "build_train_data", "freeze_parameters"]
+
+
+def build_train_data(task: Task, cfg: Dict[str, Any], env: DistEnv, model: nn.Module) -> TrainData:
+    """The run's loaders over the task's datasets (:meth:`leanvit.tasks.Task.datasets`), batched by its
+    :attr:`~leanvit.tasks.Task.collate_fn`: see :func:`leanvit.data.loaders.training_loaders`."""
+    train_set, val_set, classes = task.datasets(cfg, model)
+    ld = training_loaders(train_set, val_set, cfg, env, task.collate_fn)
+    return TrainData(ld.train_set, val_set, ld.train_loader, ld.val_loader, ld.sampler, list(classes), ld.iters)
 
 
 def freeze_parameters(model: nn.Module, patterns) -> Tuple[int, int]:

@@ -1,7 +1,7 @@
 """Pictures of dense predictions: boxes with class and score, instance masks, segmentation label maps.
 
-    from leanvit.viz import predict_images, draw_detections, visualize_dense
-    visualize_dense(detector, "detection", [pil_image, ...], "viz/", class_names=classes)
+    from leanvit.viz import detection_pictures, visualize_dense
+    visualize_dense(detector, detection_pictures, [pil_image, ...], "viz/", class_names=classes)
 
 Drawing is torchvision's (``draw_bounding_boxes``, ``draw_segmentation_masks``); small images (the embedded
 96 px scenes) are enlarged first (nearest neighbour, boxes moved with ``v2.functional.resize``) so the
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,9 +22,11 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
+from leanvit.errors import LeanvitError
 from leanvit.viz.common import palette
 
-__all__ = ["predict_images", "draw_detections", "draw_segmentation", "visualize_dense"]
+__all__ = ["predict_detections", "predict_label_maps", "draw_detections", "draw_segmentation",
+           "detection_pictures", "segmentation_pictures", "save_pictures", "visualize_dense"]
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +42,37 @@ def _to_uint8(image) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else (t.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def _as_float(images: Sequence) -> List[torch.Tensor]:
+    return [TF.to_dtype(_to_uint8(im), torch.float32, scale=True) for im in images]
+
+
 @torch.inference_mode()
-def predict_images(model: nn.Module, task: str, images: Sequence, device="cpu", min_size: Optional[int] = None,
-                   batch_size: int = 8) -> List[Dict[str, torch.Tensor]]:
-    """Predictions for PIL images in their own coordinates: detection dicts (boxes, labels, scores[, masks])
-    or segmentation ``{"labels": H x W}`` (argmax of the logits, resized to the image)."""
+def predict_detections(model: nn.Module, images: Sequence, device="cpu",
+                       batch_size: int = 8) -> List[Dict[str, torch.Tensor]]:
+    """A torchvision-style detector's predictions (boxes, labels, scores[, masks]) for PIL images, in each
+    image's own coordinates (the detector resizes inside and maps the boxes back)."""
     model = model.eval().to(device)
     out: List[Dict[str, torch.Tensor]] = []
     for i in range(0, len(images), batch_size):
-        xs = [TF.to_dtype(_to_uint8(im), torch.float32, scale=True) for im in images[i:i + batch_size]]
-        if task == "detection":  # torchvision resizes inside and maps the boxes back to each image
-            out += [{k: v.cpu() for k, v in o.items()} for o in model([x.to(device) for x in xs])]
-            continue
-        for x in xs:
-            h, w = x.shape[-2:]
-            xin = TF.resize(x, int(min_size), antialias=True) if min_size else x
-            logits = model(xin[None].to(device)).float()
-            if tuple(logits.shape[-2:]) != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            out.append({"labels": logits.argmax(1)[0].cpu()})
+        xs = _as_float(images[i:i + batch_size])
+        out += [{k: v.cpu() for k, v in o.items()} for o in model([x.to(device) for x in xs])]
+    return out
+
+
+@torch.inference_mode()
+def predict_label_maps(model: nn.Module, images: Sequence, device="cpu",
+                       min_size: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+    """A segmenter's ``{"labels": H x W}`` for PIL images (the argmax of its logits at the image's size; the
+    input resized to shorter side ``min_size`` first when given)."""
+    model = model.eval().to(device)
+    out: List[Dict[str, torch.Tensor]] = []
+    for x in _as_float(images):
+        h, w = x.shape[-2:]
+        xin = TF.resize(x, int(min_size), antialias=True) if min_size else x
+        logits = model(xin[None].to(device)).float()
+        if tuple(logits.shape[-2:]) != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        out.append({"labels": logits.argmax(1)[0].cpu()})
     return out
 
 
@@ -132,31 +146,55 @@ def draw_segmentation(image, labels: torch.Tensor, num_classes: int, ignore: Seq
     return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
 
 
-def visualize_dense(model: nn.Module, task: str, images: Sequence, out_dir, names: Optional[Sequence[str]] = None,
-                    class_names: Optional[Sequence[str]] = None, score_thresh: float = 0.3, device="cpu",
-                    min_size: Optional[int] = None, grid_name: str = "predictions.png") -> List[Path]:
-    """Draw ``model``'s predictions on ``images`` (PIL): one PNG per image and a grid of all; returns the
-    paths (the grid last)."""
+def detection_pictures(model: nn.Module, images: Sequence, class_names: Optional[Sequence[str]] = None,
+                       device="cpu", score_thresh: float = 0.3, **options) -> List[torch.Tensor]:
+    """A detector's boxes (class and score) and masks drawn over each image (:func:`draw_detections`)."""
+    preds = predict_detections(model, list(images), device=device)
+    return [draw_detections(im, p, class_names, score_thresh) for im, p in zip(images, preds)]
+
+
+def segmentation_pictures(model: nn.Module, images: Sequence, class_names: Optional[Sequence[str]] = None,
+                          device="cpu", min_size: Optional[int] = None, **options) -> List[torch.Tensor]:
+    """A segmenter's label map painted over each image (:func:`draw_segmentation`; a first class named
+    ``background`` is left unpainted)."""
+    pics = []
+    for im, p in zip(images, predict_label_maps(model, list(images), device=device, min_size=min_size)):
+        k = len(class_names) if class_names else int(p["labels"].max()) + 1
+        bg = (0,) if class_names and class_names[0] == "background" else ()
+        pics.append(draw_segmentation(im, p["labels"], k, ignore=bg, class_names=class_names))
+    return pics
+
+
+def save_pictures(pictures: Sequence[torch.Tensor], out_dir, names: Optional[Sequence[str]] = None,
+                  grid_name: str = "predictions.png") -> List[Path]:
+    """One PNG per picture (uint8 3 x H x W) and a grid of all in ``out_dir``; the paths, the grid last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    preds = predict_images(model, task, list(images), device=device, min_size=min_size)
-    drawn, paths = [], []
-    for i, (im, p) in enumerate(zip(images, preds)):
-        if task == "detection":
-            pic = draw_detections(im, p, class_names, score_thresh)
-        else:
-            k = len(class_names) if class_names else int(p["labels"].max()) + 1
-            bg = (0,) if class_names and class_names[0] == "background" else ()
-            pic = draw_segmentation(im, p["labels"], k, ignore=bg, class_names=class_names)
+    paths = []
+    for i, pic in enumerate(pictures):
         stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in (names[i] if names else str(i)))[:60]
         path = out / f"{i:03d}_{stem}.png"
         Image.fromarray(pic.permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
-        drawn.append(pic)
-    side = max(max(d.shape[-2] for d in drawn), max(d.shape[-1] for d in drawn))
-    padded = [F.pad(d, (0, side - d.shape[-1], 0, side - d.shape[-2])) for d in drawn]
+    side = max(max(d.shape[-2] for d in pictures), max(d.shape[-1] for d in pictures))
+    padded = [F.pad(d, (0, side - d.shape[-1], 0, side - d.shape[-2])) for d in pictures]
     grid = make_grid(padded, nrow=min(4, len(padded)), padding=4, pad_value=255)
     gpath = out / grid_name
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(gpath)
     paths.append(gpath)
     return paths
+
+
+def visualize_dense(model: nn.Module, pictures: Callable[..., List[torch.Tensor]], images: Sequence, out_dir,
+                    names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
+                    score_thresh: float = 0.3, device="cpu", min_size: Optional[int] = None,
+                    grid_name: str = "predictions.png") -> List[Path]:
+    """Draw ``model``'s predictions on ``images`` (PIL) with ``pictures`` (:func:`detection_pictures`,
+    :func:`segmentation_pictures` or a function of yours with their signature): one PNG per image and a grid
+    of all; returns the paths (the grid last)."""
+    if not callable(pictures):
+        raise LeanvitError(f"visualize_dense takes what to draw as a function (detection_pictures, "
+                           f"segmentation_pictures), got {pictures!r}")
+    pics = pictures(model, list(images), class_names=class_names, device=device, score_thresh=score_thresh,
+                    min_size=min_size)
+    return save_pictures(pics, out_dir, names=names, grid_name=grid_name)
