@@ -326,7 +326,7 @@ def apply_line(row: dict) -> Tuple[str, str]:
     m = get_reduction(row.get("method") or row["reduction"])
     value = row["value"]
     value_py = list(value) if isinstance(value, tuple) else value
-    if row.get("restore"):
+    if row.get("restore") not in (None, "", "-", "none"):  # a dense backbone's restoration
         text = f"{m.name}:{m.format_strength(value)}"
         return (f"--reduction {text} --restore {row['restore']}{size_opt}",
                 f"leanvit.dense.apply_dense_reduction(model, {text!r}, restore={row['restore']!r})")
