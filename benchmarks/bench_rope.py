@@ -49,7 +49,8 @@ def positions_not_moved():
 
     cls.take = lambda self, index, append_identity=False: first(
         self, index.shape[1] - self.num_prefix_tokens + int(append_identity))
-    tome_module.merge_positions = lambda pos, size, plan, N: first(pos, N - plan.src.shape[1] - pos.num_prefix_tokens)
+    tome_module.merge_positions = lambda pos, size, plan, N, layout=None: first(
+        pos, N - plan.src.shape[1] - pos.num_prefix_tokens)
     try:
         yield
     finally:

@@ -133,6 +133,9 @@ def test_tome_merged_positions():
     assert not torch.allclose(outs["mean"], outs["dst"])
     with pytest.raises(LeanvitError, match="position must be one of mean, dst.*'median'"):
         leanvit.apply_reduction(model, "tome", r=6, position="median")
+    leanvit.apply_reduction(model, "tome", r=999)  # clamped at run time (half of the tokens), as published
+    with pytest.raises(LeanvitError, match="tome:999 merges more tokens than a block has.*at most 128 per block"):
+        leanvit.reduction.get_reduction("tome").check_runs_as_given(model, 999)  # what training refuses
 
 
 def test_mean_position_of_two_patches_is_their_midpoint():

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from leanvit.errors import LeanvitError
-from leanvit.reduction.rows import put_rows, take_rows
+from leanvit.reduction.rows import take_rows
 
 __all__ = ["RotaryPositions", "rope_angles", "rope_table", "MERGED_POSITIONS"]
 
@@ -103,11 +103,15 @@ class RotaryPositions:
 
     @property
     def table(self) -> torch.Tensor:
-        """(B, N, D): one row per token of the whole sequence."""
+        """(B, N, D): one row per token of the whole sequence (computed from the angles when the positions
+        carry them: a gathered angle gives exactly the row timm computes for it)."""
         if self._table is None:
-            rope = self.timm_rope
-            rope = rope[:, 0] if rope.ndim == 4 else rope.unsqueeze(0).expand(self.batch, -1, -1)
-            self._table = torch.cat([_identity(rope, self.num_prefix_tokens), rope], dim=1)
+            if self.timm_rope is None:
+                self._table = rope_table(self.angles, self.rotate_half)
+            else:
+                rope = self.timm_rope
+                rope = rope[:, 0] if rope.ndim == 4 else rope.unsqueeze(0).expand(self.batch, -1, -1)
+                self._table = torch.cat([_identity(rope, self.num_prefix_tokens), rope], dim=1)
         return self._table
 
     def rope(self) -> torch.Tensor:
@@ -123,25 +127,24 @@ class RotaryPositions:
     def take(self, index: torch.Tensor, append_identity: bool = False) -> "RotaryPositions":
         """The rows ``index`` (B, M) of the whole sequence, optionally followed by one identity row (a fused
         token: no rotation)."""
+        if self.angles is not None:  # the rows follow from the angles when asked
+            angles = take_rows(self.angles, index)
+            if append_identity:
+                angles = torch.cat([angles, angles.new_zeros(angles.shape[0], 1, angles.shape[-1])], dim=1)
+            return self._new(None, angles)
         table = take_rows(self.table, index)
-        angles = None if self.angles is None else take_rows(self.angles, index)
         if append_identity:
             table = torch.cat([table, _identity(table, 1)], dim=1)
-            if angles is not None:
-                angles = torch.cat([angles, angles.new_zeros(angles.shape[0], 1, angles.shape[-1])], dim=1)
-        return self._new(table, angles)
+        return self._new(table, None)
 
-    def merged(self, order: torch.Tensor, merged_rows: torch.Tensor, merged_angles: Optional[torch.Tensor]
-               ) -> "RotaryPositions":
-        """After a merge: the rows ``order`` (B, N') of the sequence before it (each token keeps its row, a
-        merged token the row of the token it was merged into); with ``merged_angles`` (B, N', F), the
-        size-weighted mean angles of the merged sequence, the rows ``merged_rows`` (B, r) are recomputed from
-        them."""
-        table = take_rows(self.table, order)
-        if merged_angles is None:
-            return self._new(table, None)
-        fresh = rope_table(take_rows(merged_angles, merged_rows), self.rotate_half, table.dtype)
-        return self._new(put_rows(table, merged_rows, fresh), merged_angles)
+    def rows(self, order: torch.Tensor) -> "RotaryPositions":
+        """The rows ``order`` (B, N') of the sequence (after a merge: a merged token keeps the row of the token
+        it was merged into)."""
+        return self._new(take_rows(self.table, order), None)
+
+    def with_angles(self, angles: torch.Tensor) -> "RotaryPositions":
+        """Positions given by per-token angles (B, N, F) (after a merge: size-weighted mean angles)."""
+        return self._new(None, angles)
 
 
 def _identity(like: torch.Tensor, count: int) -> torch.Tensor:

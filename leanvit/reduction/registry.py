@@ -93,6 +93,10 @@ class ReductionMethod:
         """``value`` validated (a clear :class:`LeanvitError` otherwise)."""
         return value
 
+    def check_runs_as_given(self, model: nn.Module, value) -> None:
+        """A clear error when the applied ``model`` would not run ``value`` as given (e.g. a merge count above
+        what a block can merge, clamped at run time): training refuses what it would record wrongly."""
+
     def parse_strength(self, text: str):
         """A knob value from command-line text (e.g. ``"0.7"``)."""
         return self.check_strength(float(text))

@@ -93,6 +93,17 @@ def per_layer_r(value: RValue, depth: int, schedule: str = "constant") -> Tuple[
     return decreasing_schedule(r, depth) if schedule == "decreasing" else (r,) * depth
 
 
+def check_mergeable(model: nn.Module, rs: Sequence[int]) -> None:
+    """A clear error for a merge count no block can reach: a block merges at most half of the patch tokens, so
+    an r above ``num_patches // 2`` (at the model's input size) would be clamped at run time and recorded as a
+    number the model never ran."""
+    n = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if n and rs and max(rs) > n // 2:
+        raise LeanvitError(f"tome:{max(rs)} merges more tokens than a block has to merge: ToMe merges at most "
+                           f"{n // 2} per block here (half of the {n} patch tokens at the model's input size); "
+                           f"give r <= {n // 2}")
+
+
 def tokens_per_block(num_patches: int, r_per_block: Sequence[int]) -> List[int]:
     """Mergeable tokens entering each block (and, last, leaving the model) under the rule
     ``n -> n - min(r, n // 2)``."""
@@ -128,11 +139,12 @@ class ToMeBlockMixin(ReducingBlockMixin):
         x = family.attn_residual(self, x, out)
         if r > 0:
             plan = bipartite_soft_matching(metric, r, P)
+            layout = merge_layout(plan, x.shape[1], x.device)
             if groups is not None:
-                groups = map_groups(groups, plan, x.shape[1])
+                groups = map_groups(groups, plan, x.shape[1], layout)
             if pos is not None:
-                pos = merge_positions(pos, size, plan, x.shape[1])
-            x, size = merge_tokens(x, size, plan)
+                pos = merge_positions(pos, size, plan, x.shape[1], layout)
+            x, size = merge_tokens(x, size, plan, layout)
         x = family.mlp_residual(self, x)
         return (x, size, groups) if pos is None else (x, size, groups, pos)
 
@@ -149,15 +161,15 @@ class ToMeBlockMixin(ReducingBlockMixin):
         return f"tome_r={self.tome_r}"
 
 
-def merge_positions(pos, size: Optional[torch.Tensor], plan: MergePlan, N: int):
+def merge_positions(pos, size: Optional[torch.Tensor], plan: MergePlan, N: int, layout=None):
     """The rotary positions after a merge: every token keeps its row; a merged token the row of the token it
     was merged into, or (when ``pos`` carries angles: ``position="mean"``) the size-weighted mean of the
     angles of the tokens it absorbed (the angle of their mean coordinates)."""
-    order, dst_out = merge_layout(plan, N, plan.unm.device)
-    angles = None
-    if pos.angles is not None:
-        angles, _ = merge_tokens(pos.angles, size if size is None else size.to(pos.angles.dtype), plan)
-    return pos.merged(order, dst_out, angles)
+    order, _ = merge_layout(plan, N, plan.unm.device) if layout is None else layout
+    if pos.angles is None:
+        return pos.rows(order)
+    angles, _ = merge_tokens(pos.angles, size if size is None else size.to(pos.angles.dtype), plan, layout)
+    return pos.with_angles(angles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +371,9 @@ class ToMeMethod(ReductionMethod):
 
     def restore_room(self, model: nn.Module) -> Tuple[int, str]:
         return len(model.blocks) - 1, "after the first block"
+
+    def check_runs_as_given(self, model: nn.Module, value) -> None:
+        check_mergeable(self.reduced_module(model), per_layer_r(value, len(self.reduced_module(model).blocks)))
 
     def restored_tokens(self, model: nn.Module, x: torch.Tensor, restore) -> torch.Tensor:
         """Every patch's features after the last block: ``unmerge`` (each patch takes its token's features)

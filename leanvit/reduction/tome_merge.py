@@ -72,14 +72,15 @@ def merge_layout(plan: MergePlan, N: int, device) -> Tuple[torch.Tensor, torch.T
     return order, dst_out
 
 
-def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan
+def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan, layout=None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``x`` (B, N, C) with token sizes ``size`` (B, N, 1), or None (all 1), as ``plan`` says.
-    Returns the new sequence (B, N - r, C) and its sizes."""
+    """Merge ``x`` (B, N, C) with token sizes ``size`` (B, N, 1), or None (all 1), as ``plan`` says
+    (``layout``: :func:`merge_layout` of the plan, when already computed). Returns the new sequence
+    (B, N - r, C) and its sizes."""
     B, N, C = x.shape
     if size is None:
         size = x.new_ones(B, N, 1)
-    order, dst_out = merge_layout(plan, N, x.device)
+    order, dst_out = merge_layout(plan, N, x.device) if layout is None else layout
     out = take_rows(x, order)
     new_size = take_rows(size, order)
     src_pos = 2 * plan.src                                   # positions in x of the merged A tokens
@@ -94,12 +95,12 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan
     return out, new_size
 
 
-def map_groups(groups: torch.Tensor, plan: MergePlan, N: int) -> torch.Tensor:
+def map_groups(groups: torch.Tensor, plan: MergePlan, N: int, layout=None) -> torch.Tensor:
     """Follow a merge: ``groups`` (B, num_patches) holds, for each original patch, the index among the
     non-prefix tokens of the token holding it before the merge of a sequence of N tokens; returns the
     same after it."""
     P = plan.num_prefix_tokens
-    order, dst_out = merge_layout(plan, N, groups.device)
+    order, dst_out = merge_layout(plan, N, groups.device) if layout is None else layout
     B = groups.shape[0]
     new_index = torch.empty(B, N, dtype=torch.long, device=groups.device)
     new_index.scatter_(1, order, torch.arange(order.shape[1], device=groups.device).expand(B, -1))

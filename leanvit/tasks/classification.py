@@ -76,16 +76,6 @@ def build_training_model(cfg: Dict[str, Any], num_classes: int, reduction: Optio
     return create_model(spec["name"], reduction=spec["reduction"], img_size=to_2tuple(img), **kwargs)
 
 
-def _check_merge_count(model: nn.Module, reduction: Optional[dict]) -> None:
-    """ToMe merges at most half of a block's tokens: a larger target ``r`` would train as that half but be
-    recorded (and scheduled) as given, so it is refused here."""
-    r = (reduction or {}).get("r")
-    n = getattr(getattr(model, "patch_embed", None), "num_patches", None)
-    if (reduction or {}).get("method") == "tome" and isinstance(r, int) and n and r > n // 2:
-        raise LeanvitError(f"`reduction` tome:{r} merges more tokens than a block has to merge: ToMe merges at "
-                           f"most {n // 2} per block here (half of the {n} patch tokens); give r <= {n // 2}")
-
-
 FINETUNE_MIN_SHARE = 0.5  # --finetune fails when fewer of the model's tensors load (unless finetune_partial)
 
 
@@ -210,7 +200,9 @@ class ClassificationTask(Task):
     def build_model(self, cfg, num_classes, reduction=None, finetune=None):
         model = build_training_model(cfg, num_classes, reduction)
         check_input_size(model, to_2tuple(cfg["img_size"]))  # e.g. --img-size 7 with 8 px patches
-        _check_merge_count(model, reduction)
+        method = applied_reduction(model)
+        if method is not None and reduction and method.knob in reduction:
+            method.check_runs_as_given(model, reduction[method.knob])  # the target a schedule records
         note = finetune_from(model, finetune, partial=bool(cfg.get("finetune_partial"))) if finetune else None
         return model, model_spec_from_config(cfg, num_classes, reduction), note
 
