@@ -338,3 +338,12 @@ def test_row_helpers_equal_gather_and_scatter_with_gradients():
     check(lambda: put_rows_(x.clone(), index, src), lambda: x.clone().scatter_(1, wide(index), src))
     check(lambda: add_rows_(x.clone(), repeated, src), lambda: x.clone().scatter_add_(1, wide(repeated), src))
     assert take_rows(x, index[:, :0]).shape == (B, 0, C)
+
+
+def test_a_merge_count_no_block_reaches_is_refused_where_it_would_be_recorded():
+    """build_model (eval, bench, sweep, viz, export) refuses a ToMe r above half of the patch tokens: the model
+    would clamp it at run time and the results would name a configuration that never ran."""
+    from leanvit.models.build import build_model
+    with pytest.raises(LeanvitError, match="tome:999 merges more tokens than a block has.*at most 2 per block"):
+        build_model("test_vit", reduction="tome:999", img_size=32, num_classes=3)
+    assert build_model("test_vit", reduction="tome:2", img_size=32, num_classes=3).model.r == 2

@@ -186,6 +186,9 @@ def build_model(name: Optional[str] = None, checkpoint=None, reduction: Any = No
         remove_reduction(model)
     hw = model_input_size(model, opts.get("img_size"))
     check_input_size(model, hw)
+    method = applied_reduction(model)
+    if method is not None and reduction is not None and method.knob in reduction.to_dict():
+        method.check_runs_as_given(model, reduction.to_dict()[method.knob])  # never recorded as something else
     config = None
     if checkpoint is not None:
         load_checkpoint(model, sd, strict=True, name=str(checkpoint))
