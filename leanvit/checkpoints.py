@@ -16,6 +16,7 @@ import argparse
 import os
 import tempfile
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -82,9 +83,37 @@ class LoadResult(NamedTuple):
     skipped_keys: List[str]  # present in both but dropped (e.g. a classifier of another size)
 
 
+_ONCE: Optional[dict] = None  # while reading_once() is active: the last file read, {"key": ..., "obj": ...}
+
+
+@contextmanager
+def reading_once():
+    """Within it, reading the same unchanged checkpoint file again returns what the first read returned (a
+    shallow copy of it): a command that asks for a checkpoint's task, model and data options reads the file once.
+    Only the last file read is kept, so a command going through several checkpoints holds one at a time."""
+    global _ONCE
+    outer, _ONCE = _ONCE, {}
+    try:
+        yield
+    finally:
+        _ONCE = outer
+
+
 def read_checkpoint(path) -> Any:
     """What a checkpoint file holds (``torch.load(weights_only=True)`` or safetensors), clear errors otherwise."""
     path = Path(path)
+    if _ONCE is not None and path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if _ONCE.get("key") != key:
+            _ONCE.clear()
+            _ONCE.update(key=key, obj=_read_checkpoint_file(path))
+        obj = _ONCE["obj"]
+        return dict(obj) if isinstance(obj, dict) else obj
+    return _read_checkpoint_file(path)
+
+
+def _read_checkpoint_file(path: Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(2, "No such checkpoint", str(path))
     if path.is_dir():

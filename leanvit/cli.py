@@ -139,9 +139,12 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "_accepts_extra", False):  # `train` takes any recipe key as --key value
-            return int(args._run(args, extra) or 0)
-        return int(args._run(args) or 0)
+        from leanvit.checkpoints import reading_once  # a command reads each checkpoint file once
+
+        with reading_once():
+            if getattr(args, "_accepts_extra", False):  # `train` takes any recipe key as --key value
+                return int(args._run(args, extra) or 0)
+            return int(args._run(args) or 0)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = flag_names(error_line(e), args)
         code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint

@@ -144,3 +144,29 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(read_state_dict(path)["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
+
+
+def test_a_command_reads_its_checkpoint_once(tmp_path, capsys, monkeypatch):
+    """eval asks the checkpoint for its task, its model and its data options: one file read."""
+    from cli_helpers import cli
+
+    import leanvit.checkpoints as ck
+    from leanvit.models import create_model
+
+    spec = {"name": "test_vit", "kwargs": {"img_size": 32, "num_classes": 10}}
+    path = tmp_path / "m.pth"
+    ck.save_checkpoint({"model": create_model("test_vit", img_size=32, num_classes=10).state_dict(),
+                        "model_spec": spec}, path)
+    reads = []
+    real = ck._read_checkpoint_file
+    monkeypatch.setattr(ck, "_read_checkpoint_file", lambda p: reads.append(p) or real(p))
+    rc, out, err = cli(capsys, "eval", "--checkpoint", path, "--data", "digits", "--max-batches", "1",
+                       "--no-progress")
+    assert rc == 0, err
+    assert len(reads) == 1
+    with ck.reading_once():  # a changed file is read again
+        first = ck.read_checkpoint(path)
+        first.pop("model")  # a caller changing what it got changes nothing for the next one
+        assert "model" in ck.read_checkpoint(path)
+        ck.save_checkpoint({"model": {}, "model_spec": spec, "note": 1}, path)
+        assert ck.read_checkpoint(path).get("note") == 1
