@@ -125,7 +125,7 @@ def test_registered_method_works_everywhere(gain_method, tmp_path):
                  "reduction": {"method": "test-gain", "gain": 0.25}, "output": str(tmp_path / "run")},
                 progress=False, device="cpu")
     assert res["model_spec"]["reduction"] == {"method": "test-gain", "gain": 0.25}
-    assert res["history"][0]["keep_rate"] == 0.25  # the knob's value per epoch (the column keeps its old name)
+    assert res["history"][0]["strength"] == 0.25  # the knob's value per epoch, whatever the method calls it
     with pytest.raises(LeanvitError, match="gain must be >= 0"):
         leanvit.create_model("test_vit", reduction={"method": "test-gain", "gain": -1})
 

@@ -38,7 +38,7 @@ def test_a_method_defined_outside_works_everywhere(norm_method, tmp_path, capsys
                  "crop": "none", "output": str(out),
                  "reduction": {"method": "test-norm", "keep_rate": 0.5, "start_epoch": 0, "epochs": 1}},
                 progress=False, device="cpu")
-    rates = [row["keep_rate"] for row in res["history"]]
+    rates = [row["strength"] for row in res["history"]]
     assert 0.5 < rates[0] < 1.0 and rates[1] == 0.5
     assert norm_method.loss_calls == 4  # 2 epochs x 2 steps
     assert res["model_spec"]["reduction"]["method"] == "test-norm"

@@ -26,7 +26,7 @@ def test_tiny_training_run_with_tome(tmp_path):
     res = train({**TINY, "output": str(tmp_path / "tome"),
                  "reduction": {"method": "tome", "r": 4, "start_epoch": 1, "epochs": 1}},
                 progress=False, device="cpu")
-    strengths = [row["keep_rate"] for row in res["history"]]  # the knob's value at the end of each epoch
+    strengths = [row["strength"] for row in res["history"]]  # the knob's value at the end of each epoch
     assert strengths[0] == 0 and strengths[-1] == 4 and all(isinstance(s, int) for s in strengths)
     assert res["model_spec"]["reduction"] == {"method": "tome", "r": 4}
     assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in res["history"])

@@ -158,7 +158,7 @@ def test_resume_exactness_needs_same_lr_schedule_length(tmp_path):
 def test_keep_rate_schedule_in_training(tmp_path):
     res = _run(tmp_path, "evit", keep_rate=0.5, keep_rate_start_epoch=1, keep_rate_epochs=1, epochs=3,
                eval_every=3)
-    keeps = [r["keep_rate"] for r in res["history"]]
+    keeps = [r["strength"] for r in res["history"]]
     from leanvit.reduction.evit import keep_rate_schedule
 
     assert keeps[0] == 1.0
@@ -281,3 +281,17 @@ def test_freeze_keeps_the_matching_parameters_fixed(tmp_path):
         _run(tmp_path, "bad", freeze=["block.0.*"])
     with pytest.raises(LeanvitError, match="leaves no parameter to train"):
         _run(tmp_path, "all", freeze=["*"])
+
+
+def test_history_of_older_runs_reads_keep_rate_as_strength():
+    """Rows written before the column was named ``strength`` (``keep_rate``, whatever the method) resume as it."""
+    import torch.nn as nn
+
+    from leanvit.train.state import TrainState
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    st = TrainState(model, opt, None)
+    old = st.checkpoint()
+    old.update(epoch=2, history=[{"epoch": 0, "keep_rate": 8}, {"epoch": 1, "keep_rate": 13}])
+    st.load(old)
+    assert [r["strength"] for r in st.history] == [8, 13] and all("keep_rate" not in r for r in st.history)

@@ -27,7 +27,8 @@ from leanvit.utils import check_input_size, model_input_size, to_2tuple
 #: a configuration without any reduction (``"none"``), even on a model built with one
 NO_REDUCTION = "none"
 
-__all__ = ["ReducedView", "benchmark_models", "build_configurations", "reduction_label", "Configuration"]
+__all__ = ["ReducedView", "benchmark_models", "build_configurations", "reduction_label", "Configuration",
+           "keep_rate_column"]
 
 #: (reduction method name or None, strength or None): None/None = the model as built
 Configuration = Tuple[Optional[str], Any]
@@ -49,8 +50,15 @@ def reduction_label(model: nn.Module) -> Tuple[str, str]:
 
 def _row_fields(model: nn.Module) -> Dict[str, str]:
     method, strength = reduction_label(model)
-    return dict(reduction=method, strength=strength,
-                keep_rate=strength if method in ("evit", "evit-drop") else "-")
+    return dict(reduction=method, strength=strength, keep_rate=keep_rate_column(method, strength))
+
+
+def keep_rate_column(method: str, strength: str) -> str:
+    """The older ``keep_rate`` column: the strength of a method whose knob is a keep rate, else "-"."""
+    try:
+        return strength if get_reduction(method).knob == "keep_rate" else "-"
+    except LeanvitError:  # "-" / "none": no method
+        return "-"
 
 
 def _hw_str(hw) -> str:

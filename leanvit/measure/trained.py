@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from leanvit.measure.benchmark import keep_rate_column
 from leanvit.reduction import applied_reduction, get_reduction, is_none_text, remove_reduction
 from leanvit.tasks import task_of_checkpoint
 from leanvit.utils import to_2tuple
@@ -85,7 +86,7 @@ def checkpoint_configurations(path, reductions: Sequence[Tuple[Optional[str], An
             configs[label] = (v.model, hw, dict(model=str(path), task=task.name,
                                                 reduction=v.reduction if v.value is not None else "-",
                                                 strength=v.strength,
-                                                keep_rate=v.strength if method in ("evit", "evit-drop") else "-"))
+                                                keep_rate=keep_rate_column(method or "-", v.strength)))
             part = task.backbone_part(v.model)
             if part is not None:
                 parts[label] = part

@@ -260,8 +260,8 @@ class Run:
         msg = (f"epoch {row['epoch'] + 1}/{self.cfg['epochs']}: train loss {row['train_loss']:.4f}, "
                f"{row['train_img_per_s']:.0f} img/s")
         msg += self.task.message(row)
-        if row.get("keep_rate") is not None:
-            msg += f", {self.ctx.method.knob.replace('_', ' ')} {self.ctx.method.format_strength(row['keep_rate'])}"
+        if row.get("strength") is not None:
+            msg += f", {self.ctx.method.knob.replace('_', ' ')} {self.ctx.method.format_strength(row['strength'])}"
         return msg
 
     def fit(self) -> Dict[str, Any]:

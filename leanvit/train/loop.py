@@ -134,4 +134,4 @@ def train_one_epoch(state: TrainState, loader, ctx: StepContext, progress: bool 
     if keep is None and start:  # resumed at the epoch's last step(s): the strength of its last step
         keep = reduction_at(ctx, state.step - 1)
     return {"epoch": epoch, "train_loss": loss_tot / max(seen_tot, 1), "lr": state.optimizer.param_groups[0]["lr"],
-            "keep_rate": keep, "train_img_per_s": here_tot / max(train_time, 1e-9), "epoch_seconds": train_time}
+            "strength": keep, "train_img_per_s": here_tot / max(train_time, 1e-9), "epoch_seconds": train_time}

@@ -46,4 +46,6 @@ class TrainState:
         self.epoch = int(obj["epoch"])
         self.step = int(obj.get("step", 0))
         self.best = float(obj.get("best_metric", obj.get("best_top1", -1.0)))  # best_top1: older checkpoints
-        self.history = list(obj.get("history", []))
+        # rows of older runs named the reduction's strength ``keep_rate`` whatever the method: read as ``strength``
+        self.history = [{("strength" if k == "keep_rate" else k): v for k, v in row.items()}
+                        for row in obj.get("history", [])]

@@ -4,7 +4,7 @@
 What is logged, against one step axis (the optimizer step, which a resumed run continues):
 
 * every numeric value of every ``metrics.jsonl`` row, under the same name, at the step that ends its epoch
-  (``train_loss``, ``lr``, ``train_img_per_s``, ``keep_rate``, ``val_top1``/``val_top5``, ``val_map...``,
+  (``train_loss``, ``lr``, ``train_img_per_s``, ``strength``, ``val_top1``/``val_top5``, ``val_map...``,
   ``val_miou...``, ``ema_...``);
 * ``step/train_loss`` (the epoch's running mean) and ``step/lr`` every ``log_every`` optimizer steps;
 * the run's config (TensorBoard: a text summary; W&B: the run config);
