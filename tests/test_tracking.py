@@ -42,7 +42,7 @@ def test_tensorboard_scalars_equal_metrics_and_resume_continues_the_axis(tmp_pat
     rows = _rows(out)
     assert len(rows) == 3 and res["epochs_done"] == 3
     tags = acc.Tags()["scalars"]
-    for key in ("train_loss", "lr", "train_img_per_s", "keep_rate", "val_top1", "val_top5", "val_loss"):
+    for key in ("train_loss", "lr", "train_img_per_s", "strength", "val_top1", "val_top5", "val_loss"):
         assert key in tags, key
         events = acc.Scalars(key)
         assert [e.step for e in events] == [3, 6, 9]  # one step axis: optimizer steps, continued by the resume
