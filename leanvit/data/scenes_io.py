@@ -54,7 +54,7 @@ def scene_statistics(split: str = "val", num_images: Optional[int] = None, strid
         split: ``train`` or ``val``.
         num_images: how many scenes to measure (default: the whole split).
         strides: the output strides of the perfect-logit bound.
-        **options: :class:`leanvit.data.scenes.SceneDataset` options (``canvas_size``, ``num_stuff``, ...).
+        options: :class:`leanvit.data.scenes.SceneDataset` options (``canvas_size``, ``num_stuff``, ...).
 
     Returns:
         ``images``; ``class_frequency`` (class name -> fraction of the pixels); ``stuff_fraction`` (of the
@@ -103,7 +103,7 @@ def write_ade20k(root, num_train: int = 64, num_val: int = 32, **options: Any) -
         root: the folder: new, empty, or one this function wrote before (its files are replaced).
         num_train: training scenes (the first of the train split).
         num_val: validation scenes.
-        **options: :class:`leanvit.data.scenes.SceneDataset` options.
+        options: :class:`leanvit.data.scenes.SceneDataset` options.
 
     Returns:
         ``root`` as a Path.
