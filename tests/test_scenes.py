@@ -97,7 +97,8 @@ def test_ade20k_round_trip(tmp_path):
     for i in range(2):
         _, t = ds[i]
         assert np.array_equal(t["mask"].as_subclass(torch.Tensor).numpy(), ours.scene(i)[1])
-    write_ade20k(root, num_train=1, num_val=1, **SMALL)  # its own folder: rewritten
+    write_ade20k(root, num_train=1, num_val=1, **SMALL)  # its own folder: rewritten, no stale scenes left
+    assert len(create_dataset(str(root), "val")) == 1 and len(create_dataset(str(root), "train")) == 1
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -115,8 +115,10 @@ def write_ade20k(root, num_train: int = 64, num_val: int = 32, **options: Any) -
         if not 1 <= int(n) <= len(ds):
             raise LeanvitError(f"the {split} split has {len(ds)} scenes; cannot write {n}")
         im_dir, an_dir = root / "images" / folder, root / "annotations" / folder
-        im_dir.mkdir(parents=True, exist_ok=True)
-        an_dir.mkdir(parents=True, exist_ok=True)
+        for d, ext in ((im_dir, ".jpg"), (an_dir, ".png")):
+            d.mkdir(parents=True, exist_ok=True)
+            for old in d.glob(f"scenes_{split}_*{ext}"):  # an earlier write's scenes: replaced, not mixed in
+                old.unlink()
         for i in range(int(n)):
             img, sem, _, _ = ds.scene(i)
             stem = f"scenes_{split}_{i:06d}"
