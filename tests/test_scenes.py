@@ -56,6 +56,19 @@ def test_labels_are_consistent():
     assert seen_things > 0
 
 
+def test_panoptic_segments_tile_the_image():
+    ds = SceneDataset("val", **SMALL)
+    for i in range(6):
+        _, sem, owner, digits = ds.scene(i)
+        ids, segments = ds.panoptic(i)
+        assert ids.min() >= 1 and sorted(np.unique(ids)) == [s["id"] for s in segments]
+        for s in segments:
+            m = ids == s["id"]
+            assert (sem[m] == s["category_id"]).all() and s["area"] == m.sum()
+            assert s["isthing"] == (s["category_id"] >= ds.num_stuff)
+        assert sum(s["isthing"] for s in segments) == len({int(t) for t in np.unique(owner) if t >= 0})
+
+
 def test_registered_kinds_and_classes():
     ds = create_dataset("scenes-seg", "val", options=SMALL)
     assert ds.classes[:5] == ["sky", "water", "grass", "wall", "road"] and len(ds.classes) == 15

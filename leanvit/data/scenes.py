@@ -251,6 +251,27 @@ class SceneDataset:
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.scene(index)[0], mode="RGB")
 
+    def panoptic(self, index: int) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+        """Item ``index``'s panoptic segments as COCO panoptic gives them: (segment id map H x W, one entry
+        per segment: ``id`` (1, 2, ...), ``category_id`` (its label in the ``scenes-seg`` label map),
+        ``isthing``, ``area``, ``bbox`` (x, y, w, h)). One segment per stuff class present, one per visible
+        thing."""
+        _, sem, owner, digits = self.scene(index)
+        ids = np.zeros(sem.shape, dtype=np.int64)
+        parts = [(int(c), False, (owner < 0) & (sem == c)) for c in range(self.num_stuff)]
+        parts += [(self.num_stuff + d, True, owner == t) for t, d in enumerate(digits)]
+        segments = []
+        for cat, isthing, m in parts:
+            ys, xs = np.nonzero(m)
+            if len(ys) == 0:
+                continue
+            sid = len(segments) + 1
+            ids[m] = sid
+            segments.append({"id": sid, "category_id": cat, "isthing": isthing, "area": int(len(ys)),
+                             "bbox": [int(xs.min()), int(ys.min()), int(xs.max() + 1 - xs.min()),
+                                      int(ys.max() + 1 - ys.min())]})
+        return ids, segments
+
     def target(self, index: int, sem: np.ndarray, owner: np.ndarray, digits: List[int]) -> Dict[str, Any]:
         s = sem.shape
         if self.target_format == "mask":
