@@ -18,6 +18,7 @@ from leanvit.data import digits as _digits  # noqa: F401,E402  (registers "digit
 from leanvit.data import folder as _folder  # noqa: F401,E402  (registers ImageFolder trees)
 # dense data: embedded digits-det / digits-seg, COCO and segmentation-mask layouts
 from leanvit.data import digits_dense as _digits_dense  # noqa: F401,E402
+from leanvit.data import scenes as _scenes  # noqa: F401,E402  (scenes-seg / scenes-det)
 from leanvit.data import segmentation as _segmentation  # noqa: F401,E402
 from leanvit.data import coco as _coco  # noqa: F401,E402
 # sharded and hub data: WebDataset tar shards, Hugging Face datasets
