@@ -139,12 +139,18 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        import torch
+
         from leanvit.checkpoints import reading_once  # a command reads each checkpoint file once
 
-        with reading_once():
-            if getattr(args, "_accepts_extra", False):  # `train` takes any recipe key as --key value
-                return int(args._run(args, extra) or 0)
-            return int(args._run(args) or 0)
+        threads = torch.get_num_threads()  # --threads is the command's: main() called in-process gives it back
+        try:
+            with reading_once():
+                if getattr(args, "_accepts_extra", False):  # `train` takes any recipe key as --key value
+                    return int(args._run(args, extra) or 0)
+                return int(args._run(args) or 0)
+        finally:
+            torch.set_num_threads(threads)
     except (LeanvitError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = flag_names(error_line(e), args)
         code = int(getattr(e, "exit_code", 2))  # 75: stopped by a signal after a recovery checkpoint

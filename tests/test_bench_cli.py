@@ -162,3 +162,20 @@ def test_interleaved_measure_balances_the_order():
         for pair in zip(rnd, rnd[1:]):
             follows[pair] = follows.get(pair, 0) + 1
     assert len(follows) == 6 and set(follows.values()) == {2}  # each ordered pair twice
+
+
+def test_threads_of_a_command_run_in_process_are_given_back(tmp_path, capsys):
+    """`leanvit bench --threads 1` run through main() in a process leaves the process's thread count as it was
+    (a later command in the same process, a test or a notebook, measures with its own)."""
+    import torch
+    from cli_helpers import cli
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rc, _, err = cli(capsys, "bench", "--models", "test_vit", "--img-sizes", "32", "--batch-size", "2",
+                         "--warmup", "0", "--repeats", "1", "--threads", "1", "--no-memory", "--output", tmp_path)
+        assert rc == 0, err
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
