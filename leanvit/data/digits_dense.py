@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 
 from leanvit.data.dense import encode_masks
 from leanvit.data.digits import random_color, resize_scan, split_scans
-from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
+from leanvit.data.registry import GeneratedKind, register_dataset
 from leanvit.errors import LeanvitError
 
 __all__ = ["DigitScenes", "render_scene", "DigitsDetKind", "DigitsSegKind", "DIGIT_CLASSES", "scene_classes"]
@@ -212,22 +212,9 @@ class DigitScenes:
                 f"seed={self.seed})")
 
 
-class _DigitScenesKind(DatasetKind):
-    embedded = True
+class _DigitScenesKind(GeneratedKind):
     options_key = "digits_dense"
-
-    def matches(self, data: str) -> bool:
-        return data == self.name
-
-    def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
-        ds = DigitScenes(split=split, target_format=self.target_format, transform=transform, **(options or {}))
-        if classes is not None and list(classes) != ds.classes:
-            raise LeanvitError(f"the {self.name} classes {ds.classes} differ from the expected {list(classes)}")
-        return ds
-
-    def check_options(self, options):
-        check_keyword_options(self.options_key, options, DigitScenes.__init__,
-                              skip=("self", "split", "target_format", "transform"))
+    dataset_class = DigitScenes
 
     def classes(self, data, split="val", options=None):
         return scene_classes(self.target_format)

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from leanvit.errors import LeanvitError
 
-__all__ = ["DatasetKind", "register_dataset", "resolve_dataset_kind", "create_dataset", "dataset_classes",
+__all__ = ["DatasetKind", "GeneratedKind", "register_dataset", "resolve_dataset_kind", "create_dataset",
+           "dataset_classes",
            "list_dataset_kinds", "dataset_options", "check_dataset_options", "with_data_overrides",
            "dataset_settings"]
 
@@ -86,6 +87,30 @@ def check_keyword_options(where: str, options: Any, target: Callable,
         elif isinstance(default, float):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise LeanvitError(f"{where}.{k} must be a number >= 0, got {v!r}")
+
+
+class GeneratedKind(DatasetKind):
+    """An embedded kind whose samples a generator class renders (``--data digits-seg``, ``scenes-det``, ...): one
+    ``dataset_class(split=, target_format=, transform=, **options)``, its options checked against that class's
+    keywords. Subclasses set ``name``, ``task``, ``options_key``, ``target_format``, ``dataset_class`` and
+    :meth:`classes`."""
+
+    embedded = True
+    target_format = "mask"
+    dataset_class: Any = None
+
+    def matches(self, data: str) -> bool:
+        return data == self.name
+
+    def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
+        ds = self.dataset_class(split=split, target_format=self.target_format, transform=transform, **(options or {}))
+        if classes is not None and list(classes) != ds.classes:
+            raise LeanvitError(f"the {self.name} classes {ds.classes} differ from the expected {list(classes)}")
+        return ds
+
+    def check_options(self, options):
+        check_keyword_options(self.options_key, options, self.dataset_class.__init__,
+                              skip=("self", "split", "target_format", "transform"))
 
 
 def register_dataset(kind: DatasetKind) -> DatasetKind:

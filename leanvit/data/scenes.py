@@ -41,7 +41,7 @@ from torchvision import tv_tensors
 
 from leanvit.data.dense import encode_masks
 from leanvit.data.digits import random_color, resize_scan, split_scans
-from leanvit.data.registry import DatasetKind, check_keyword_options, register_dataset
+from leanvit.data.registry import GeneratedKind, register_dataset
 from leanvit.errors import LeanvitError
 
 __all__ = ["SceneDataset", "ScenesSegKind", "ScenesDetKind", "STUFF", "scenes_classes", "size_group",
@@ -313,23 +313,9 @@ class SceneDataset:
                 f"{self.max_objects}, seed={self.seed})")
 
 
-class _ScenesKind(DatasetKind):
-    embedded = True
+class _ScenesKind(GeneratedKind):
     options_key = "scenes"
-    target_format = "mask"
-
-    def matches(self, data: str) -> bool:
-        return data == self.name
-
-    def create(self, data, split, transform=None, options=None, classes=None, skip_corrupt=False):
-        ds = SceneDataset(split=split, target_format=self.target_format, transform=transform, **(options or {}))
-        if classes is not None and list(classes) != ds.classes:
-            raise LeanvitError(f"the {self.name} classes {ds.classes} differ from the expected {list(classes)}")
-        return ds
-
-    def check_options(self, options):
-        check_keyword_options(self.options_key, options, SceneDataset.__init__,
-                              skip=("self", "split", "target_format", "transform"))
+    dataset_class = SceneDataset
 
     def classes(self, data, split="val", options=None):
         return scenes_classes(int((options or {}).get("num_stuff", 5)), self.target_format)
