@@ -55,11 +55,9 @@ from leanvit.dense import create_detector, create_segmenter
 from leanvit.dense.segmentation import Segmenter
 from leanvit.errors import LeanvitError
 from leanvit.measure import count_macs, forward_peak_memory_mb, interleaved_measure
-from leanvit.measure.bound import sequence_lengths
+from leanvit.measure.bound import sequence_lengths, truncated_tokens
 from leanvit.measure.load import LoadWatch
 from leanvit.measure.memory import _LiveTensorBytes
-from leanvit.reduction.families import family_of
-from leanvit.reduction.positions import RotaryPositions
 from leanvit.utils import environment, retain_freed_memory, sync_device
 
 SEG_HEADS = ("linear", "semantic_fpn", "upernet")
@@ -111,15 +109,9 @@ class BoundBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         vit = self.inner.vit
-        family = family_of(vit, "the token-count bound")
         H, W = vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         P = vit.num_prefix_tokens
-        t, pos = family.embed(vit, x)
-        for blk, n in zip(vit.blocks, self.lengths):
-            p = None if pos is None else RotaryPositions(pos.timm_rope[..., :t.shape[1] - P, :], None, None,
-                                                         pos.rotate_half, P, pos.batch)
-            t = family.attn_residual(blk, t, family.attention(blk, blk.norm1(t), p, P)[0])[:, :n]
-            t = family.mlp_residual(blk, t)
+        t = truncated_tokens(vit, x, self.lengths)
         t = vit.norm(t)[:, P:]
         B, k, C = t.shape
         grid = torch.cat([t, t.new_zeros(B, H * W - k, C)], 1) if k < H * W else t[:, :H * W]

@@ -232,3 +232,19 @@ def test_eva_intermediates_with_a_reduction():
     leanvit.apply_reduction(model, "tome", r=4)
     with pytest.raises(LeanvitError, match="not available while ToMe merges"):
         model.forward_intermediates(x)
+
+
+@torch.no_grad()
+def test_token_count_bound_runs_the_reduced_lengths():
+    """At the unreduced model's own lengths the bound computes the model; at EViT's it runs them by truncation."""
+    from leanvit.measure.bound import TokenCountBound, sequence_lengths
+
+    model, x = small("vit_small_patch16_dinov3")
+    full = sequence_lengths(model, x)
+    assert torch.allclose(TokenCountBound(model, full)(x), model(x), atol=1e-5)
+    leanvit.apply_reduction(model, "evit", keep_rate=0.5, locations=(1, 2))
+    lengths = sequence_lengths(model, x)
+    assert lengths[1][1] < lengths[1][0] == full[1][0]  # block 1 prunes after its attention
+    bound = TokenCountBound(model, lengths)
+    assert leanvit.reduction.applied_reduction(bound.vit) is None
+    assert sequence_lengths(bound.vit, x) == full and bound(x).shape == model(x).shape

@@ -17,7 +17,7 @@ from leanvit.reduction import remove_reduction
 from leanvit.reduction.families import family_of
 from leanvit.reduction.positions import RotaryPositions
 
-__all__ = ["sequence_lengths", "TokenCountBound"]
+__all__ = ["sequence_lengths", "TokenCountBound", "truncated_tokens"]
 
 
 @torch.inference_mode()
@@ -40,6 +40,20 @@ def sequence_lengths(vit: nn.Module, x: torch.Tensor) -> List[Tuple[int, int]]:
     return [(e[0], e[-1]) for e in lengths]
 
 
+def truncated_tokens(vit: nn.Module, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """The tokens (before the final norm) of the unreduced ``vit`` on images ``x`` when, after each block's
+    attention, only the first ``lengths[i]`` tokens go on (rotary rows sliced alike): no reduction work."""
+    family = family_of(vit, "the token-count bound")
+    P = vit.num_prefix_tokens
+    t, pos = family.embed(vit, x)
+    for blk, n in zip(vit.blocks, lengths):
+        p = None if pos is None else RotaryPositions(pos.timm_rope[..., :t.shape[1] - P, :], None, None,
+                                                     pos.rotate_half, P, pos.batch)
+        t = family.attn_residual(blk, t, family.attention(blk, blk.norm1(t), p, P)[0])[:, :n]
+        t = family.mlp_residual(blk, t)
+    return t
+
+
 class TokenCountBound(nn.Module):
     """A copy of ``vit`` without its reduction, running the sequence ``lengths`` ((attention, MLP) per block,
     from :func:`sequence_lengths`) by truncation. ``forward`` gives logits, ``forward_features`` the tokens."""
@@ -48,20 +62,10 @@ class TokenCountBound(nn.Module):
         super().__init__()
         self.vit = remove_reduction(copy.deepcopy(vit))
         self.lengths = [tuple(n) for n in lengths]
-        self.family = family_of(self.vit, "the token-count bound", range(len(self.vit.blocks)))
+        family_of(self.vit, "the token-count bound", range(len(self.vit.blocks)))  # a clear error now, not later
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        vit, family = self.vit, self.family
-        P = vit.num_prefix_tokens
-        t, pos = family.embed(vit, x)
-        for blk, (n_attn, n_mlp) in zip(vit.blocks, self.lengths):
-            t = t[:, :n_attn]
-            p = None if pos is None else RotaryPositions(pos.timm_rope[..., :n_attn - P, :], None, None,
-                                                         pos.rotate_half, P, pos.batch)
-            out, _, _ = family.attention(blk, blk.norm1(t), p, P)
-            t = family.attn_residual(blk, t, out)[:, :n_mlp]
-            t = family.mlp_residual(blk, t)
-        return vit.norm(t)
+        return self.vit.norm(truncated_tokens(self.vit, x, [m for _, m in self.lengths]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_head(self.forward_features(x))
